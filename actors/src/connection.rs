@@ -1,0 +1,334 @@
+//! `ConnectionActor`: one per WebSocket, a child of its user's `SessionActor`.
+//!
+//! The transport's read loop (in the `switchboard` crate) forwards each frame here; writes go through a
+//! bounded [`Outbound`] queue drained by a writer task into a [`FrameSink`]. The actor decodes client frames,
+//! hands sends to conversations in arrival order, and answers with `ack`/`error` frames from tasks it
+//! tracks, so a drain can wait until every accepted send has been answered.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info};
+
+use crate::conversation::SendRequest;
+use crate::conversations::Conversations;
+use crate::history;
+use crate::protocol::{self, ClientFrame, CloseCode, ErrorCode, ProtocolError, ServerFrame};
+use crate::session::ConnId;
+use crate::store::{SharedStore, UserId};
+
+/// The sink was closed by the peer or the transport.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("connection closed")]
+pub struct SinkClosed;
+
+/// Where a connection's frames are written: the transport's half of a WebSocket.
+#[async_trait]
+pub trait FrameSink: Send + 'static {
+    /// Write text frames, in order, as one batch where the transport allows.
+    async fn send(&mut self, frames: &[Bytes]) -> Result<(), SinkClosed>;
+    /// Send a close frame with `code`; nothing is written after it.
+    async fn close(&mut self, code: CloseCode) -> Result<(), SinkClosed>;
+}
+
+/// Limits of every connection.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    /// Largest message body, in UTF-8 bytes.
+    pub max_body: usize,
+    /// Frames that may wait for the socket; a connection whose queue is full is closed (slow consumer).
+    pub outbound_queue: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self { max_body: 4 * 1024, outbound_queue: 1024 }
+    }
+}
+
+/// What every connection shares.
+pub struct ConnectionContext {
+    /// The conversation family.
+    pub conversations: Conversations,
+    /// The store (sync reads history directly).
+    pub store: SharedStore,
+    /// Limits.
+    pub limits: ConnectionLimits,
+}
+
+enum OutFrame {
+    Text(Bytes),
+    Close(CloseCode),
+}
+
+/// Why a frame was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushError {
+    /// The queue is full: the client is not reading.
+    Full,
+    /// The connection is closing or closed.
+    Closed,
+}
+
+/// The sending side of a connection's bounded outbound queue.
+#[derive(Clone)]
+pub struct Outbound {
+    tx: mpsc::Sender<OutFrame>,
+}
+
+/// The receiving side, owned by the writer task.
+pub struct OutboundQueue {
+    rx: mpsc::Receiver<OutFrame>,
+}
+
+impl Outbound {
+    /// A queue of `capacity` frames.
+    pub fn channel(capacity: usize) -> (Outbound, OutboundQueue) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        (Outbound { tx }, OutboundQueue { rx })
+    }
+
+    /// Queue a text frame without waiting.
+    pub fn push_frame(&self, frame: Bytes) -> Result<(), PushError> {
+        self.tx.try_send(OutFrame::Text(frame)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => PushError::Full,
+            mpsc::error::TrySendError::Closed(_) => PushError::Closed,
+        })
+    }
+
+    fn push_close(&self, code: CloseCode) -> Result<(), PushError> {
+        self.tx.try_send(OutFrame::Close(code)).map_err(|_| PushError::Full)
+    }
+}
+
+/// Messages of a [`ConnectionActor`].
+pub enum ConnectionMsg {
+    /// A text frame from the client.
+    Inbound(String),
+    /// A binary frame from the client (not part of the protocol).
+    Binary,
+    /// The outbound queue overflowed: close as a slow consumer.
+    Overflow,
+    /// Close with this code after the queued frames (heartbeat timeout, oversized frame, protocol error).
+    Close(CloseCode),
+    /// The client closed or the socket failed.
+    PeerGone,
+    /// Shutdown: stop reading, answer accepted sends, close with 1012; answered when closed.
+    Drain(RpcReplyPort<()>),
+}
+
+/// The connection actor.
+pub struct ConnectionActor;
+
+/// Arguments of a connection actor.
+pub struct ConnectionArgs {
+    /// Authenticated user.
+    pub user: UserId,
+    /// Connection id.
+    pub id: ConnId,
+    /// The transport's writer.
+    pub sink: Box<dyn FrameSink>,
+    /// The queue the writer drains.
+    pub queue: OutboundQueue,
+    /// The queue's sending side.
+    pub outbound: Outbound,
+    /// Shared dependencies.
+    pub ctx: Arc<ConnectionContext>,
+}
+
+/// The state of one connection.
+pub struct ConnectionState {
+    user: UserId,
+    id: ConnId,
+    ctx: Arc<ConnectionContext>,
+    outbound: Outbound,
+    tasks: TaskTracker,
+    abort: Option<oneshot::Sender<CloseCode>>,
+    writer: Option<JoinHandle<()>>,
+    closing: bool,
+}
+
+impl ConnectionState {
+    fn reply(&self, frame: &ServerFrame<'_>) {
+        reply_on(&self.outbound, frame);
+    }
+
+    async fn inbound(&mut self, text: &str) {
+        let frame = match protocol::decode_client_frame(text, self.ctx.limits.max_body) {
+            Ok(f) => f,
+            Err(e) => return self.reply(&ServerFrame::error(&e)),
+        };
+        match frame {
+            ClientFrame::Ping => self.reply(&ServerFrame::Pong),
+            ClientFrame::Send { msg_id, conv, body } => {
+                let request = SendRequest { from: self.user.clone(), msg_id, body, origin: Some(self.id) };
+                // Submitting here, in the handler, keeps one connection's sends in order.
+                match self.ctx.conversations.submit(&conv, request.clone()).await {
+                    Err(e) => self.reply(&ServerFrame::error(&e.for_msg(Some(&request.msg_id)))),
+                    Ok(pending) => {
+                        let outbound = self.outbound.clone();
+                        self.tasks.spawn(async move {
+                            match pending.wait().await {
+                                Ok(m) => reply_on(&outbound, &ServerFrame::ack(&m)),
+                                Err(e) => reply_on(&outbound, &ServerFrame::error(&e)),
+                            }
+                        });
+                    }
+                }
+            }
+            ClientFrame::Sync { conv, after_seq } => {
+                let (store, user, outbound) = (self.ctx.store.clone(), self.user.clone(), self.outbound.clone());
+                self.tasks.spawn(async move {
+                    match history::sync(&*store, &user, &conv, after_seq).await {
+                        Ok(page) => {
+                            for m in &page.messages {
+                                reply_on(&outbound, &ServerFrame::Msg(m));
+                            }
+                            let last_seq = page.messages.last().map_or(after_seq, |m| m.seq);
+                            reply_on(&outbound, &ServerFrame::Synced { conv: &conv, last_seq, has_more: page.has_more });
+                        }
+                        Err(e) => reply_on(&outbound, &ServerFrame::error(&e)),
+                    }
+                });
+            }
+        }
+    }
+
+    /// Close after what is queued; if the queue is full, close at once.
+    fn close(&mut self, code: CloseCode) {
+        self.closing = true;
+        if self.outbound.push_close(code).is_err() {
+            self.abort(code);
+        }
+    }
+
+    fn abort(&mut self, code: CloseCode) {
+        self.closing = true;
+        if let Some(abort) = self.abort.take() {
+            let _ = abort.send(code);
+        }
+    }
+}
+
+/// Queue a reply frame; a full queue is handled like any other overflow.
+fn reply_on(outbound: &Outbound, frame: &ServerFrame<'_>) {
+    // `Full` here is noticed by the next delivery, which triggers the slow-consumer close.
+    let _ = outbound.push_frame(protocol::encode(frame));
+}
+
+/// How long the writer keeps trying to deliver a close frame to a socket that does not drain.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Frames written to the transport in one batch.
+const WRITE_BATCH: usize = 64;
+
+async fn write_loop(mut sink: Box<dyn FrameSink>, mut queue: OutboundQueue, mut abort: oneshot::Receiver<CloseCode>) {
+    let mut batch: Vec<Bytes> = Vec::with_capacity(WRITE_BATCH);
+    let mut items: Vec<OutFrame> = Vec::with_capacity(WRITE_BATCH);
+    let code = 'run: loop {
+        tokio::select! {
+            biased;
+            code = &mut abort => break 'run code.unwrap_or(CloseCode::Internal),
+            n = queue.rx.recv_many(&mut items, WRITE_BATCH) => {
+                if n == 0 {
+                    break 'run CloseCode::Normal;
+                }
+                let mut close = None;
+                for item in items.drain(..) {
+                    match item {
+                        OutFrame::Text(b) => batch.push(b),
+                        OutFrame::Close(c) => { close = Some(c); break; }
+                    }
+                }
+                if !batch.is_empty() {
+                    tokio::select! {
+                        biased;
+                        code = &mut abort => break 'run code.unwrap_or(CloseCode::Internal),
+                        sent = sink.send(&batch) => if sent.is_err() { return },
+                    }
+                    batch.clear();
+                }
+                if let Some(c) = close {
+                    break 'run c;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.close(code)).await;
+}
+
+impl Actor for ConnectionActor {
+    type Msg = ConnectionMsg;
+    type State = ConnectionState;
+    type Arguments = ConnectionArgs;
+
+    async fn pre_start(&self, _myself: ActorRef<ConnectionMsg>, args: ConnectionArgs) -> Result<ConnectionState, ActorProcessingErr> {
+        let (abort_tx, abort_rx) = oneshot::channel();
+        let writer = tokio::spawn(write_loop(args.sink, args.queue, abort_rx));
+        debug!(conn_id = args.id, user_id = %args.user, "connection open");
+        metrics::gauge!("switchboard_connections").increment(1.0);
+        Ok(ConnectionState {
+            user: args.user,
+            id: args.id,
+            ctx: args.ctx,
+            outbound: args.outbound,
+            tasks: TaskTracker::new(),
+            abort: Some(abort_tx),
+            writer: Some(writer),
+            closing: false,
+        })
+    }
+
+    async fn handle(&self, myself: ActorRef<ConnectionMsg>, message: ConnectionMsg, state: &mut ConnectionState) -> Result<(), ActorProcessingErr> {
+        match message {
+            ConnectionMsg::Inbound(text) if !state.closing => state.inbound(&text).await,
+            ConnectionMsg::Binary if !state.closing => state.reply(&ServerFrame::error(&ProtocolError::new(
+                ErrorCode::InvalidJson,
+                "binary frames are not part of the protocol; send JSON text frames",
+            ))),
+            ConnectionMsg::Inbound(_) | ConnectionMsg::Binary => {}
+            ConnectionMsg::Overflow => {
+                if !state.closing {
+                    info!(conn_id = state.id, user_id = %state.user, "slow consumer: outbound queue full, closing");
+                    metrics::counter!("switchboard_slow_consumers_total").increment(1);
+                    state.abort(CloseCode::SlowConsumer);
+                    myself.stop(Some("slow consumer".into()));
+                }
+            }
+            ConnectionMsg::Close(code) => {
+                debug!(conn_id = state.id, code = code.code(), "closing");
+                state.close(code);
+                myself.stop(None);
+            }
+            ConnectionMsg::PeerGone => {
+                state.close(CloseCode::Normal);
+                myself.stop(None);
+            }
+            ConnectionMsg::Drain(reply) => {
+                state.closing = true;
+                state.tasks.close();
+                state.tasks.wait().await;
+                state.close(CloseCode::ServiceRestart);
+                if let Some(writer) = state.writer.take() {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+                }
+                let _ = reply.send(());
+                myself.stop(Some("drained".into()));
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<ConnectionMsg>, state: &mut ConnectionState) -> Result<(), ActorProcessingErr> {
+        if !state.closing {
+            state.close(CloseCode::Normal);
+        }
+        metrics::gauge!("switchboard_connections").decrement(1.0);
+        Ok(())
+    }
+}

@@ -1,0 +1,413 @@
+//! `ConversationActor`: the single writer of one conversation, a child of the `ConversationSupervisor`.
+//!
+//! It checks membership, queues sends, and keeps exactly one store write in flight: sends that arrive while
+//! a batch is being written form the next batch (group commit within the conversation; the embedded store
+//! also groups batches of different conversations into one fsync). The store assigns sequence numbers and
+//! deduplicates inside the same atomic write, so a resend never takes a seq and seqs never have gaps.
+//!
+//! A batch is written, acknowledged and fanned out by a task the actor spawns; only then does the actor hear
+//! `Committed` and start the next batch, so fan-out follows seq order. If the actor dies meanwhile the task
+//! still acks and delivers what became durable, and the store's seq fence stops the restarted actor from
+//! reusing a seq.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tracing::{debug, warn};
+
+use crate::conversations::ConversationsMsg;
+use crate::protocol::{self, ErrorCode, ProtocolError, ServerFrame};
+use crate::session::{ConnId, SessionDirectory};
+use crate::store::{
+    Appended, ConvId, ConversationKind, Message, NewMessage, SharedStore, StoreError, UserId, MAX_MEMBERS,
+};
+
+/// The answer to a send: the stored message (new or original) or an error for the client.
+pub type SendResult = Result<Message, ProtocolError>;
+
+/// Tunables of every conversation actor.
+#[derive(Debug, Clone)]
+pub struct ConversationConfig {
+    /// Stop after this long without traffic; restarted on demand from the store.
+    pub idle_after: Duration,
+    /// Most messages written in one store call.
+    pub max_batch: usize,
+    /// Most sends waiting behind the write in flight; past that a send gets `rate_limited`.
+    pub max_queue: usize,
+}
+
+impl Default for ConversationConfig {
+    fn default() -> Self {
+        Self { idle_after: Duration::from_secs(300), max_batch: 256, max_queue: 10_000 }
+    }
+}
+
+/// What every conversation actor shares.
+pub struct ConversationContext {
+    /// The message store.
+    pub store: SharedStore,
+    /// Where online users' sessions are found for fan-out.
+    pub sessions: SessionDirectory,
+    /// Tunables.
+    pub config: ConversationConfig,
+}
+
+/// A send as the edge hands it over.
+#[derive(Debug, Clone)]
+pub struct SendRequest {
+    /// Sender (authenticated user).
+    pub from: UserId,
+    /// The client's id for the message.
+    pub msg_id: String,
+    /// Text, already checked against the body limit.
+    pub body: String,
+    /// The connection it came from, which gets the `ack` instead of the `msg`.
+    pub origin: Option<ConnId>,
+}
+
+/// Messages of a [`ConversationActor`].
+pub enum ConversationMsg {
+    /// Store, ack and fan out a message.
+    Send {
+        /// The send.
+        request: SendRequest,
+        /// Where the ack or error goes.
+        reply: RpcReplyPort<SendResult>,
+    },
+    /// The write task finished a batch (sent by the actor's own task).
+    Committed {
+        /// The next seq after the batch, or `None` when the write failed and the last seq must be reloaded.
+        next_seq: Option<u64>,
+    },
+    /// Add a member (groups only).
+    AddMember {
+        /// The user to add.
+        user: UserId,
+        /// `true` if added, `false` if already a member.
+        reply: RpcReplyPort<Result<bool, ProtocolError>>,
+    },
+    /// Remove a member.
+    RemoveMember {
+        /// The user to remove.
+        user: UserId,
+        /// `true` if removed, `false` if not a member.
+        reply: RpcReplyPort<Result<bool, ProtocolError>>,
+    },
+    /// Answer once every accepted send is durable and acknowledged.
+    Flush {
+        /// Answered when the queue is empty and no write is in flight.
+        reply: RpcReplyPort<()>,
+    },
+    /// Periodic check for idleness.
+    IdleCheck,
+    /// Fault injection: panic in the handler, as a bug would.
+    Crash,
+}
+
+/// The conversation actor (stateless: everything lives in [`ConversationState`]).
+pub struct ConversationActor;
+
+/// Arguments to start a conversation actor.
+pub struct ConversationArgs {
+    /// Which conversation.
+    pub id: ConvId,
+    /// Shared dependencies.
+    pub ctx: Arc<ConversationContext>,
+}
+
+/// Why a conversation actor could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// No such conversation in the store.
+    #[error("unknown conversation")]
+    NotFound,
+    /// The store failed while loading.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+struct PendingSend {
+    message: NewMessage,
+    origin: Option<ConnId>,
+    replies: Vec<RpcReplyPort<SendResult>>,
+}
+
+/// The state of one conversation.
+pub struct ConversationState {
+    id: ConvId,
+    ctx: Arc<ConversationContext>,
+    kind: ConversationKind,
+    members: Arc<HashSet<UserId>>,
+    /// The seq the next new message takes; `None` after a failed write, until reloaded from the store.
+    next_seq: Option<u64>,
+    writing: bool,
+    queued: Vec<PendingSend>,
+    flush_waiters: Vec<RpcReplyPort<()>>,
+    last_activity: Instant,
+    idle_reported: bool,
+}
+
+impl ConversationState {
+    /// Queue a send; `Err` answers it at once.
+    fn accept(&mut self, request: SendRequest, reply: RpcReplyPort<SendResult>) {
+        let refuse = |reply: RpcReplyPort<SendResult>, e: ProtocolError| {
+            let _ = reply.send(Err(e));
+        };
+        if !self.members.contains(&request.from) {
+            let e = ProtocolError::new(ErrorCode::NotMember, "you are not a member of this conversation");
+            return refuse(reply, e.for_msg(Some(&request.msg_id)));
+        }
+        self.touch();
+        if let Some(p) = self
+            .queued
+            .iter_mut()
+            .find(|p| p.message.from == request.from && p.message.msg_id == request.msg_id)
+        {
+            p.replies.push(reply);
+            return;
+        }
+        if self.queued.len() >= self.ctx.config.max_queue {
+            let mut e = ProtocolError::new(ErrorCode::RateLimited, "conversation write queue is full");
+            e.retry_after_ms = Some(100);
+            return refuse(reply, e.for_msg(Some(&request.msg_id)));
+        }
+        self.queued.push(PendingSend {
+            message: NewMessage {
+                id: uuid::Uuid::now_v7().simple().to_string(),
+                msg_id: request.msg_id,
+                from: request.from,
+                body: request.body,
+                ts: now_ms(),
+            },
+            origin: request.origin,
+            replies: vec![reply],
+        });
+    }
+
+    /// Start writing the next batch unless a write is in flight.
+    fn start_write(&mut self, myself: &ActorRef<ConversationMsg>) {
+        if self.writing || self.queued.is_empty() {
+            return;
+        }
+        let n = self.queued.len().min(self.ctx.config.max_batch);
+        let batch: Vec<PendingSend> = self.queued.drain(..n).collect();
+        self.writing = true;
+        let job = WriteJob {
+            conv: self.id.clone(),
+            ctx: self.ctx.clone(),
+            members: self.members.clone(),
+            next_seq: self.next_seq,
+            batch,
+        };
+        let myself = myself.clone();
+        tokio::spawn(async move {
+            let next_seq = job.run().await;
+            // The actor may be gone (crashed or stopped); what was durable has been acked and delivered.
+            let _ = myself.send_message(ConversationMsg::Committed { next_seq });
+        });
+    }
+
+    fn committed(&mut self, next_seq: Option<u64>) {
+        self.writing = false;
+        self.next_seq = next_seq;
+        self.touch();
+    }
+
+    fn answer_flushes(&mut self) {
+        if !self.writing && self.queued.is_empty() {
+            for w in self.flush_waiters.drain(..) {
+                let _ = w.send(());
+            }
+        }
+    }
+
+    fn touch(&mut self) {
+        self.last_activity = Instant::now();
+        self.idle_reported = false;
+    }
+
+    fn is_idle(&self, now: Instant) -> bool {
+        !self.writing && self.queued.is_empty() && now.duration_since(self.last_activity) >= self.ctx.config.idle_after
+    }
+
+    async fn add_member(&mut self, user: UserId) -> Result<bool, ProtocolError> {
+        if self.kind == ConversationKind::Dm {
+            return Err(ProtocolError::new(ErrorCode::InvalidField, "a DM's members cannot change"));
+        }
+        if self.members.contains(&user) {
+            return Ok(false);
+        }
+        if self.members.len() >= MAX_MEMBERS {
+            return Err(ProtocolError::new(
+                ErrorCode::InvalidField,
+                format!("a conversation has at most {MAX_MEMBERS} members"),
+            ));
+        }
+        let added = self.ctx.store.add_member(&self.id, &user).await.map_err(store_error)?;
+        Arc::make_mut(&mut self.members).insert(user);
+        Ok(added)
+    }
+
+    async fn remove_member(&mut self, user: UserId) -> Result<bool, ProtocolError> {
+        if self.kind == ConversationKind::Dm {
+            return Err(ProtocolError::new(ErrorCode::InvalidField, "a DM's members cannot change"));
+        }
+        let removed = self.ctx.store.remove_member(&self.id, &user).await.map_err(store_error)?;
+        Arc::make_mut(&mut self.members).remove(&user);
+        Ok(removed)
+    }
+}
+
+/// One batch on its way to the store, then to its senders and the members' sessions.
+struct WriteJob {
+    conv: ConvId,
+    ctx: Arc<ConversationContext>,
+    members: Arc<HashSet<UserId>>,
+    next_seq: Option<u64>,
+    batch: Vec<PendingSend>,
+}
+
+impl WriteJob {
+    /// Write, ack, fan out; return the next seq (`None` when the write failed).
+    async fn run(self) -> Option<u64> {
+        let messages: Vec<NewMessage> = self.batch.iter().map(|p| p.message.clone()).collect();
+        match self.append(messages).await {
+            Ok((results, next)) => {
+                for (pending, outcome) in self.batch.into_iter().zip(results) {
+                    if let Appended::New(m) = &outcome {
+                        let frame = protocol::encode(&ServerFrame::Msg(m));
+                        self.ctx.sessions.deliver(&self.members, frame, pending.origin);
+                        metrics::counter!("switchboard_messages_stored_total").increment(1);
+                    }
+                    for reply in pending.replies {
+                        let _ = reply.send(Ok(outcome.message().clone()));
+                    }
+                }
+                Some(next)
+            }
+            Err(e) => {
+                warn!(conv_id = %self.conv, error = %e, "batch not stored");
+                let err = store_error(e);
+                for pending in self.batch {
+                    for reply in pending.replies {
+                        let _ = reply.send(Err(err.clone().for_msg(Some(&pending.message.msg_id))));
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    /// Append at the known next seq; on a fence conflict (another incarnation wrote meanwhile) reload once.
+    async fn append(&self, messages: Vec<NewMessage>) -> Result<(Vec<Appended>, u64), StoreError> {
+        let store = &self.ctx.store;
+        let mut first = match self.next_seq {
+            Some(s) => s,
+            None => store.last_seq(&self.conv).await? + 1,
+        };
+        let mut tries = 0;
+        loop {
+            match store.append(&self.conv, first, messages.clone()).await {
+                Ok(results) => {
+                    let new = results.iter().filter(|r| matches!(r, Appended::New(_))).count() as u64;
+                    return Ok((results, first + new));
+                }
+                Err(StoreError::SeqConflict { found, .. }) if tries < 3 => {
+                    debug!(conv_id = %self.conv, found, "seq fence moved; reloading");
+                    first = found + 1;
+                    tries += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// How a store failure reaches a client.
+pub fn store_error(e: StoreError) -> ProtocolError {
+    match e {
+        StoreError::Corrupt(_) => ProtocolError::new(ErrorCode::Internal, "stored data could not be read"),
+        StoreError::Unavailable(_) | StoreError::SeqConflict { .. } => ProtocolError::new(
+            ErrorCode::StoreUnavailable,
+            "the message store did not confirm the write; retry with the same msg_id",
+        ),
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Actor for ConversationActor {
+    type Msg = ConversationMsg;
+    type State = ConversationState;
+    type Arguments = ConversationArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: ConversationArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let store = &args.ctx.store;
+        let info = store.conversation(&args.id).await.map_err(StartError::from)?.ok_or(StartError::NotFound)?;
+        let members = store.members(&args.id).await.map_err(StartError::from)?;
+        let last_seq = store.last_seq(&args.id).await.map_err(StartError::from)?;
+        let tick = (args.ctx.config.idle_after / 2).max(Duration::from_millis(50));
+        myself.send_interval(tick, || ConversationMsg::IdleCheck);
+        debug!(conv_id = %args.id, last_seq, "conversation started");
+        Ok(ConversationState {
+            id: args.id,
+            kind: info.kind,
+            members: Arc::new(members.into_iter().collect()),
+            next_seq: Some(last_seq + 1),
+            writing: false,
+            queued: Vec::new(),
+            flush_waiters: Vec::new(),
+            last_activity: Instant::now(),
+            idle_reported: false,
+            ctx: args.ctx,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            ConversationMsg::Send { request, reply } => {
+                state.accept(request, reply);
+                state.start_write(&myself);
+            }
+            ConversationMsg::Committed { next_seq } => {
+                state.committed(next_seq);
+                state.start_write(&myself);
+                state.answer_flushes();
+            }
+            ConversationMsg::AddMember { user, reply } => {
+                let _ = reply.send(state.add_member(user).await);
+            }
+            ConversationMsg::RemoveMember { user, reply } => {
+                let _ = reply.send(state.remove_member(user).await);
+            }
+            ConversationMsg::Flush { reply } => {
+                state.flush_waiters.push(reply);
+                state.answer_flushes();
+            }
+            ConversationMsg::IdleCheck => {
+                if !state.idle_reported && state.is_idle(Instant::now()) {
+                    state.idle_reported = true;
+                    if let Some(sup) = myself.try_get_supervisor() {
+                        let _ = sup.send_message(ConversationsMsg::Idle { conv: state.id.clone(), actor: myself.get_id() });
+                    }
+                }
+            }
+            ConversationMsg::Crash => panic!("fault injection: conversation {} crashed on request", state.id),
+        }
+        Ok(())
+    }
+}

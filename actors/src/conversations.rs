@@ -1,0 +1,346 @@
+//! `ConversationSupervisor` and [`Conversations`], the handle the edge uses to reach conversation actors.
+//!
+//! The supervisor starts a conversation's actor on demand (its `pre_start` loads members and the last seq
+//! from the store), restarts one that fails while its [`RestartBudget`] allows — alone: no other
+//! conversation notices — and drains one that reports itself idle. It writes the directory; the edge reads
+//! it without messaging the supervisor, so the supervisor is never on the hot path.
+//!
+//! A send whose actor dies or stops before answering is resubmitted by [`PendingReply::wait`]; the store's
+//! dedupe index makes that safe.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use ractor::concurrency::oneshot;
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, ActorStatus, RpcReplyPort, SpawnErr, SupervisionEvent};
+use tracing::{error, info, warn};
+
+use crate::conversation::{
+    ConversationActor, ConversationArgs, ConversationContext, ConversationMsg, SendRequest, SendResult, StartError,
+};
+use crate::protocol::{ErrorCode, ProtocolError};
+use crate::store::{ConvId, Message, UserId};
+use crate::supervisor::{Decision, Escalation, RestartBudget, RestartIntensity};
+
+type Directory = Arc<RwLock<HashMap<ConvId, ActorRef<ConversationMsg>>>>;
+
+/// How many times a send is resubmitted after its conversation actor went away without answering.
+const RESUBMITS: u32 = 3;
+
+/// Messages of the conversation supervisor.
+pub enum ConversationsMsg {
+    /// Find or start the actor of `conv`.
+    Start {
+        /// Conversation id.
+        conv: ConvId,
+        /// The running actor, or why it cannot run.
+        reply: RpcReplyPort<Result<ActorRef<ConversationMsg>, ProtocolError>>,
+    },
+    /// A conversation actor has been idle for its idle time.
+    Idle {
+        /// Conversation id.
+        conv: ConvId,
+        /// The reporting actor (it may have been replaced since).
+        actor: ActorId,
+    },
+}
+
+/// Supervises every conversation actor of this node.
+pub struct ConversationSupervisor;
+
+/// Arguments of the conversation supervisor.
+pub struct ConversationSupervisorArgs {
+    /// Shared by every conversation.
+    pub ctx: Arc<ConversationContext>,
+    /// Restart intensity for the family.
+    pub intensity: RestartIntensity,
+    directory: Directory,
+}
+
+/// The supervisor's state.
+pub struct ConversationSupervisorState {
+    ctx: Arc<ConversationContext>,
+    directory: Directory,
+    children: HashMap<ActorId, ConvId>,
+    budget: RestartBudget,
+    intensity: RestartIntensity,
+}
+
+impl ConversationSupervisorState {
+    fn live(&self, conv: &str) -> Option<ActorRef<ConversationMsg>> {
+        let dir = self.directory.read().expect("directory lock");
+        dir.get(conv).filter(|a| is_live(a.get_status())).cloned()
+    }
+
+    async fn spawn(
+        &mut self,
+        myself: &ActorRef<ConversationsMsg>,
+        conv: &str,
+    ) -> Result<ActorRef<ConversationMsg>, ProtocolError> {
+        let args = ConversationArgs { id: conv.to_owned(), ctx: self.ctx.clone() };
+        match Actor::spawn_linked(None, ConversationActor, args, myself.get_cell()).await {
+            Ok((actor, _)) => {
+                self.children.insert(actor.get_id(), conv.to_owned());
+                self.directory.write().expect("directory lock").insert(conv.to_owned(), actor.clone());
+                Ok(actor)
+            }
+            Err(e) => {
+                self.directory.write().expect("directory lock").remove(conv);
+                Err(start_error(e))
+            }
+        }
+    }
+
+    fn forget(&mut self, actor: ActorId) -> Option<ConvId> {
+        let conv = self.children.remove(&actor)?;
+        let mut dir = self.directory.write().expect("directory lock");
+        if dir.get(&conv).is_some_and(|a| a.get_id() == actor) {
+            dir.remove(&conv);
+        }
+        Some(conv)
+    }
+}
+
+fn is_live(status: ActorStatus) -> bool {
+    matches!(status, ActorStatus::Starting | ActorStatus::Running | ActorStatus::Upgrading)
+}
+
+fn start_error(e: SpawnErr) -> ProtocolError {
+    if let SpawnErr::StartupFailed(inner) = &e {
+        match inner.downcast_ref::<StartError>() {
+            Some(StartError::NotFound) => {
+                return ProtocolError::new(ErrorCode::UnknownConversation, "no such conversation")
+            }
+            Some(StartError::Store(s)) => return crate::conversation::store_error(s.clone()),
+            None => {}
+        }
+    }
+    error!(error = %e, "conversation actor failed to start");
+    ProtocolError::new(ErrorCode::Internal, "conversation could not start")
+}
+
+impl Actor for ConversationSupervisor {
+    type Msg = ConversationsMsg;
+    type State = ConversationSupervisorState;
+    type Arguments = ConversationSupervisorArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(ConversationSupervisorState {
+            ctx: args.ctx,
+            directory: args.directory,
+            children: HashMap::new(),
+            budget: RestartBudget::new(args.intensity),
+            intensity: args.intensity,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            ConversationsMsg::Start { conv, reply } => {
+                let result = match state.live(&conv) {
+                    Some(actor) => Ok(actor),
+                    None => state.spawn(&myself, &conv).await,
+                };
+                let _ = reply.send(result);
+            }
+            ConversationsMsg::Idle { conv, actor } => {
+                let current = state.directory.read().expect("directory lock").get(&conv).cloned();
+                if let Some(current) = current.filter(|a| a.get_id() == actor) {
+                    state.directory.write().expect("directory lock").remove(&conv);
+                    // Drain: the actor finishes what is already in its mailbox, then stops. A send that
+                    // arrives after the marker is refused and resubmitted to a fresh actor.
+                    let _ = current.drain();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match event {
+            SupervisionEvent::ActorTerminated(cell, _, _) => {
+                state.forget(cell.get_id());
+            }
+            SupervisionEvent::ActorFailed(cell, err) => {
+                let was_current = {
+                    let dir = state.directory.read().expect("directory lock");
+                    state.children.get(&cell.get_id()).is_some_and(|c| dir.get(c).is_some_and(|a| a.get_id() == cell.get_id()))
+                };
+                let Some(conv) = state.forget(cell.get_id()) else { return Ok(()) };
+                error!(conv_id = %conv, error = %err, "conversation actor failed");
+                metrics::counter!("switchboard_actor_restarts_total", "family" => "conversation").increment(1);
+                match state.budget.on_failure(Instant::now()) {
+                    Decision::Escalate => return Err(Escalation::new("conversation", state.intensity).into()),
+                    Decision::Restart if was_current => match state.spawn(&myself, &conv).await {
+                        Ok(_) => info!(conv_id = %conv, "conversation actor restarted"),
+                        Err(e) => warn!(conv_id = %conv, error = %e.message, "restart deferred until next use"),
+                    },
+                    Decision::Restart => {}
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// The edge's handle on the conversation family: cheap to clone.
+#[derive(Clone)]
+pub struct Conversations {
+    directory: Directory,
+    supervisor: ActorRef<ConversationsMsg>,
+    reply_timeout: Duration,
+}
+
+impl Conversations {
+    /// Spawn the conversation supervisor linked to `parent` and return the handle.
+    pub async fn start(
+        ctx: Arc<ConversationContext>,
+        intensity: RestartIntensity,
+        reply_timeout: Duration,
+        parent: ractor::ActorCell,
+    ) -> Result<Self, SpawnErr> {
+        let directory = Directory::default();
+        let args = ConversationSupervisorArgs { ctx, intensity, directory: directory.clone() };
+        let (supervisor, _) =
+            Actor::spawn_linked(Some("conversations".into()), ConversationSupervisor, args, parent).await?;
+        Ok(Self { directory, supervisor, reply_timeout })
+    }
+
+    /// The running actor of `conv`, started on demand.
+    pub async fn actor(&self, conv: &str) -> Result<ActorRef<ConversationMsg>, ProtocolError> {
+        let known = self.directory.read().expect("directory lock").get(conv).cloned();
+        if let Some(actor) = known.filter(|a| is_live(a.get_status())) {
+            return Ok(actor);
+        }
+        let answer = self
+            .supervisor
+            .call(|reply| ConversationsMsg::Start { conv: conv.to_owned(), reply }, Some(self.reply_timeout))
+            .await;
+        match answer {
+            Ok(CallResult::Success(result)) => result,
+            _ => Err(ProtocolError::new(ErrorCode::Internal, "conversation supervisor unavailable")),
+        }
+    }
+
+    /// Hand a send to its conversation. The send is queued in order when this returns; await the outcome
+    /// with [`PendingReply::wait`].
+    pub async fn submit(&self, conv: &str, request: SendRequest) -> Result<PendingReply, ProtocolError> {
+        let rx = self.enqueue(conv, &request).await?;
+        Ok(PendingReply { conversations: self.clone(), conv: conv.to_owned(), request, rx })
+    }
+
+    async fn enqueue(&self, conv: &str, request: &SendRequest) -> Result<ractor::concurrency::OneshotReceiver<SendResult>, ProtocolError> {
+        for _ in 0..RESUBMITS {
+            let actor = self.actor(conv).await?;
+            let (tx, rx) = oneshot();
+            match actor.send_message(ConversationMsg::Send { request: request.clone(), reply: tx.into() }) {
+                Ok(()) => return Ok(rx),
+                // Stopped or draining between lookup and send: look again.
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+        Err(ProtocolError::new(ErrorCode::Internal, "conversation unavailable").for_msg(Some(&request.msg_id)))
+    }
+
+    /// Send and wait for the outcome (REST and bots).
+    pub async fn send(&self, conv: &str, request: SendRequest) -> SendResult {
+        self.submit(conv, request).await?.wait().await
+    }
+
+    /// Add a member through the conversation's single writer.
+    pub async fn add_member(&self, conv: &str, user: UserId) -> Result<bool, ProtocolError> {
+        let actor = self.actor(conv).await?;
+        self.ask(&actor, |reply| ConversationMsg::AddMember { user, reply }).await?
+    }
+
+    /// Remove a member through the conversation's single writer.
+    pub async fn remove_member(&self, conv: &str, user: UserId) -> Result<bool, ProtocolError> {
+        let actor = self.actor(conv).await?;
+        self.ask(&actor, |reply| ConversationMsg::RemoveMember { user, reply }).await?
+    }
+
+    /// Wait until every running conversation has made its accepted sends durable and acknowledged them.
+    pub async fn flush_all(&self) {
+        let actors: Vec<_> = self.directory.read().expect("directory lock").values().cloned().collect();
+        let waits = actors.iter().map(|a| self.ask(a, |reply| ConversationMsg::Flush { reply }));
+        futures_util::future::join_all(waits).await;
+    }
+
+    /// Number of running conversation actors.
+    pub fn running(&self) -> usize {
+        self.directory.read().expect("directory lock").len()
+    }
+
+    /// Fault injection: make the conversation's actor panic. `false` if it was not running.
+    pub fn crash(&self, conv: &str) -> bool {
+        let actor = self.directory.read().expect("directory lock").get(conv).cloned();
+        actor.is_some_and(|a| a.send_message(ConversationMsg::Crash).is_ok())
+    }
+
+    /// The id of the actor currently serving `conv`, if it runs (tests use it to observe restarts).
+    pub fn actor_id(&self, conv: &str) -> Option<ActorId> {
+        self.directory.read().expect("directory lock").get(conv).map(|a| a.get_id())
+    }
+
+    async fn ask<T: Send + 'static>(
+        &self,
+        actor: &ActorRef<ConversationMsg>,
+        msg: impl FnOnce(RpcReplyPort<T>) -> ConversationMsg,
+    ) -> Result<T, ProtocolError> {
+        match actor.call(msg, Some(self.reply_timeout)).await {
+            Ok(CallResult::Success(v)) => Ok(v),
+            Ok(CallResult::Timeout) => Err(ProtocolError::new(ErrorCode::StoreUnavailable, "timed out")),
+            _ => Err(ProtocolError::new(ErrorCode::Internal, "conversation unavailable")),
+        }
+    }
+}
+
+/// A send queued in its conversation, not yet answered.
+pub struct PendingReply {
+    conversations: Conversations,
+    conv: ConvId,
+    request: SendRequest,
+    rx: ractor::concurrency::OneshotReceiver<SendResult>,
+}
+
+impl PendingReply {
+    /// The outcome. If the actor went away without answering, the send is resubmitted (dedupe makes a
+    /// send that did reach the store come back with its original seq).
+    pub async fn wait(mut self) -> Result<Message, ProtocolError> {
+        let timeout = self.conversations.reply_timeout;
+        for attempt in 0..=RESUBMITS {
+            match tokio::time::timeout(timeout, &mut self.rx).await {
+                Ok(Ok(result)) => return result,
+                Ok(Err(_dropped)) if attempt < RESUBMITS => {
+                    self.rx = self.conversations.enqueue(&self.conv, &self.request).await?;
+                }
+                Ok(Err(_dropped)) => break,
+                Err(_elapsed) => {
+                    return Err(ProtocolError::new(
+                        ErrorCode::StoreUnavailable,
+                        "the write was not confirmed in time; retry with the same msg_id",
+                    )
+                    .for_msg(Some(&self.request.msg_id)))
+                }
+            }
+        }
+        Err(ProtocolError::new(ErrorCode::Internal, "conversation unavailable").for_msg(Some(&self.request.msg_id)))
+    }
+}

@@ -1,0 +1,26 @@
+//! Switchboard's actors, their messages and supervisors, and the storage contract.
+//!
+//! # Layout
+//! - [`system`]: the root of the supervision tree and the handle the edge holds.
+//! - [`conversations`] / [`conversation`]: one single-writer actor per active conversation.
+//! - [`sessions`] / [`session`]: one actor per online user, parent of its connections.
+//! - [`connection`]: one actor per WebSocket with a bounded outbound queue.
+//! - [`supervisor`]: Erlang restart intensity, used by every supervisor.
+//! - [`protocol`]: the JSON wire protocol, decoded into enums here and nowhere deeper.
+//! - [`store`] / [`history`]: the `MessageStore` trait and the reads shared by socket and REST.
+//!
+//! This crate knows no transport and no database driver: the edge implements [`connection::FrameSink`],
+//! the back ends implement [`store::MessageStore`].
+
+pub mod connection;
+pub mod conversation;
+pub mod conversations;
+pub mod history;
+pub mod protocol;
+pub mod session;
+pub mod sessions;
+pub mod store;
+pub mod supervisor;
+pub mod system;
+
+pub use ractor;

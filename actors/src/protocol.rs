@@ -1,0 +1,368 @@
+//! The WebSocket wire protocol: client frames decoded into enums at the edge, server frames encoded once.
+//!
+//! Nothing deeper than this module looks at JSON text from a client. A `msg` frame is serialised once per
+//! message and the same bytes are handed to every recipient connection.
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::store::Message;
+
+/// Longest accepted `msg_id` or conversation id, in bytes.
+pub const MAX_ID_LEN: usize = 128;
+
+/// A frame a client may send, decoded and validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientFrame {
+    /// Send a message to a conversation.
+    Send {
+        /// The client's id for this message; a resend with the same id is deduplicated.
+        msg_id: String,
+        /// Target conversation.
+        conv: String,
+        /// Message text (at most the configured body limit, in UTF-8 bytes).
+        body: String,
+    },
+    /// Replay messages with `seq > after_seq`.
+    Sync {
+        /// Conversation to replay.
+        conv: String,
+        /// Exclusive lower bound.
+        after_seq: u64,
+    },
+    /// Application-level keepalive; answered with `pong`.
+    Ping,
+}
+
+/// Stable, documented error codes (see `docs/protocol.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame is not valid JSON (or not a JSON object).
+    InvalidJson,
+    /// The `op` is not one the server knows.
+    UnknownOp,
+    /// A required field is absent.
+    MissingField,
+    /// A field has the wrong type or an invalid value.
+    InvalidField,
+    /// The body is over the configured limit.
+    BodyTooLarge,
+    /// The conversation does not exist.
+    UnknownConversation,
+    /// The caller is not a member of the conversation.
+    NotMember,
+    /// Too many requests, or a full queue; retry after `retry_after_ms`.
+    RateLimited,
+    /// The message store did not confirm the write; retrying with the same `msg_id` is safe.
+    StoreUnavailable,
+    /// Authentication failed.
+    Unauthorized,
+    /// A bug or an unexpected failure on the server.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidJson => "invalid_json",
+            Self::UnknownOp => "unknown_op",
+            Self::MissingField => "missing_field",
+            Self::InvalidField => "invalid_field",
+            Self::BodyTooLarge => "body_too_large",
+            Self::UnknownConversation => "unknown_conversation",
+            Self::NotMember => "not_member",
+            Self::RateLimited => "rate_limited",
+            Self::StoreUnavailable => "store_unavailable",
+            Self::Unauthorized => "unauthorized",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+/// An error to report to a client: a code, a human-readable message and, for a `send`, its `msg_id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtocolError {
+    /// The stable code.
+    pub code: ErrorCode,
+    /// Human-readable detail (never contains message bodies).
+    pub message: String,
+    /// The `msg_id` of the send this answers, when known.
+    pub msg_id: Option<String>,
+    /// For `rate_limited`: when to retry.
+    pub retry_after_ms: Option<u64>,
+}
+
+impl ProtocolError {
+    /// An error with no `msg_id`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into(), msg_id: None, retry_after_ms: None }
+    }
+
+    /// Attach the `msg_id` of the send this error answers.
+    pub fn for_msg(mut self, msg_id: Option<&str>) -> Self {
+        self.msg_id = msg_id.map(str::to_owned);
+        self
+    }
+}
+
+/// WebSocket close codes the server uses (see `docs/protocol.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseCode {
+    /// 1000: normal closure.
+    Normal,
+    /// 1009: a frame over the frame limit.
+    TooBig,
+    /// 1011: an internal error (the connection's actor failed).
+    Internal,
+    /// 1012: the server is restarting or draining; reconnect elsewhere or later.
+    ServiceRestart,
+    /// 4001: no frame from the client for the heartbeat timeout.
+    IdleTimeout,
+    /// 4002: the client did not read fast enough and its outbound queue filled up.
+    SlowConsumer,
+}
+
+impl CloseCode {
+    /// The numeric close code.
+    pub fn code(self) -> u16 {
+        match self {
+            Self::Normal => 1000,
+            Self::TooBig => 1009,
+            Self::Internal => 1011,
+            Self::ServiceRestart => 1012,
+            Self::IdleTimeout => 4001,
+            Self::SlowConsumer => 4002,
+        }
+    }
+
+    /// The close reason text sent with the code.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Normal => "bye",
+            Self::TooBig => "frame_too_large",
+            Self::Internal => "internal",
+            Self::ServiceRestart => "service_restart",
+            Self::IdleTimeout => "idle_timeout",
+            Self::SlowConsumer => "slow_consumer",
+        }
+    }
+}
+
+/// Decode one text frame. `max_body` is the body limit in UTF-8 bytes.
+pub fn decode_client_frame(text: &str, max_body: usize) -> Result<ClientFrame, ProtocolError> {
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| ProtocolError::new(ErrorCode::InvalidJson, format!("invalid JSON: {e}")))?;
+    let Value::Object(obj) = value else {
+        return Err(ProtocolError::new(ErrorCode::InvalidJson, "a frame must be a JSON object"));
+    };
+    let msg_id = obj.get("msg_id").and_then(Value::as_str);
+    let op = required_str(&obj, "op").map_err(|e| e.for_msg(msg_id))?;
+    match op {
+        "send" => {
+            let fail = |e: ProtocolError| e.for_msg(msg_id);
+            let msg_id = id_field(&obj, "msg_id").map_err(fail)?;
+            let conv = id_field(&obj, "conv").map_err(fail)?;
+            let body = required_str(&obj, "body").map_err(fail)?;
+            if body.len() > max_body {
+                return Err(ProtocolError::new(
+                    ErrorCode::BodyTooLarge,
+                    format!("body is {} bytes; the limit is {max_body}", body.len()),
+                )
+                .for_msg(Some(&msg_id)));
+            }
+            Ok(ClientFrame::Send { msg_id, conv, body: body.to_owned() })
+        }
+        "sync" => {
+            let conv = id_field(&obj, "conv")?;
+            let after_seq = match obj.get("after_seq") {
+                None | Some(Value::Null) => return Err(missing("after_seq")),
+                Some(v) => v.as_u64().ok_or_else(|| {
+                    ProtocolError::new(ErrorCode::InvalidField, "after_seq must be a non-negative integer")
+                })?,
+            };
+            Ok(ClientFrame::Sync { conv, after_seq })
+        }
+        "ping" => Ok(ClientFrame::Ping),
+        other => Err(ProtocolError::new(
+            ErrorCode::UnknownOp,
+            format!("unknown op {:?}", truncate(other, 32)),
+        )
+        .for_msg(msg_id)),
+    }
+}
+
+fn missing(field: &str) -> ProtocolError {
+    ProtocolError::new(ErrorCode::MissingField, format!("missing field `{field}`"))
+}
+
+fn required_str<'a>(obj: &'a Map<String, Value>, field: &str) -> Result<&'a str, ProtocolError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Err(missing(field)),
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(ProtocolError::new(ErrorCode::InvalidField, format!("`{field}` must be a string"))),
+    }
+}
+
+/// An identifier field: a non-empty string of at most [`MAX_ID_LEN`] bytes.
+fn id_field(obj: &Map<String, Value>, field: &str) -> Result<String, ProtocolError> {
+    let s = required_str(obj, field)?;
+    if s.is_empty() || s.len() > MAX_ID_LEN {
+        return Err(ProtocolError::new(
+            ErrorCode::InvalidField,
+            format!("`{field}` must be 1 to {MAX_ID_LEN} bytes"),
+        ));
+    }
+    Ok(s.to_owned())
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Frames the server sends. Encode with [`encode`].
+#[derive(Debug, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ServerFrame<'a> {
+    /// The message is durable: its sequence number and server id.
+    Ack {
+        /// The client's id for the message.
+        msg_id: &'a str,
+        /// Conversation.
+        conv: &'a str,
+        /// Sequence number in the conversation.
+        seq: u64,
+        /// Server-assigned id.
+        id: &'a str,
+        /// Server timestamp, ms since the Unix epoch.
+        ts: u64,
+    },
+    /// A message (live delivery or replay).
+    Msg(&'a Message),
+    /// End of a sync replay.
+    Synced {
+        /// Conversation.
+        conv: &'a str,
+        /// Seq of the last message replayed, or `after_seq` when none.
+        last_seq: u64,
+        /// Whether more messages follow `last_seq`.
+        has_more: bool,
+    },
+    /// Answer to `ping`.
+    Pong,
+    /// Something went wrong with a request.
+    Error {
+        /// Stable error code.
+        code: ErrorCode,
+        /// Human-readable detail.
+        message: &'a str,
+        /// The `msg_id` of the send this answers.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        msg_id: Option<&'a str>,
+        /// For `rate_limited`: when to retry.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
+    },
+}
+
+impl<'a> ServerFrame<'a> {
+    /// The `ack` for a stored message.
+    pub fn ack(m: &'a Message) -> Self {
+        Self::Ack { msg_id: &m.msg_id, conv: &m.conv, seq: m.seq, id: &m.id, ts: m.ts }
+    }
+
+    /// The `error` frame for a protocol error.
+    pub fn error(e: &'a ProtocolError) -> Self {
+        Self::Error {
+            code: e.code,
+            message: &e.message,
+            msg_id: e.msg_id.as_deref(),
+            retry_after_ms: e.retry_after_ms,
+        }
+    }
+}
+
+/// Serialise a server frame into the bytes of one WebSocket text frame.
+pub fn encode(frame: &ServerFrame<'_>) -> Bytes {
+    // Serialising these plain structs cannot fail: every key is a string and no map has non-string keys.
+    Bytes::from(serde_json::to_vec(frame).expect("server frames always serialise"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(text: &str) -> ErrorCode {
+        decode_client_frame(text, 16).unwrap_err().code
+    }
+
+    #[test]
+    fn decodes_each_op() {
+        assert_eq!(
+            decode_client_frame(r#"{"op":"send","msg_id":"m1","conv":"c","body":"hi"}"#, 16).unwrap(),
+            ClientFrame::Send { msg_id: "m1".into(), conv: "c".into(), body: "hi".into() }
+        );
+        assert_eq!(
+            decode_client_frame(r#"{"op":"sync","conv":"c","after_seq":7}"#, 16).unwrap(),
+            ClientFrame::Sync { conv: "c".into(), after_seq: 7 }
+        );
+        assert_eq!(decode_client_frame(r#"{"op":"ping"}"#, 16).unwrap(), ClientFrame::Ping);
+    }
+
+    #[test]
+    fn classifies_bad_input() {
+        assert_eq!(code("not json"), ErrorCode::InvalidJson);
+        assert_eq!(code("[1,2]"), ErrorCode::InvalidJson);
+        assert_eq!(code(r#"{"msg_id":"x"}"#), ErrorCode::MissingField);
+        assert_eq!(code(r#"{"op":"dance"}"#), ErrorCode::UnknownOp);
+        assert_eq!(code(r#"{"op":"send","conv":"c","body":"x"}"#), ErrorCode::MissingField);
+        assert_eq!(code(r#"{"op":"send","msg_id":5,"conv":"c","body":"x"}"#), ErrorCode::InvalidField);
+        assert_eq!(code(r#"{"op":"send","msg_id":"","conv":"c","body":"x"}"#), ErrorCode::InvalidField);
+        assert_eq!(code(r#"{"op":"sync","conv":"c","after_seq":-1}"#), ErrorCode::InvalidField);
+        assert_eq!(code(r#"{"op":"sync","conv":"c"}"#), ErrorCode::MissingField);
+    }
+
+    #[test]
+    fn body_limit_counts_utf8_bytes_and_keeps_msg_id() {
+        // Six characters, eighteen bytes: over a 16-byte limit.
+        let err = decode_client_frame(r#"{"op":"send","msg_id":"m9","conv":"c","body":"日本語日本語"}"#, 16)
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::BodyTooLarge);
+        assert_eq!(err.msg_id.as_deref(), Some("m9"));
+        assert!(decode_client_frame(r#"{"op":"send","msg_id":"m","conv":"c","body":"日本語日本"}"#, 16).is_ok());
+    }
+
+    #[test]
+    fn errors_answering_a_send_carry_its_msg_id() {
+        let err = decode_client_frame(r#"{"op":"send","msg_id":"abc","body":"x"}"#, 16).unwrap_err();
+        assert_eq!(err.msg_id.as_deref(), Some("abc"));
+    }
+
+    #[test]
+    fn encodes_frames_with_op_tag() {
+        let m = Message {
+            conv: "c".into(),
+            seq: 3,
+            id: "i".into(),
+            msg_id: "m".into(),
+            from: "alice".into(),
+            body: "hi".into(),
+            ts: 9,
+        };
+        let v: Value = serde_json::from_slice(&encode(&ServerFrame::Msg(&m))).unwrap();
+        assert_eq!(v["op"], "msg");
+        assert_eq!(v["seq"], 3);
+        assert_eq!(v["from"], "alice");
+        let v: Value = serde_json::from_slice(&encode(&ServerFrame::ack(&m))).unwrap();
+        assert_eq!(v, serde_json::json!({"op":"ack","msg_id":"m","conv":"c","seq":3,"id":"i","ts":9}));
+        let e = ProtocolError::new(ErrorCode::NotMember, "no");
+        let v: Value = serde_json::from_slice(&encode(&ServerFrame::error(&e))).unwrap();
+        assert_eq!(v, serde_json::json!({"op":"error","code":"not_member","message":"no"}));
+    }
+}

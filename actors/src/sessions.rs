@@ -1,0 +1,205 @@
+//! `SessionSupervisor` and [`Sessions`], the edge's handle for opening connections.
+//!
+//! Every new connection goes through the supervisor, which finds or starts the user's session and spawns the
+//! connection actor linked to it. Because attaching and stopping an empty session are both decided here, in
+//! one mailbox, a session never stops under a connection that is being attached to it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SpawnErr, SupervisionEvent};
+use tracing::{error, warn};
+
+use crate::connection::{ConnectionActor, ConnectionArgs, ConnectionContext, ConnectionMsg, FrameSink, Outbound};
+use crate::session::{ConnHandle, SessionActor, SessionDirectory, SessionMsg};
+use crate::store::UserId;
+use crate::supervisor::{Decision, Escalation, RestartBudget, RestartIntensity};
+
+/// Messages of the session supervisor.
+pub enum SessionsMsg {
+    /// Open a connection for `user` writing to `sink`.
+    Connect {
+        /// The authenticated user.
+        user: UserId,
+        /// Where the connection's frames are written.
+        sink: Box<dyn FrameSink>,
+        /// The connection's actor and id.
+        reply: RpcReplyPort<Result<(ActorRef<ConnectionMsg>, u64), String>>,
+    },
+    /// A session has no connection left.
+    Empty {
+        /// Its user.
+        user: UserId,
+        /// The session that reported (it may have been replaced).
+        session: ActorId,
+    },
+}
+
+/// Supervises the sessions of this node.
+pub struct SessionSupervisor;
+
+/// Arguments of the session supervisor.
+pub struct SessionSupervisorArgs {
+    directory: SessionDirectory,
+    ctx: Arc<ConnectionContext>,
+    intensity: RestartIntensity,
+    next_conn: Arc<AtomicU64>,
+}
+
+/// The supervisor's state.
+pub struct SessionSupervisorState {
+    directory: SessionDirectory,
+    ctx: Arc<ConnectionContext>,
+    sessions: HashMap<ActorId, UserId>,
+    budget: RestartBudget,
+    intensity: RestartIntensity,
+    next_conn: Arc<AtomicU64>,
+}
+
+impl SessionSupervisorState {
+    async fn session(&mut self, myself: &ActorRef<SessionsMsg>, user: &str) -> Result<ActorRef<SessionMsg>, SpawnErr> {
+        if let Some(s) = self.directory.get(user) {
+            return Ok(s);
+        }
+        let (session, _) = Actor::spawn_linked(None, SessionActor, user.to_owned(), myself.get_cell()).await?;
+        self.sessions.insert(session.get_id(), user.to_owned());
+        self.directory.insert(user.to_owned(), session.clone());
+        Ok(session)
+    }
+
+    async fn connect(
+        &mut self,
+        myself: &ActorRef<SessionsMsg>,
+        user: UserId,
+        sink: Box<dyn FrameSink>,
+    ) -> Result<(ActorRef<ConnectionMsg>, u64), SpawnErr> {
+        let session = self.session(myself, &user).await?;
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (outbound, queue) = Outbound::channel(self.ctx.limits.outbound_queue);
+        let args = ConnectionArgs { user, id, sink, queue, outbound: outbound.clone(), ctx: self.ctx.clone() };
+        let (actor, _) = Actor::spawn_linked(None, ConnectionActor, args, session.get_cell()).await?;
+        let _ = session.send_message(SessionMsg::Attach(ConnHandle { id, outbound, actor: actor.clone() }));
+        Ok((actor, id))
+    }
+}
+
+impl Actor for SessionSupervisor {
+    type Msg = SessionsMsg;
+    type State = SessionSupervisorState;
+    type Arguments = SessionSupervisorArgs;
+
+    async fn pre_start(&self, _myself: ActorRef<SessionsMsg>, args: SessionSupervisorArgs) -> Result<Self::State, ActorProcessingErr> {
+        Ok(SessionSupervisorState {
+            directory: args.directory,
+            ctx: args.ctx,
+            sessions: HashMap::new(),
+            budget: RestartBudget::new(args.intensity),
+            intensity: args.intensity,
+            next_conn: args.next_conn,
+        })
+    }
+
+    async fn handle(&self, myself: ActorRef<SessionsMsg>, message: SessionsMsg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        match message {
+            SessionsMsg::Connect { user, sink, reply } => {
+                let result = state.connect(&myself, user, sink).await.map_err(|e| {
+                    warn!(error = %e, "connection could not start");
+                    e.to_string()
+                });
+                let _ = reply.send(result);
+            }
+            SessionsMsg::Empty { user, session } => {
+                let Some(current) = state.directory.get(&user).filter(|s| s.get_id() == session) else {
+                    return Ok(());
+                };
+                // Asked here, after every Attach this supervisor already sent: the answer is final.
+                let stops = matches!(
+                    current.call(SessionMsg::StopIfEmpty, Some(Duration::from_secs(5))).await,
+                    Ok(CallResult::Success(true))
+                );
+                if stops {
+                    state.directory.remove_if(&user, session);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<SessionsMsg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match event {
+            SupervisionEvent::ActorTerminated(cell, ..) => {
+                if let Some(user) = state.sessions.remove(&cell.get_id()) {
+                    state.directory.remove_if(&user, cell.get_id());
+                }
+            }
+            SupervisionEvent::ActorFailed(cell, err) => {
+                let Some(user) = state.sessions.remove(&cell.get_id()) else { return Ok(()) };
+                error!(user_id = %user, error = %err, "session failed; closing its connections");
+                metrics::counter!("switchboard_actor_restarts_total", "family" => "session").increment(1);
+                state.directory.remove_if(&user, cell.get_id());
+                // ractor does not stop the children of a failed actor: do it, so the user's devices
+                // reconnect (and resync) into a fresh session instead of lingering unreachable.
+                cell.stop_children(Some("session failed".into()));
+                if state.budget.on_failure(Instant::now()) == Decision::Escalate {
+                    return Err(Escalation::new("session", state.intensity).into());
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// The edge's handle on sessions: cheap to clone.
+#[derive(Clone)]
+pub struct Sessions {
+    directory: SessionDirectory,
+    supervisor: ActorRef<SessionsMsg>,
+}
+
+impl Sessions {
+    /// Spawn the session supervisor linked to `parent`.
+    pub async fn start(
+        directory: SessionDirectory,
+        ctx: Arc<ConnectionContext>,
+        intensity: RestartIntensity,
+        parent: ActorCell,
+    ) -> Result<Self, SpawnErr> {
+        let args = SessionSupervisorArgs { directory: directory.clone(), ctx, intensity, next_conn: Arc::new(AtomicU64::new(1)) };
+        let (supervisor, _) = Actor::spawn_linked(Some("sessions".into()), SessionSupervisor, args, parent).await?;
+        Ok(Self { directory, supervisor })
+    }
+
+    /// Open a connection actor for `user`; frames go to `sink`.
+    pub async fn connect(&self, user: UserId, sink: Box<dyn FrameSink>) -> Result<(ActorRef<ConnectionMsg>, u64), String> {
+        match self
+            .supervisor
+            .call(|reply| SessionsMsg::Connect { user, sink, reply }, Some(Duration::from_secs(10)))
+            .await
+        {
+            Ok(CallResult::Success(r)) => r,
+            _ => Err("session supervisor unavailable".into()),
+        }
+    }
+
+    /// Drain every connection on this node: each stops reading, gets the answers to the sends it accepted,
+    /// and is closed with 1012.
+    pub async fn drain_all(&self) {
+        let sessions = self.directory.all();
+        let drains = sessions.iter().map(|s| s.call(SessionMsg::Drain, Some(Duration::from_secs(15))));
+        futures_util::future::join_all(drains).await;
+    }
+
+    /// The directory conversations deliver through.
+    pub fn directory(&self) -> &SessionDirectory {
+        &self.directory
+    }
+}

@@ -1,0 +1,131 @@
+//! The root of the supervision tree and the handle the edge holds.
+//!
+//! ```text
+//! RootSupervisor
+//! ├── ConversationSupervisor ── ConversationActor (one per active conversation)
+//! └── SessionSupervisor ─────── SessionActor (one per online user) ── ConnectionActor (one per socket)
+//! ```
+//!
+//! A family supervisor that exceeds its restart intensity fails; the root then stops and reports the
+//! escalation, and the server exits so that the operating system's supervisor restarts it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, SpawnErr, SupervisionEvent};
+use tokio::sync::watch;
+use tracing::error;
+
+use crate::connection::{ConnectionContext, ConnectionLimits};
+use crate::conversation::{ConversationConfig, ConversationContext};
+use crate::conversations::Conversations;
+use crate::session::SessionDirectory;
+use crate::sessions::Sessions;
+use crate::store::SharedStore;
+use crate::supervisor::RestartIntensity;
+
+/// Everything the actor tree is configured with.
+#[derive(Debug, Clone)]
+pub struct SystemConfig {
+    /// Conversation tunables.
+    pub conversation: ConversationConfig,
+    /// Connection limits.
+    pub limits: ConnectionLimits,
+    /// Restart intensity of each family supervisor.
+    pub intensity: RestartIntensity,
+    /// How long the edge waits for a conversation's answer.
+    pub reply_timeout: Duration,
+}
+
+impl Default for SystemConfig {
+    fn default() -> Self {
+        Self {
+            conversation: ConversationConfig::default(),
+            limits: ConnectionLimits::default(),
+            intensity: RestartIntensity::default(),
+            reply_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The running actor tree.
+pub struct ActorSystem {
+    /// The conversation family.
+    pub conversations: Conversations,
+    /// The session family.
+    pub sessions: Sessions,
+    root: ActorRef<()>,
+    escalation: watch::Receiver<Option<String>>,
+}
+
+struct RootSupervisor;
+
+impl Actor for RootSupervisor {
+    type Msg = ();
+    type State = watch::Sender<Option<String>>;
+    type Arguments = watch::Sender<Option<String>>;
+
+    async fn pre_start(&self, _myself: ActorRef<()>, report: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
+        Ok(report)
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<()>,
+        event: SupervisionEvent,
+        report: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let SupervisionEvent::ActorFailed(who, err) = event {
+            let reason = format!("{} failed: {err}", who.get_name().unwrap_or_default());
+            error!(reason, "a family supervisor escalated; stopping the node");
+            let _ = report.send(Some(reason));
+            myself.stop_children(Some("escalation".into()));
+            myself.stop(Some("escalation".into()));
+        }
+        Ok(())
+    }
+}
+
+impl ActorSystem {
+    /// Start the tree on the current Tokio runtime.
+    pub async fn start(config: SystemConfig, store: SharedStore) -> Result<Self, SpawnErr> {
+        let (report, escalation) = watch::channel(None);
+        let (root, _) = Actor::spawn(None, RootSupervisor, report).await?;
+        let directory = SessionDirectory::default();
+        let conv_ctx = Arc::new(ConversationContext {
+            store: store.clone(),
+            sessions: directory.clone(),
+            config: config.conversation.clone(),
+        });
+        let conversations =
+            Conversations::start(conv_ctx, config.intensity, config.reply_timeout, root.get_cell()).await?;
+        let conn_ctx = Arc::new(ConnectionContext { conversations: conversations.clone(), store, limits: config.limits });
+        let sessions = Sessions::start(directory, conn_ctx, config.intensity, root.get_cell()).await?;
+        Ok(Self { conversations, sessions, root, escalation })
+    }
+
+    /// Close every connection gracefully (answers first, then 1012) and flush every conversation.
+    pub async fn drain(&self) {
+        self.sessions.drain_all().await;
+        self.conversations.flush_all().await;
+    }
+
+    /// Stop the whole tree.
+    pub async fn stop(&self) {
+        let _ = self.root.stop_children_and_wait(None, Some(Duration::from_secs(10))).await;
+        let _ = self.root.stop_and_wait(None, Some(Duration::from_secs(5))).await;
+    }
+
+    /// Resolves with the reason when a family supervisor escalated and the tree stopped.
+    pub async fn escalated(&self) -> String {
+        let mut rx = self.escalation.clone();
+        loop {
+            if let Some(reason) = rx.borrow_and_update().clone() {
+                return reason;
+            }
+            if rx.changed().await.is_err() {
+                return "root supervisor gone".into();
+            }
+        }
+    }
+}
