@@ -113,6 +113,8 @@ impl ProtocolError {
 pub enum CloseCode {
     /// 1000: normal closure.
     Normal,
+    /// 1002: the client broke the WebSocket protocol.
+    ProtocolError,
     /// 1009: a frame over the frame limit.
     TooBig,
     /// 1011: an internal error (the connection's actor failed).
@@ -130,6 +132,7 @@ impl CloseCode {
     pub fn code(self) -> u16 {
         match self {
             Self::Normal => 1000,
+            Self::ProtocolError => 1002,
             Self::TooBig => 1009,
             Self::Internal => 1011,
             Self::ServiceRestart => 1012,
@@ -142,6 +145,7 @@ impl CloseCode {
     pub fn reason(self) -> &'static str {
         match self {
             Self::Normal => "bye",
+            Self::ProtocolError => "protocol_error",
             Self::TooBig => "frame_too_large",
             Self::Internal => "internal",
             Self::ServiceRestart => "service_restart",

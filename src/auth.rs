@@ -1,0 +1,191 @@
+//! JWT verification for the WebSocket upgrade and REST, and dev tokens.
+//!
+//! The algorithm is pinned by configuration (a token that names another is refused), `exp` and `sub` are
+//! required, `iss`/`aud` are checked when configured. `sub` is the user id and must be a valid one.
+
+use std::path::Path;
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, JwtAlgorithm};
+
+/// How long dev tokens live.
+pub const DEV_TOKEN_TTL_SECS: u64 = 24 * 3600;
+/// File in the data directory holding the dev HS256 secret.
+const DEV_SECRET_FILE: &str = "dev-jwt-secret";
+
+/// Why a token or a user id was refused (never says more to the client than `unauthorized`).
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// No token in the request.
+    #[error("missing bearer token")]
+    Missing,
+    /// The token failed verification.
+    #[error("invalid token: {0}")]
+    Invalid(String),
+    /// Keys could not be loaded.
+    #[error("auth setup: {0}")]
+    Setup(String),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    sub: String,
+    exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iat: Option<u64>,
+}
+
+/// Verifies tokens; mints them when it holds the HS256 secret.
+pub struct Auth {
+    decoding: DecodingKey,
+    validation: Validation,
+    encoding: Option<EncodingKey>,
+}
+
+/// Whether `user` is an acceptable user id: 1 to 64 of `A-Z a-z 0-9 _ . @ -`.
+pub fn valid_user_id(user: &str) -> bool {
+    (1..=64).contains(&user.len()) && user.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.@-".contains(&b))
+}
+
+impl Auth {
+    /// Build from the configuration; creates the dev secret in the data directory when no key is configured.
+    pub fn from_config(config: &Config) -> Result<Self, AuthError> {
+        let setup = |e: jsonwebtoken::errors::Error| AuthError::Setup(e.to_string());
+        let (algorithm, decoding, encoding) = match config.jwt_algorithm {
+            JwtAlgorithm::Hs256 => {
+                let secret = match &config.jwt_secret {
+                    Some(s) => s.as_bytes().to_vec(),
+                    None => dev_secret(&config.data_dir)?,
+                };
+                (Algorithm::HS256, DecodingKey::from_secret(&secret), Some(EncodingKey::from_secret(&secret)))
+            }
+            JwtAlgorithm::Rs256 | JwtAlgorithm::EdDsa => {
+                let path = config.jwt_public_key.as_ref().ok_or_else(|| AuthError::Setup("no public key".into()))?;
+                let pem = std::fs::read(path).map_err(|e| AuthError::Setup(format!("{}: {e}", path.display())))?;
+                if config.jwt_algorithm == JwtAlgorithm::Rs256 {
+                    (Algorithm::RS256, DecodingKey::from_rsa_pem(&pem).map_err(setup)?, None)
+                } else {
+                    (Algorithm::EdDSA, DecodingKey::from_ed_pem(&pem).map_err(setup)?, None)
+                }
+            }
+        };
+        let mut validation = Validation::new(algorithm);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.leeway = 30;
+        match &config.jwt_issuer {
+            Some(iss) => validation.set_issuer(&[iss]),
+            None => validation.iss = None,
+        }
+        match &config.jwt_audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        Ok(Self { decoding, validation, encoding })
+    }
+
+    /// The user a token was issued to.
+    pub fn verify(&self, token: &str) -> Result<String, AuthError> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| AuthError::Invalid(e.to_string()))?;
+        if !valid_user_id(&data.claims.sub) {
+            return Err(AuthError::Invalid("sub is not a valid user id".into()));
+        }
+        Ok(data.claims.sub)
+    }
+
+    /// Mint a token for `user` valid for `ttl_secs` (HS256 only).
+    pub fn mint(&self, user: &str, ttl_secs: u64) -> Result<String, AuthError> {
+        let key = self.encoding.as_ref().ok_or_else(|| AuthError::Setup("tokens can be minted only with HS256".into()))?;
+        if !valid_user_id(user) {
+            return Err(AuthError::Invalid("not a valid user id".into()));
+        }
+        let now = switchboard_actors::conversation::now_ms() / 1000;
+        let claims = Claims { sub: user.to_owned(), exp: now + ttl_secs, iat: Some(now) };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, key).map_err(|e| AuthError::Setup(e.to_string()))
+    }
+}
+
+/// Read the dev secret from the data directory, creating it on first start.
+fn dev_secret(dir: &Path) -> Result<Vec<u8>, AuthError> {
+    let path = dir.join(DEV_SECRET_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().as_bytes().to_vec()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(AuthError::Setup(format!("{}: {e}", path.display()))),
+    }
+    std::fs::create_dir_all(dir).map_err(|e| AuthError::Setup(e.to_string()))?;
+    let secret = hex::encode(rand::random::<[u8; 32]>());
+    write_private(&path, &secret).map_err(|e| AuthError::Setup(format!("{}: {e}", path.display())))?;
+    Ok(secret.into_bytes())
+}
+
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)?.write_all(contents.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &Path) -> Config {
+        Config::for_data_dir(dir)
+    }
+
+    #[test]
+    fn minted_tokens_verify_and_survive_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = Auth::from_config(&config(dir.path())).unwrap().mint("alice", 60).unwrap();
+        // A second Auth (a restart) reads the same secret from the data directory.
+        assert_eq!(Auth::from_config(&config(dir.path())).unwrap().verify(&token).unwrap(), "alice");
+    }
+
+    #[test]
+    fn refuses_expired_foreign_and_other_algorithm_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = Auth::from_config(&config(dir.path())).unwrap();
+        let now = switchboard_actors::conversation::now_ms() / 1000;
+        let key = EncodingKey::from_secret(std::fs::read(dir.path().join(DEV_SECRET_FILE)).unwrap().as_slice());
+        let expired = Claims { sub: "a".into(), exp: now - 3600, iat: None };
+        let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &expired, &key).unwrap();
+        assert!(auth.verify(&t).is_err(), "expired");
+        let other_alg = jsonwebtoken::encode(&Header::new(Algorithm::HS384), &Claims { sub: "a".into(), exp: now + 60, iat: None }, &key).unwrap();
+        assert!(auth.verify(&other_alg).is_err(), "algorithm not pinned");
+        let foreign = EncodingKey::from_secret(b"someone else");
+        let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &Claims { sub: "a".into(), exp: now + 60, iat: None }, &foreign).unwrap();
+        assert!(auth.verify(&t).is_err(), "wrong key");
+        let no_exp = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &serde_json::json!({"sub":"a"}), &key).unwrap();
+        assert!(auth.verify(&no_exp).is_err(), "exp required");
+        let bad_sub = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &Claims { sub: "a b/c".into(), exp: now + 60, iat: None }, &key).unwrap();
+        assert!(auth.verify(&bad_sub).is_err(), "sub must be a user id");
+        assert!(auth.verify("garbage").is_err());
+    }
+
+    #[test]
+    fn checks_issuer_and_audience_when_configured() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config(dir.path());
+        c.jwt_secret = Some("s3cret".into());
+        c.jwt_issuer = Some("me".into());
+        c.jwt_audience = Some("sb".into());
+        let auth = Auth::from_config(&c).unwrap();
+        let now = switchboard_actors::conversation::now_ms() / 1000;
+        let key = EncodingKey::from_secret(b"s3cret");
+        let good = serde_json::json!({"sub":"a","exp":now+60,"iss":"me","aud":"sb"});
+        let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &good, &key).unwrap();
+        assert_eq!(auth.verify(&t).unwrap(), "a");
+        let wrong_iss = serde_json::json!({"sub":"a","exp":now+60,"iss":"you","aud":"sb"});
+        let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &wrong_iss, &key).unwrap();
+        assert!(auth.verify(&t).is_err());
+        let no_aud = serde_json::json!({"sub":"a","exp":now+60,"iss":"me"});
+        let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &no_aud, &key).unwrap();
+        assert!(auth.verify(&t).is_err());
+    }
+}

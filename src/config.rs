@@ -1,0 +1,254 @@
+//! One typed configuration, layered: command-line flag > `SWITCHBOARD_*` environment > TOML file > default.
+//!
+//! [`Settings`] is both the clap argument group and the TOML file's shape, so a setting has one name
+//! everywhere (`--max-body-bytes`, `SWITCHBOARD_MAX_BODY_BYTES`, `max_body_bytes = …`). `switchboard.example.toml`
+//! lists every setting with its default; a test keeps it complete.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Every setting, all optional so that the layers can be merged.
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "SWITCHBOARD_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Directory for the embedded store and the dev token secret [default: ./data].
+    #[arg(long, env = "SWITCHBOARD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// HS256 secret for JWTs. Without it (and without a public key) a secret kept in the data directory is used.
+    #[arg(long, env = "SWITCHBOARD_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM public key file for RS256 or EdDSA JWTs (with --jwt-algorithm).
+    #[arg(long, env = "SWITCHBOARD_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// JWT algorithm: HS256, RS256 or EdDSA [default: HS256].
+    #[arg(long, env = "SWITCHBOARD_JWT_ALGORITHM")]
+    pub jwt_algorithm: Option<String>,
+    /// Required `iss` claim, when set.
+    #[arg(long, env = "SWITCHBOARD_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim, when set.
+    #[arg(long, env = "SWITCHBOARD_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Enable `POST /v1/dev/token` [default: on only when listening on a loopback address].
+    #[arg(long, env = "SWITCHBOARD_DEV_LOGIN")]
+    pub dev_login: Option<bool>,
+    /// Largest message body in UTF-8 bytes [default: 4096].
+    #[arg(long, env = "SWITCHBOARD_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Largest WebSocket frame in bytes; a bigger one closes the socket with 1009 [default: 65536].
+    #[arg(long, env = "SWITCHBOARD_MAX_FRAME_BYTES")]
+    pub max_frame_bytes: Option<usize>,
+    /// Frames queued per connection before it is closed as a slow consumer [default: 1024].
+    #[arg(long, env = "SWITCHBOARD_OUTBOUND_QUEUE")]
+    pub outbound_queue: Option<usize>,
+    /// Close a connection silent for this many seconds [default: 90].
+    #[arg(long, env = "SWITCHBOARD_HEARTBEAT_TIMEOUT_SECS")]
+    pub heartbeat_timeout_secs: Option<f64>,
+    /// Stop a conversation actor idle for this many seconds [default: 300].
+    #[arg(long, env = "SWITCHBOARD_CONVERSATION_IDLE_SECS")]
+    pub conversation_idle_secs: Option<f64>,
+    /// Restarts a family supervisor allows within the window before escalating [default: 20].
+    #[arg(long, env = "SWITCHBOARD_MAX_RESTARTS")]
+    pub max_restarts: Option<u32>,
+    /// The restart intensity window in seconds [default: 10].
+    #[arg(long, env = "SWITCHBOARD_RESTART_WINDOW_SECS")]
+    pub restart_window_secs: Option<f64>,
+    /// Longest wait for a drain on SIGTERM, in seconds [default: 30].
+    #[arg(long, env = "SWITCHBOARD_DRAIN_TIMEOUT_SECS")]
+    pub drain_timeout_secs: Option<f64>,
+    /// HTTP worker threads [default: the number of cores].
+    #[arg(long, env = "SWITCHBOARD_HTTP_WORKERS")]
+    pub http_workers: Option<usize>,
+    /// Log filter, tracing's EnvFilter syntax [default: info].
+    #[arg(long, env = "SWITCHBOARD_LOG")]
+    pub log: Option<String>,
+}
+
+/// Which JWT algorithm is pinned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JwtAlgorithm {
+    /// HMAC-SHA256 with a shared secret.
+    Hs256,
+    /// RSA with a public key.
+    Rs256,
+    /// Ed25519 with a public key.
+    EdDsa,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// HS256 secret, if configured.
+    pub jwt_secret: Option<String>,
+    /// Public key file, if configured.
+    pub jwt_public_key: Option<PathBuf>,
+    /// Pinned algorithm.
+    pub jwt_algorithm: JwtAlgorithm,
+    /// Required issuer.
+    pub jwt_issuer: Option<String>,
+    /// Required audience.
+    pub jwt_audience: Option<String>,
+    /// Dev login on.
+    pub dev_login: bool,
+    /// Body limit.
+    pub max_body_bytes: usize,
+    /// Frame limit.
+    pub max_frame_bytes: usize,
+    /// Outbound queue per connection.
+    pub outbound_queue: usize,
+    /// Heartbeat timeout.
+    pub heartbeat_timeout: Duration,
+    /// Conversation idle time.
+    pub conversation_idle: Duration,
+    /// Restart intensity: count.
+    pub max_restarts: u32,
+    /// Restart intensity: window.
+    pub restart_window: Duration,
+    /// Drain timeout.
+    pub drain_timeout: Duration,
+    /// HTTP workers.
+    pub http_workers: usize,
+    /// Log filter.
+    pub log: String,
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    /// The file is not valid TOML for [`Settings`].
+    #[error("invalid config file {0}: {1}")]
+    Parse(PathBuf, toml::de::Error),
+    /// A value is out of range.
+    #[error("invalid setting: {0}")]
+    Invalid(String),
+}
+
+impl Settings {
+    /// Read a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_owned(), e))?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_owned(), e))
+    }
+
+    /// Resolve `self` (flags and environment) over `file`, then defaults.
+    pub fn resolve(self, file: Settings) -> Result<Config, ConfigError> {
+        macro_rules! pick {
+            ($f:ident) => {
+                self.$f.or(file.$f)
+            };
+        }
+        let secs = |v: Option<f64>, default: f64, name: &str| -> Result<Duration, ConfigError> {
+            let v = v.unwrap_or(default);
+            Duration::try_from_secs_f64(v).map_err(|_| ConfigError::Invalid(format!("{name} must be a positive number")))
+        };
+        let listen = pick!(listen).unwrap_or_else(|| "127.0.0.1:8080".parse().expect("valid default"));
+        let jwt_algorithm = match pick!(jwt_algorithm).as_deref().unwrap_or("HS256") {
+            "HS256" => JwtAlgorithm::Hs256,
+            "RS256" => JwtAlgorithm::Rs256,
+            "EdDSA" => JwtAlgorithm::EdDsa,
+            other => return Err(ConfigError::Invalid(format!("jwt_algorithm {other:?}: use HS256, RS256 or EdDSA"))),
+        };
+        let config = Config {
+            listen,
+            data_dir: pick!(data_dir).unwrap_or_else(|| PathBuf::from("./data")),
+            jwt_secret: pick!(jwt_secret),
+            jwt_public_key: pick!(jwt_public_key),
+            jwt_algorithm,
+            jwt_issuer: pick!(jwt_issuer),
+            jwt_audience: pick!(jwt_audience),
+            dev_login: pick!(dev_login).unwrap_or_else(|| listen.ip().is_loopback()),
+            max_body_bytes: pick!(max_body_bytes).unwrap_or(4096),
+            max_frame_bytes: pick!(max_frame_bytes).unwrap_or(64 * 1024),
+            outbound_queue: pick!(outbound_queue).unwrap_or(1024),
+            heartbeat_timeout: secs(pick!(heartbeat_timeout_secs), 90.0, "heartbeat_timeout_secs")?,
+            conversation_idle: secs(pick!(conversation_idle_secs), 300.0, "conversation_idle_secs")?,
+            max_restarts: pick!(max_restarts).unwrap_or(20),
+            restart_window: secs(pick!(restart_window_secs), 10.0, "restart_window_secs")?,
+            drain_timeout: secs(pick!(drain_timeout_secs), 30.0, "drain_timeout_secs")?,
+            http_workers: pick!(http_workers)
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+            log: pick!(log).unwrap_or_else(|| "info".into()),
+        };
+        if config.max_body_bytes == 0 || config.max_body_bytes >= config.max_frame_bytes {
+            return Err(ConfigError::Invalid("max_body_bytes must be positive and below max_frame_bytes".into()));
+        }
+        if config.outbound_queue == 0 {
+            return Err(ConfigError::Invalid("outbound_queue must be positive".into()));
+        }
+        if config.jwt_algorithm != JwtAlgorithm::Hs256 && config.jwt_public_key.is_none() {
+            return Err(ConfigError::Invalid("RS256 and EdDSA need jwt_public_key".into()));
+        }
+        Ok(config)
+    }
+}
+
+impl Config {
+    /// Defaults with a data directory: what tests and embedders start from.
+    pub fn for_data_dir(data_dir: impl Into<PathBuf>) -> Self {
+        let settings = Settings { data_dir: Some(data_dir.into()), ..Settings::default() };
+        settings.resolve(Settings::default()).expect("defaults are valid")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_and_file_overrides_defaults() {
+        let file = Settings { max_body_bytes: Some(100), outbound_queue: Some(7), ..Default::default() };
+        let flags = Settings { max_body_bytes: Some(200), ..Default::default() };
+        let c = flags.resolve(file).unwrap();
+        assert_eq!(c.max_body_bytes, 200);
+        assert_eq!(c.outbound_queue, 7);
+        assert_eq!(c.max_frame_bytes, 65536);
+    }
+
+    #[test]
+    fn dev_login_defaults_to_loopback_only() {
+        let loopback = Settings::default().resolve(Settings::default()).unwrap();
+        assert!(loopback.dev_login);
+        let public = Settings { listen: Some("0.0.0.0:8080".parse().unwrap()), ..Default::default() };
+        assert!(!public.resolve(Settings::default()).unwrap().dev_login);
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        let bad = Settings { jwt_algorithm: Some("none".into()), ..Default::default() };
+        assert!(bad.resolve(Settings::default()).is_err());
+        let bad = Settings { max_body_bytes: Some(70_000), ..Default::default() };
+        assert!(bad.resolve(Settings::default()).is_err());
+    }
+
+    /// The example file names every setting (optional ones commented out) and parses as it stands.
+    #[test]
+    fn example_config_is_complete_and_valid() {
+        use clap::Args;
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("switchboard.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let settings: Settings = toml::from_str(&text).unwrap();
+        settings.resolve(Settings::default()).unwrap();
+        let named: std::collections::BTreeSet<String> = text
+            .lines()
+            .filter_map(|l| l.trim_start_matches('#').trim().split_once(" = ").map(|(k, _)| k.to_owned()))
+            .collect();
+        let fields: std::collections::BTreeSet<String> = Settings::augment_args(clap::Command::new("t"))
+            .get_arguments()
+            .map(|a| a.get_id().to_string())
+            .collect();
+        assert_eq!(named, fields, "switchboard.example.toml must name every setting");
+    }
+}

@@ -1,0 +1,137 @@
+//! [`Server`]: the whole node — store, actor tree and HTTP edge — started on a listener, stopped by a drain.
+//!
+//! `main` binds the listener and passes a shutdown future; tests start servers on port 0 the same way.
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use actix_web::{web, App, HttpServer};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use switchboard_actors::connection::ConnectionLimits;
+use switchboard_actors::conversation::ConversationConfig;
+use switchboard_actors::conversations::Conversations;
+use switchboard_actors::supervisor::RestartIntensity;
+use switchboard_actors::system::{ActorSystem, SystemConfig};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::auth::Auth;
+use crate::config::Config;
+use crate::http::{self, AppState};
+use crate::store::embedded::EmbeddedStore;
+
+/// A running node.
+pub struct Server {
+    addr: SocketAddr,
+    state: web::Data<AppState>,
+    system: ActorSystem,
+    http: actix_web::dev::ServerHandle,
+    http_task: tokio::task::JoinHandle<std::io::Result<()>>,
+    store: Arc<EmbeddedStore>,
+    drain_timeout: std::time::Duration,
+}
+
+/// The process-wide Prometheus recorder (installed once, shared by every server in the process).
+fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .install_recorder()
+                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle())
+        })
+        .clone()
+}
+
+impl Server {
+    /// Open the store, start the actor tree and serve HTTP on `listener`. Must run inside a multi-threaded
+    /// Tokio runtime: the actors live on it, not on actix's per-thread workers.
+    pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Server> {
+        let metrics = prometheus();
+        let store = Arc::new(EmbeddedStore::open(&config.data_dir)?);
+        let auth = Auth::from_config(config)?;
+        let system_config = SystemConfig {
+            conversation: ConversationConfig { idle_after: config.conversation_idle, ..ConversationConfig::default() },
+            limits: ConnectionLimits { max_body: config.max_body_bytes, outbound_queue: config.outbound_queue },
+            intensity: RestartIntensity { max_restarts: config.max_restarts, window: config.restart_window },
+            ..SystemConfig::default()
+        };
+        let system = ActorSystem::start(system_config, store.clone()).await?;
+        let state = web::Data::new(AppState {
+            store: store.clone(),
+            conversations: system.conversations.clone(),
+            sessions: system.sessions.clone(),
+            auth,
+            dev_login: config.dev_login,
+            max_body_bytes: config.max_body_bytes,
+            max_frame_bytes: config.max_frame_bytes,
+            heartbeat_timeout: config.heartbeat_timeout,
+            ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            stop_reading: CancellationToken::new(),
+            metrics,
+        });
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let app_state = state.clone();
+        let server = HttpServer::new(move || App::new().app_data(app_state.clone()).configure(http::routes))
+            .workers(config.http_workers)
+            .disable_signals()
+            .shutdown_timeout(5)
+            // Nagle plus delayed ACKs holds small frames for tens of milliseconds: send at once.
+            .on_connect(|conn, _| {
+                if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
+                    let _ = tcp.set_nodelay(true);
+                }
+            })
+            .listen(listener)?
+            .run();
+        let http = server.handle();
+        let http_task = tokio::spawn(server);
+        state.ready.store(true, Ordering::Release);
+        Ok(Server { addr, state, system, http, http_task, store, drain_timeout: config.drain_timeout })
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The conversation family (fault injection and inspection in tests).
+    pub fn conversations(&self) -> &Conversations {
+        &self.system.conversations
+    }
+
+    /// Serve until `shutdown` resolves (then drain) or a supervisor escalates (then drain and fail).
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let escalated = tokio::select! {
+            () = shutdown => None,
+            reason = self.system.escalated() => Some(reason),
+        };
+        self.shutdown().await;
+        match escalated {
+            Some(reason) => Err(anyhow::anyhow!("supervision escalated: {reason}")),
+            None => Ok(()),
+        }
+    }
+
+    /// Drain and stop: readiness goes false and new connections are refused; connections stop reading,
+    /// get the answers to the sends they had made, and are closed with 1012; in-flight REST requests finish;
+    /// the actors stop; the store flushes its last group commit.
+    pub async fn shutdown(self) {
+        info!("draining");
+        self.state.ready.store(false, Ordering::Release);
+        self.state.draining.store(true, Ordering::Release);
+        self.state.stop_reading.cancel();
+        if tokio::time::timeout(self.drain_timeout, self.system.drain()).await.is_err() {
+            warn!(timeout = ?self.drain_timeout, "drain timed out; closing what is left");
+        }
+        self.http.stop(true).await;
+        let _ = self.http_task.await;
+        self.system.stop().await;
+        self.store.close();
+        info!("stopped");
+    }
+}
