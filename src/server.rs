@@ -54,7 +54,7 @@ impl Server {
         let auth = Auth::from_config(config)?;
         let system_config = SystemConfig {
             conversation: ConversationConfig { idle_after: config.conversation_idle, ..ConversationConfig::default() },
-            limits: ConnectionLimits { max_body: config.max_body_bytes, outbound_queue: config.outbound_queue },
+            limits: ConnectionLimits { max_body: config.max_body_bytes, outbound_queue: config.outbound_queue, ..ConnectionLimits::default() },
             intensity: RestartIntensity { max_restarts: config.max_restarts, window: config.restart_window },
             ..SystemConfig::default()
         };

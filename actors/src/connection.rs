@@ -11,13 +11,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
 
 use crate::conversation::SendRequest;
-use crate::conversations::Conversations;
+use crate::conversations::{Conversations, PendingReply};
 use crate::history;
 use crate::protocol::{self, ClientFrame, CloseCode, ErrorCode, ProtocolError, ServerFrame};
 use crate::session::ConnId;
@@ -44,11 +45,32 @@ pub struct ConnectionLimits {
     pub max_body: usize,
     /// Frames that may wait for the socket; a connection whose queue is full is closed (slow consumer).
     pub outbound_queue: usize,
+    /// Sends of one connection awaiting their ack; past that a send gets `rate_limited`.
+    pub max_unacked: usize,
 }
 
 impl Default for ConnectionLimits {
     fn default() -> Self {
-        Self { max_body: 4 * 1024, outbound_queue: 1024 }
+        Self { max_body: 4 * 1024, outbound_queue: 1024, max_unacked: 1024 }
+    }
+}
+
+/// Asks the writer to stop at once with a close code (a slow consumer's queue cannot carry the close).
+#[derive(Clone, Default)]
+struct Abort {
+    token: CancellationToken,
+    code: Arc<std::sync::OnceLock<CloseCode>>,
+}
+
+impl Abort {
+    fn fire(&self, code: CloseCode) {
+        let _ = self.code.set(code);
+        self.token.cancel();
+    }
+
+    async fn fired(&self) -> CloseCode {
+        self.token.cancelled().await;
+        self.code.get().copied().unwrap_or(CloseCode::Internal)
     }
 }
 
@@ -140,6 +162,8 @@ pub struct ConnectionArgs {
     pub outbound: Outbound,
     /// Shared dependencies.
     pub ctx: Arc<ConnectionContext>,
+    /// Cancelled when the actor stops, so the transport's read loop lets go of the socket.
+    pub hangup: CancellationToken,
 }
 
 /// The state of one connection.
@@ -148,9 +172,12 @@ pub struct ConnectionState {
     id: ConnId,
     ctx: Arc<ConnectionContext>,
     outbound: Outbound,
+    /// Sends awaiting their answer, in arrival order; one task answers them in that order.
+    unacked: Option<mpsc::Sender<PendingReply>>,
     tasks: TaskTracker,
-    abort: Option<oneshot::Sender<CloseCode>>,
+    abort: Abort,
     writer: Option<JoinHandle<()>>,
+    hangup: CancellationToken,
     closing: bool,
 }
 
@@ -168,17 +195,16 @@ impl ConnectionState {
             ClientFrame::Ping => self.reply(&ServerFrame::Pong),
             ClientFrame::Send { msg_id, conv, body } => {
                 let request = SendRequest { from: self.user.clone(), msg_id, body, origin: Some(self.id) };
+                let Some(unacked) = self.unacked.as_ref().and_then(|u| u.clone().try_reserve_owned().ok()) else {
+                    let mut e = ProtocolError::new(ErrorCode::RateLimited, "too many sends awaiting their ack");
+                    e.retry_after_ms = Some(100);
+                    return self.reply(&ServerFrame::error(&e.for_msg(Some(&request.msg_id))));
+                };
                 // Submitting here, in the handler, keeps one connection's sends in order.
                 match self.ctx.conversations.submit(&conv, request.clone()).await {
                     Err(e) => self.reply(&ServerFrame::error(&e.for_msg(Some(&request.msg_id)))),
                     Ok(pending) => {
-                        let outbound = self.outbound.clone();
-                        self.tasks.spawn(async move {
-                            match pending.wait().await {
-                                Ok(m) => reply_on(&outbound, &ServerFrame::ack(&m)),
-                                Err(e) => reply_on(&outbound, &ServerFrame::error(&e)),
-                            }
-                        });
+                        unacked.send(pending);
                     }
                 }
             }
@@ -210,9 +236,7 @@ impl ConnectionState {
 
     fn abort(&mut self, code: CloseCode) {
         self.closing = true;
-        if let Some(abort) = self.abort.take() {
-            let _ = abort.send(code);
-        }
+        self.abort.fire(code);
     }
 }
 
@@ -222,18 +246,29 @@ fn reply_on(outbound: &Outbound, frame: &ServerFrame<'_>) {
     let _ = outbound.push_frame(protocol::encode(frame));
 }
 
-/// How long the writer keeps trying to deliver a close frame to a socket that does not drain.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Answer a connection's sends in the order they were made.
+async fn ack_loop(mut unacked: mpsc::Receiver<PendingReply>, outbound: Outbound) {
+    while let Some(pending) = unacked.recv().await {
+        match pending.wait().await {
+            Ok(m) => reply_on(&outbound, &ServerFrame::ack(&m)),
+            Err(e) => reply_on(&outbound, &ServerFrame::error(&e)),
+        }
+    }
+}
+
+/// How long the writer keeps trying to hand a close frame to a socket that does not drain (a slow consumer
+/// that resumes reading within this time still learns why it was cut off).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Frames written to the transport in one batch.
 const WRITE_BATCH: usize = 64;
 
-async fn write_loop(mut sink: Box<dyn FrameSink>, mut queue: OutboundQueue, mut abort: oneshot::Receiver<CloseCode>) {
+async fn write_loop(mut sink: Box<dyn FrameSink>, mut queue: OutboundQueue, abort: Abort) {
     let mut batch: Vec<Bytes> = Vec::with_capacity(WRITE_BATCH);
     let mut items: Vec<OutFrame> = Vec::with_capacity(WRITE_BATCH);
     let code = 'run: loop {
         tokio::select! {
             biased;
-            code = &mut abort => break 'run code.unwrap_or(CloseCode::Internal),
+            code = abort.fired() => break 'run code,
             n = queue.rx.recv_many(&mut items, WRITE_BATCH) => {
                 if n == 0 {
                     break 'run CloseCode::Normal;
@@ -248,7 +283,7 @@ async fn write_loop(mut sink: Box<dyn FrameSink>, mut queue: OutboundQueue, mut 
                 if !batch.is_empty() {
                     tokio::select! {
                         biased;
-                        code = &mut abort => break 'run code.unwrap_or(CloseCode::Internal),
+                        code = abort.fired() => break 'run code,
                         sent = sink.send(&batch) => if sent.is_err() { return },
                     }
                     batch.clear();
@@ -268,8 +303,11 @@ impl Actor for ConnectionActor {
     type Arguments = ConnectionArgs;
 
     async fn pre_start(&self, _myself: ActorRef<ConnectionMsg>, args: ConnectionArgs) -> Result<ConnectionState, ActorProcessingErr> {
-        let (abort_tx, abort_rx) = oneshot::channel();
-        let writer = tokio::spawn(write_loop(args.sink, args.queue, abort_rx));
+        let abort = Abort::default();
+        let writer = tokio::spawn(write_loop(args.sink, args.queue, abort.clone()));
+        let tasks = TaskTracker::new();
+        let (unacked, unacked_rx) = mpsc::channel(args.ctx.limits.max_unacked.max(1));
+        tasks.spawn(ack_loop(unacked_rx, args.outbound.clone()));
         debug!(conn_id = args.id, user_id = %args.user, "connection open");
         metrics::gauge!("switchboard_connections").increment(1.0);
         Ok(ConnectionState {
@@ -277,9 +315,11 @@ impl Actor for ConnectionActor {
             id: args.id,
             ctx: args.ctx,
             outbound: args.outbound,
-            tasks: TaskTracker::new(),
-            abort: Some(abort_tx),
+            unacked: Some(unacked),
+            tasks,
+            abort,
             writer: Some(writer),
+            hangup: args.hangup,
             closing: false,
         })
     }
@@ -311,6 +351,7 @@ impl Actor for ConnectionActor {
             }
             ConnectionMsg::Drain(reply) => {
                 state.closing = true;
+                state.unacked = None;
                 state.tasks.close();
                 state.tasks.wait().await;
                 state.close(CloseCode::ServiceRestart);
@@ -328,6 +369,7 @@ impl Actor for ConnectionActor {
         if !state.closing {
             state.close(CloseCode::Normal);
         }
+        state.hangup.cancel();
         metrics::gauge!("switchboard_connections").decrement(1.0);
         Ok(())
     }

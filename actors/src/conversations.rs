@@ -219,7 +219,7 @@ impl Conversations {
         let directory = Directory::default();
         let args = ConversationSupervisorArgs { ctx, intensity, directory: directory.clone() };
         let (supervisor, _) =
-            Actor::spawn_linked(Some("conversations".into()), ConversationSupervisor, args, parent).await?;
+            Actor::spawn_linked(None, ConversationSupervisor, args, parent).await?;
         Ok(Self { directory, supervisor, reply_timeout })
     }
 

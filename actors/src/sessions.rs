@@ -26,6 +26,8 @@ pub enum SessionsMsg {
         user: UserId,
         /// Where the connection's frames are written.
         sink: Box<dyn FrameSink>,
+        /// Cancelled when the connection's actor stops.
+        hangup: tokio_util::sync::CancellationToken,
         /// The connection's actor and id.
         reply: RpcReplyPort<Result<(ActorRef<ConnectionMsg>, u64), String>>,
     },
@@ -75,11 +77,12 @@ impl SessionSupervisorState {
         myself: &ActorRef<SessionsMsg>,
         user: UserId,
         sink: Box<dyn FrameSink>,
+        hangup: tokio_util::sync::CancellationToken,
     ) -> Result<(ActorRef<ConnectionMsg>, u64), SpawnErr> {
         let session = self.session(myself, &user).await?;
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (outbound, queue) = Outbound::channel(self.ctx.limits.outbound_queue);
-        let args = ConnectionArgs { user, id, sink, queue, outbound: outbound.clone(), ctx: self.ctx.clone() };
+        let args = ConnectionArgs { user, id, sink, queue, outbound: outbound.clone(), ctx: self.ctx.clone(), hangup };
         let (actor, _) = Actor::spawn_linked(None, ConnectionActor, args, session.get_cell()).await?;
         let _ = session.send_message(SessionMsg::Attach(ConnHandle { id, outbound, actor: actor.clone() }));
         Ok((actor, id))
@@ -104,8 +107,8 @@ impl Actor for SessionSupervisor {
 
     async fn handle(&self, myself: ActorRef<SessionsMsg>, message: SessionsMsg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         match message {
-            SessionsMsg::Connect { user, sink, reply } => {
-                let result = state.connect(&myself, user, sink).await.map_err(|e| {
+            SessionsMsg::Connect { user, sink, hangup, reply } => {
+                let result = state.connect(&myself, user, sink, hangup).await.map_err(|e| {
                     warn!(error = %e, "connection could not start");
                     e.to_string()
                 });
@@ -174,15 +177,20 @@ impl Sessions {
         parent: ActorCell,
     ) -> Result<Self, SpawnErr> {
         let args = SessionSupervisorArgs { directory: directory.clone(), ctx, intensity, next_conn: Arc::new(AtomicU64::new(1)) };
-        let (supervisor, _) = Actor::spawn_linked(Some("sessions".into()), SessionSupervisor, args, parent).await?;
+        let (supervisor, _) = Actor::spawn_linked(None, SessionSupervisor, args, parent).await?;
         Ok(Self { directory, supervisor })
     }
 
-    /// Open a connection actor for `user`; frames go to `sink`.
-    pub async fn connect(&self, user: UserId, sink: Box<dyn FrameSink>) -> Result<(ActorRef<ConnectionMsg>, u64), String> {
+    /// Open a connection actor for `user`; frames go to `sink`; `hangup` is cancelled when the actor stops.
+    pub async fn connect(
+        &self,
+        user: UserId,
+        sink: Box<dyn FrameSink>,
+        hangup: tokio_util::sync::CancellationToken,
+    ) -> Result<(ActorRef<ConnectionMsg>, u64), String> {
         match self
             .supervisor
-            .call(|reply| SessionsMsg::Connect { user, sink, reply }, Some(Duration::from_secs(10)))
+            .call(|reply| SessionsMsg::Connect { user, sink, hangup, reply }, Some(Duration::from_secs(10)))
             .await
         {
             Ok(CallResult::Success(r)) => r,

@@ -35,13 +35,14 @@ pub async fn upgrade(req: HttpRequest, body: web::Payload, state: web::Data<AppS
         .aggregate_continuations()
         .max_continuation_size(state.max_frame_bytes);
     let sink = Box::new(ActixSink { session: Some(session.clone()) });
+    let hangup = CancellationToken::new();
     let (conn, conn_id) = state
         .sessions
-        .connect(user.clone(), sink)
+        .connect(user.clone(), sink, hangup.clone())
         .await
         .map_err(|e| ApiError::new(ErrorCode::Internal, e))?;
     debug!(conn_id, user_id = %user, "websocket upgraded");
-    actix_web::rt::spawn(read_loop(stream, session, conn, state.heartbeat_timeout, state.stop_reading.clone()));
+    actix_web::rt::spawn(read_loop(stream, session, conn, state.heartbeat_timeout, state.stop_reading.clone(), hangup));
     Ok(response)
 }
 
@@ -51,11 +52,14 @@ async fn read_loop(
     conn: ActorRef<ConnectionMsg>,
     heartbeat: Duration,
     stop_reading: CancellationToken,
+    hangup: CancellationToken,
 ) {
     loop {
         let next = tokio::select! {
             // Draining: stop reading; the drain answers what was accepted and closes with 1012.
             _ = stop_reading.cancelled() => return,
+            // The actor closed the connection (slow consumer, heartbeat, …): let go of the socket.
+            _ = hangup.cancelled() => return,
             next = tokio::time::timeout(heartbeat, stream.recv()) => next,
         };
         let forwarded = match next {
