@@ -1,0 +1,183 @@
+//! The real binary as an operator runs it: `kill -9` loses no acknowledged message; SIGTERM drains.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Api, Client, Recv};
+use futures_util::future::join_all;
+use serde_json::Value;
+
+struct Node {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Node {
+    async fn start(dir: &Path) -> Node {
+        let addr: SocketAddr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["serve", "--listen", &addr.to_string(), "--data-dir", dir.to_str().unwrap()])
+            .env("SWITCHBOARD_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start switchboard");
+        let node = Node { child, addr };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = reqwest::get(format!("http://{addr}/readyz")).await {
+                if r.status() == 200 {
+                    return node;
+                }
+            }
+            assert!(Instant::now() < deadline, "server did not become ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap().success();
+        assert!(ok, "kill {sig}");
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "server did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Send pipelined (up to 32 unacknowledged) until the connection dies or `stop` passes; return acks.
+async fn pump(addr: SocketAddr, token: String, conv: String, tag: String, stop: Instant) -> HashMap<String, (u64, String)> {
+    let mut c = Client::connect(addr, &token).await;
+    let mut acks = HashMap::new();
+    let (mut sent, mut inflight) = (0u64, 0u64);
+    loop {
+        while inflight < 32 && Instant::now() < stop {
+            let msg_id = format!("{tag}-{sent}");
+            if futures_util::SinkExt::send(&mut c.ws, tokio_tungstenite::tungstenite::Message::Text(
+                serde_json::json!({"op":"send","conv":conv,"msg_id":msg_id,"body":"kill me"}).to_string().into(),
+            )).await.is_err() {
+                return acks;
+            }
+            sent += 1;
+            inflight += 1;
+        }
+        match c.recv_within(Duration::from_secs(5)).await {
+            Some(Recv::Frame(f)) if f["op"] == "ack" => {
+                inflight -= 1;
+                acks.insert(f["msg_id"].as_str().unwrap().to_owned(), (f["seq"].as_u64().unwrap(), f["id"].as_str().unwrap().to_owned()));
+            }
+            Some(Recv::Frame(_)) => {}
+            Some(Recv::Closed(_)) | None => return acks,
+        }
+    }
+}
+
+fn check_history(acks: &HashMap<String, (u64, String)>, history: &[Value]) {
+    let seqs: Vec<u64> = history.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=history.len() as u64).collect::<Vec<_>>(), "history has no gap");
+    let stored: HashMap<&str, (u64, &str)> =
+        history.iter().map(|m| (m["msg_id"].as_str().unwrap(), (m["seq"].as_u64().unwrap(), m["id"].as_str().unwrap()))).collect();
+    for (msg_id, (seq, id)) in acks {
+        assert_eq!(stored.get(msg_id.as_str()), Some(&(*seq, id.as_str())), "acked {msg_id} lost or changed");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loses_no_acknowledged_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = Node::start(dir.path()).await;
+    let api = Api::new(node.addr);
+    let names = ["alice", "bob", "carol", "dave"];
+    let tokens = join_all(names.iter().map(|n| api.token(n))).await;
+    let others: Vec<String> = names[1..].iter().map(|s| s.to_string()).collect();
+    let convs = [api.group(&tokens[0], &others).await, api.group(&tokens[0], &others).await];
+
+    // Four writers on two conversations, killed mid-stream.
+    let stop = Instant::now() + Duration::from_secs(30);
+    let writers: Vec<_> = (0..4)
+        .map(|i| tokio::spawn(pump(node.addr, tokens[i].clone(), convs[i % 2].clone(), format!("w{i}"), stop)))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    node.signal("-KILL");
+    let status = node.wait_exit(Duration::from_secs(10));
+    assert!(!status.success());
+    let acks: Vec<_> = join_all(writers).await.into_iter().map(Result::unwrap).collect();
+    let total: usize = acks.iter().map(HashMap::len).sum();
+    assert!(total > 100, "the test must kill a busy server (only {total} acks)");
+
+    let node = Node::start(dir.path()).await;
+    let api = Api::new(node.addr);
+    let token = api.token("alice").await;
+    for (c, conv) in convs.iter().enumerate() {
+        let history = api.all_messages(&token, conv).await;
+        let mut conv_acks = HashMap::new();
+        for (i, a) in acks.iter().enumerate() {
+            if i % 2 == c {
+                conv_acks.extend(a.clone());
+            }
+        }
+        check_history(&conv_acks, &history);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_answers_accepted_sends_and_closes_with_1012() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = Node::start(dir.path()).await;
+    let api = Api::new(node.addr);
+    let t = join_all(["alice", "bob"].iter().map(|n| api.token(n))).await;
+    let conv = api.dm(&t[0], "bob").await;
+    let mut alice = Client::connect(node.addr, &t[0]).await;
+    let mut bob = Client::connect(node.addr, &t[1]).await;
+    for i in 0..300 {
+        alice.send_msg(&conv, &format!("t{i}"), "drain me").await;
+    }
+    node.signal("-TERM");
+
+    let mut acks = HashMap::new();
+    let code = loop {
+        match alice.recv().await {
+            Recv::Frame(f) if f["op"] == "ack" => {
+                acks.insert(f["msg_id"].as_str().unwrap().to_owned(), (f["seq"].as_u64().unwrap(), f["id"].as_str().unwrap().to_owned()));
+            }
+            Recv::Frame(f) => panic!("unexpected frame during drain: {f}"),
+            Recv::Closed(code) => break code,
+        }
+    };
+    assert_eq!(code, Some(1012), "drain closes with 1012 (service restart)");
+    assert_eq!(bob.closed().await, Some(1012));
+    // Not ready any more: 503 while draining, or already gone.
+    if let Ok(r) = reqwest::get(format!("http://{}/readyz", node.addr)).await {
+        assert_eq!(r.status(), 503);
+    }
+    let status = node.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "a drained server exits 0, got {status}");
+
+    let node = Node::start(dir.path()).await;
+    let api = Api::new(node.addr);
+    let history = api.all_messages(&api.token("alice").await, &conv).await;
+    check_history(&acks, &history);
+    // Sends that were answered are exactly the stored ones: nothing accepted went unanswered.
+    assert_eq!(history.len(), acks.len(), "every stored send was acknowledged before the close");
+}
