@@ -46,7 +46,10 @@ pub struct Auth {
 
 /// Whether `user` is an acceptable user id: 1 to 64 of `A-Z a-z 0-9 _ . @ -`.
 pub fn valid_user_id(user: &str) -> bool {
-    (1..=64).contains(&user.len()) && user.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.@-".contains(&b))
+    (1..=64).contains(&user.len())
+        && user
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.@-".contains(&b))
 }
 
 impl Auth {
@@ -59,15 +62,31 @@ impl Auth {
                     Some(s) => s.as_bytes().to_vec(),
                     None => dev_secret(&config.data_dir)?,
                 };
-                (Algorithm::HS256, DecodingKey::from_secret(&secret), Some(EncodingKey::from_secret(&secret)))
+                (
+                    Algorithm::HS256,
+                    DecodingKey::from_secret(&secret),
+                    Some(EncodingKey::from_secret(&secret)),
+                )
             }
             JwtAlgorithm::Rs256 | JwtAlgorithm::EdDsa => {
-                let path = config.jwt_public_key.as_ref().ok_or_else(|| AuthError::Setup("no public key".into()))?;
-                let pem = std::fs::read(path).map_err(|e| AuthError::Setup(format!("{}: {e}", path.display())))?;
+                let path = config
+                    .jwt_public_key
+                    .as_ref()
+                    .ok_or_else(|| AuthError::Setup("no public key".into()))?;
+                let pem = std::fs::read(path)
+                    .map_err(|e| AuthError::Setup(format!("{}: {e}", path.display())))?;
                 if config.jwt_algorithm == JwtAlgorithm::Rs256 {
-                    (Algorithm::RS256, DecodingKey::from_rsa_pem(&pem).map_err(setup)?, None)
+                    (
+                        Algorithm::RS256,
+                        DecodingKey::from_rsa_pem(&pem).map_err(setup)?,
+                        None,
+                    )
                 } else {
-                    (Algorithm::EdDSA, DecodingKey::from_ed_pem(&pem).map_err(setup)?, None)
+                    (
+                        Algorithm::EdDSA,
+                        DecodingKey::from_ed_pem(&pem).map_err(setup)?,
+                        None,
+                    )
                 }
             }
         };
@@ -82,7 +101,11 @@ impl Auth {
             Some(aud) => validation.set_audience(&[aud]),
             None => validation.validate_aud = false,
         }
-        Ok(Self { decoding, validation, encoding })
+        Ok(Self {
+            decoding,
+            validation,
+            encoding,
+        })
     }
 
     /// The user a token was issued to.
@@ -97,13 +120,21 @@ impl Auth {
 
     /// Mint a token for `user` valid for `ttl_secs` (HS256 only).
     pub fn mint(&self, user: &str, ttl_secs: u64) -> Result<String, AuthError> {
-        let key = self.encoding.as_ref().ok_or_else(|| AuthError::Setup("tokens can be minted only with HS256".into()))?;
+        let key = self
+            .encoding
+            .as_ref()
+            .ok_or_else(|| AuthError::Setup("tokens can be minted only with HS256".into()))?;
         if !valid_user_id(user) {
             return Err(AuthError::Invalid("not a valid user id".into()));
         }
         let now = switchboard_actors::conversation::now_ms() / 1000;
-        let claims = Claims { sub: user.to_owned(), exp: now + ttl_secs, iat: Some(now) };
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, key).map_err(|e| AuthError::Setup(e.to_string()))
+        let claims = Claims {
+            sub: user.to_owned(),
+            exp: now + ttl_secs,
+            iat: Some(now),
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, key)
+            .map_err(|e| AuthError::Setup(e.to_string()))
     }
 }
 
@@ -118,7 +149,8 @@ fn dev_secret(dir: &Path) -> Result<Vec<u8>, AuthError> {
     }
     std::fs::create_dir_all(dir).map_err(|e| AuthError::Setup(e.to_string()))?;
     let secret = hex::encode(rand::random::<[u8; 32]>());
-    write_private(&path, &secret).map_err(|e| AuthError::Setup(format!("{}: {e}", path.display())))?;
+    write_private(&path, &secret)
+        .map_err(|e| AuthError::Setup(format!("{}: {e}", path.display())))?;
     Ok(secret.into_bytes())
 }
 
@@ -142,9 +174,18 @@ mod tests {
     #[test]
     fn minted_tokens_verify_and_survive_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let token = Auth::from_config(&config(dir.path())).unwrap().mint("alice", 60).unwrap();
+        let token = Auth::from_config(&config(dir.path()))
+            .unwrap()
+            .mint("alice", 60)
+            .unwrap();
         // A second Auth (a restart) reads the same secret from the data directory.
-        assert_eq!(Auth::from_config(&config(dir.path())).unwrap().verify(&token).unwrap(), "alice");
+        assert_eq!(
+            Auth::from_config(&config(dir.path()))
+                .unwrap()
+                .verify(&token)
+                .unwrap(),
+            "alice"
+        );
     }
 
     #[test]
@@ -152,18 +193,58 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let auth = Auth::from_config(&config(dir.path())).unwrap();
         let now = switchboard_actors::conversation::now_ms() / 1000;
-        let key = EncodingKey::from_secret(std::fs::read(dir.path().join(DEV_SECRET_FILE)).unwrap().as_slice());
-        let expired = Claims { sub: "a".into(), exp: now - 3600, iat: None };
+        let key = EncodingKey::from_secret(
+            std::fs::read(dir.path().join(DEV_SECRET_FILE))
+                .unwrap()
+                .as_slice(),
+        );
+        let expired = Claims {
+            sub: "a".into(),
+            exp: now - 3600,
+            iat: None,
+        };
         let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &expired, &key).unwrap();
         assert!(auth.verify(&t).is_err(), "expired");
-        let other_alg = jsonwebtoken::encode(&Header::new(Algorithm::HS384), &Claims { sub: "a".into(), exp: now + 60, iat: None }, &key).unwrap();
+        let other_alg = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS384),
+            &Claims {
+                sub: "a".into(),
+                exp: now + 60,
+                iat: None,
+            },
+            &key,
+        )
+        .unwrap();
         assert!(auth.verify(&other_alg).is_err(), "algorithm not pinned");
         let foreign = EncodingKey::from_secret(b"someone else");
-        let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &Claims { sub: "a".into(), exp: now + 60, iat: None }, &foreign).unwrap();
+        let t = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &Claims {
+                sub: "a".into(),
+                exp: now + 60,
+                iat: None,
+            },
+            &foreign,
+        )
+        .unwrap();
         assert!(auth.verify(&t).is_err(), "wrong key");
-        let no_exp = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &serde_json::json!({"sub":"a"}), &key).unwrap();
+        let no_exp = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &serde_json::json!({"sub":"a"}),
+            &key,
+        )
+        .unwrap();
         assert!(auth.verify(&no_exp).is_err(), "exp required");
-        let bad_sub = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &Claims { sub: "a b/c".into(), exp: now + 60, iat: None }, &key).unwrap();
+        let bad_sub = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &Claims {
+                sub: "a b/c".into(),
+                exp: now + 60,
+                iat: None,
+            },
+            &key,
+        )
+        .unwrap();
         assert!(auth.verify(&bad_sub).is_err(), "sub must be a user id");
         assert!(auth.verify("garbage").is_err());
     }

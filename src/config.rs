@@ -139,7 +139,8 @@ pub enum ConfigError {
 impl Settings {
     /// Read a TOML file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_owned(), e))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_owned(), e))?;
         toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_owned(), e))
     }
 
@@ -152,14 +153,20 @@ impl Settings {
         }
         let secs = |v: Option<f64>, default: f64, name: &str| -> Result<Duration, ConfigError> {
             let v = v.unwrap_or(default);
-            Duration::try_from_secs_f64(v).map_err(|_| ConfigError::Invalid(format!("{name} must be a positive number")))
+            Duration::try_from_secs_f64(v)
+                .map_err(|_| ConfigError::Invalid(format!("{name} must be a positive number")))
         };
-        let listen = pick!(listen).unwrap_or_else(|| "127.0.0.1:8080".parse().expect("valid default"));
+        let listen =
+            pick!(listen).unwrap_or_else(|| "127.0.0.1:8080".parse().expect("valid default"));
         let jwt_algorithm = match pick!(jwt_algorithm).as_deref().unwrap_or("HS256") {
             "HS256" => JwtAlgorithm::Hs256,
             "RS256" => JwtAlgorithm::Rs256,
             "EdDSA" => JwtAlgorithm::EdDsa,
-            other => return Err(ConfigError::Invalid(format!("jwt_algorithm {other:?}: use HS256, RS256 or EdDSA"))),
+            other => {
+                return Err(ConfigError::Invalid(format!(
+                    "jwt_algorithm {other:?}: use HS256, RS256 or EdDSA"
+                )))
+            }
         };
         let config = Config {
             listen,
@@ -173,8 +180,16 @@ impl Settings {
             max_body_bytes: pick!(max_body_bytes).unwrap_or(4096),
             max_frame_bytes: pick!(max_frame_bytes).unwrap_or(64 * 1024),
             outbound_queue: pick!(outbound_queue).unwrap_or(1024),
-            heartbeat_timeout: secs(pick!(heartbeat_timeout_secs), 90.0, "heartbeat_timeout_secs")?,
-            conversation_idle: secs(pick!(conversation_idle_secs), 300.0, "conversation_idle_secs")?,
+            heartbeat_timeout: secs(
+                pick!(heartbeat_timeout_secs),
+                90.0,
+                "heartbeat_timeout_secs",
+            )?,
+            conversation_idle: secs(
+                pick!(conversation_idle_secs),
+                300.0,
+                "conversation_idle_secs",
+            )?,
             max_restarts: pick!(max_restarts).unwrap_or(20),
             restart_window: secs(pick!(restart_window_secs), 10.0, "restart_window_secs")?,
             drain_timeout: secs(pick!(drain_timeout_secs), 30.0, "drain_timeout_secs")?,
@@ -183,13 +198,19 @@ impl Settings {
             log: pick!(log).unwrap_or_else(|| "info".into()),
         };
         if config.max_body_bytes == 0 || config.max_body_bytes >= config.max_frame_bytes {
-            return Err(ConfigError::Invalid("max_body_bytes must be positive and below max_frame_bytes".into()));
+            return Err(ConfigError::Invalid(
+                "max_body_bytes must be positive and below max_frame_bytes".into(),
+            ));
         }
         if config.outbound_queue == 0 {
-            return Err(ConfigError::Invalid("outbound_queue must be positive".into()));
+            return Err(ConfigError::Invalid(
+                "outbound_queue must be positive".into(),
+            ));
         }
         if config.jwt_algorithm != JwtAlgorithm::Hs256 && config.jwt_public_key.is_none() {
-            return Err(ConfigError::Invalid("RS256 and EdDSA need jwt_public_key".into()));
+            return Err(ConfigError::Invalid(
+                "RS256 and EdDSA need jwt_public_key".into(),
+            ));
         }
         Ok(config)
     }
@@ -198,8 +219,13 @@ impl Settings {
 impl Config {
     /// Defaults with a data directory: what tests and embedders start from.
     pub fn for_data_dir(data_dir: impl Into<PathBuf>) -> Self {
-        let settings = Settings { data_dir: Some(data_dir.into()), ..Settings::default() };
-        settings.resolve(Settings::default()).expect("defaults are valid")
+        let settings = Settings {
+            data_dir: Some(data_dir.into()),
+            ..Settings::default()
+        };
+        settings
+            .resolve(Settings::default())
+            .expect("defaults are valid")
     }
 }
 
@@ -209,8 +235,15 @@ mod tests {
 
     #[test]
     fn flags_override_file_and_file_overrides_defaults() {
-        let file = Settings { max_body_bytes: Some(100), outbound_queue: Some(7), ..Default::default() };
-        let flags = Settings { max_body_bytes: Some(200), ..Default::default() };
+        let file = Settings {
+            max_body_bytes: Some(100),
+            outbound_queue: Some(7),
+            ..Default::default()
+        };
+        let flags = Settings {
+            max_body_bytes: Some(200),
+            ..Default::default()
+        };
         let c = flags.resolve(file).unwrap();
         assert_eq!(c.max_body_bytes, 200);
         assert_eq!(c.outbound_queue, 7);
@@ -221,15 +254,24 @@ mod tests {
     fn dev_login_defaults_to_loopback_only() {
         let loopback = Settings::default().resolve(Settings::default()).unwrap();
         assert!(loopback.dev_login);
-        let public = Settings { listen: Some("0.0.0.0:8080".parse().unwrap()), ..Default::default() };
+        let public = Settings {
+            listen: Some("0.0.0.0:8080".parse().unwrap()),
+            ..Default::default()
+        };
         assert!(!public.resolve(Settings::default()).unwrap().dev_login);
     }
 
     #[test]
     fn rejects_bad_values() {
-        let bad = Settings { jwt_algorithm: Some("none".into()), ..Default::default() };
+        let bad = Settings {
+            jwt_algorithm: Some("none".into()),
+            ..Default::default()
+        };
         assert!(bad.resolve(Settings::default()).is_err());
-        let bad = Settings { max_body_bytes: Some(70_000), ..Default::default() };
+        let bad = Settings {
+            max_body_bytes: Some(70_000),
+            ..Default::default()
+        };
         assert!(bad.resolve(Settings::default()).is_err());
     }
 
@@ -243,12 +285,21 @@ mod tests {
         settings.resolve(Settings::default()).unwrap();
         let named: std::collections::BTreeSet<String> = text
             .lines()
-            .filter_map(|l| l.trim_start_matches('#').trim().split_once(" = ").map(|(k, _)| k.to_owned()))
+            .filter_map(|l| {
+                l.trim_start_matches('#')
+                    .trim()
+                    .split_once(" = ")
+                    .map(|(k, _)| k.to_owned())
+            })
             .collect();
-        let fields: std::collections::BTreeSet<String> = Settings::augment_args(clap::Command::new("t"))
-            .get_arguments()
-            .map(|a| a.get_id().to_string())
-            .collect();
-        assert_eq!(named, fields, "switchboard.example.toml must name every setting");
+        let fields: std::collections::BTreeSet<String> =
+            Settings::augment_args(clap::Command::new("t"))
+                .get_arguments()
+                .map(|a| a.get_id().to_string())
+                .collect();
+        assert_eq!(
+            named, fields,
+            "switchboard.example.toml must name every setting"
+        );
     }
 }

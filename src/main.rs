@@ -10,7 +10,11 @@ use switchboard::server::Server;
 use tracing::{info, warn};
 
 #[derive(Parser)]
-#[command(name = "switchboard", version, about = "A real-time chat server built the Erlang way")]
+#[command(
+    name = "switchboard",
+    version,
+    about = "A real-time chat server built the Erlang way"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -51,7 +55,12 @@ fn load(config: Option<PathBuf>, settings: Settings) -> anyhow::Result<Config> {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Token { user, ttl_secs, config, settings } => {
+        Command::Token {
+            user,
+            ttl_secs,
+            config,
+            settings,
+        } => {
             let config = load(config, settings)?;
             println!("{}", Auth::from_config(&config)?.mint(&user, ttl_secs)?);
             Ok(())
@@ -61,7 +70,10 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::fmt()
                 .with_env_filter(tracing_subscriber::EnvFilter::try_new(&config.log)?)
                 .init();
-            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(config))
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(serve(config))
         }
     }
 }
@@ -69,7 +81,7 @@ fn main() -> anyhow::Result<()> {
 async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = std::net::TcpListener::bind(config.listen)?;
     let server = Server::start(&config, listener).await?;
-    info!(listen = %server.local_addr(), data_dir = %config.data_dir.display(), "switchboard ready");
+    info!(node = %server.node(), listen = %server.local_addr(), data_dir = %config.data_dir.display(), "switchboard ready");
     if config.dev_login {
         warn!("dev login is ON: anyone who can reach this address can get a token (POST /v1/dev/token)");
     } else {

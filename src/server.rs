@@ -14,6 +14,7 @@ use switchboard_actors::conversation::ConversationConfig;
 use switchboard_actors::conversations::Conversations;
 use switchboard_actors::supervisor::RestartIntensity;
 use switchboard_actors::system::{ActorSystem, SystemConfig};
+use switchboard_cluster::NodeId;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -53,13 +54,24 @@ impl Server {
         let store = Arc::new(EmbeddedStore::open(&config.data_dir)?);
         let auth = Auth::from_config(config)?;
         let system_config = SystemConfig {
-            conversation: ConversationConfig { idle_after: config.conversation_idle, ..ConversationConfig::default() },
-            limits: ConnectionLimits { max_body: config.max_body_bytes, outbound_queue: config.outbound_queue, ..ConnectionLimits::default() },
-            intensity: RestartIntensity { max_restarts: config.max_restarts, window: config.restart_window },
+            conversation: ConversationConfig {
+                idle_after: config.conversation_idle,
+                ..ConversationConfig::default()
+            },
+            limits: ConnectionLimits {
+                max_body: config.max_body_bytes,
+                outbound_queue: config.outbound_queue,
+                ..ConnectionLimits::default()
+            },
+            intensity: RestartIntensity {
+                max_restarts: config.max_restarts,
+                window: config.restart_window,
+            },
             ..SystemConfig::default()
         };
         let system = ActorSystem::start(system_config, store.clone()).await?;
         let state = web::Data::new(AppState {
+            node: NodeId::random(),
             store: store.clone(),
             conversations: system.conversations.clone(),
             sessions: system.sessions.clone(),
@@ -76,27 +88,44 @@ impl Server {
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let app_state = state.clone();
-        let server = HttpServer::new(move || App::new().app_data(app_state.clone()).configure(http::routes))
-            .workers(config.http_workers)
-            .disable_signals()
-            .shutdown_timeout(5)
-            // Nagle plus delayed ACKs holds small frames for tens of milliseconds: send at once.
-            .on_connect(|conn, _| {
-                if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
-                    let _ = tcp.set_nodelay(true);
-                }
-            })
-            .listen(listener)?
-            .run();
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(app_state.clone())
+                .configure(http::routes)
+        })
+        .workers(config.http_workers)
+        .disable_signals()
+        .shutdown_timeout(5)
+        // Nagle plus delayed ACKs holds small frames for tens of milliseconds: send at once.
+        .on_connect(|conn, _| {
+            if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
+                let _ = tcp.set_nodelay(true);
+            }
+        })
+        .listen(listener)?
+        .run();
         let http = server.handle();
         let http_task = tokio::spawn(server);
         state.ready.store(true, Ordering::Release);
-        Ok(Server { addr, state, system, http, http_task, store, drain_timeout: config.drain_timeout })
+        Ok(Server {
+            addr,
+            state,
+            system,
+            http,
+            http_task,
+            store,
+            drain_timeout: config.drain_timeout,
+        })
     }
 
     /// The address the server listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// This node's identity.
+    pub fn node(&self) -> &NodeId {
+        &self.state.node
     }
 
     /// The conversation family (fault injection and inspection in tests).
@@ -125,7 +154,10 @@ impl Server {
         self.state.ready.store(false, Ordering::Release);
         self.state.draining.store(true, Ordering::Release);
         self.state.stop_reading.cancel();
-        if tokio::time::timeout(self.drain_timeout, self.system.drain()).await.is_err() {
+        if tokio::time::timeout(self.drain_timeout, self.system.drain())
+            .await
+            .is_err()
+        {
             warn!(timeout = ?self.drain_timeout, "drain timed out; closing what is left");
         }
         self.http.stop(true).await;

@@ -54,13 +54,18 @@ async fn group_of_sixty_all_members_receive() {
     let mut clients = join_all(tokens.iter().map(|t| Client::connect(s.addr, t))).await;
 
     for i in 0..3 {
-        clients[0].send_msg(&conv, &format!("g{i}"), &format!("hello {i}")).await;
+        clients[0]
+            .send_msg(&conv, &format!("g{i}"), &format!("hello {i}"))
+            .await;
         assert_eq!(clients[0].frame().await["seq"], i + 1);
     }
     for c in clients.iter_mut().skip(1) {
         for i in 0..3u64 {
             let m = c.frame().await;
-            assert_eq!((m["op"].as_str(), m["seq"].as_u64(), m["from"].as_str()), (Some("msg"), Some(i + 1), Some("u0")));
+            assert_eq!(
+                (m["op"].as_str(), m["seq"].as_u64(), m["from"].as_str()),
+                (Some("msg"), Some(i + 1), Some("u0"))
+            );
         }
     }
 }
@@ -86,30 +91,50 @@ async fn per_conversation_order_under_concurrent_senders() {
             while acks.len() < PER_SENDER {
                 let f = c.frame().await;
                 if f["op"] == "ack" {
-                    acks.push((f["msg_id"].as_str().unwrap().to_owned(), f["seq"].as_u64().unwrap()));
+                    acks.push((
+                        f["msg_id"].as_str().unwrap().to_owned(),
+                        f["seq"].as_u64().unwrap(),
+                    ));
                 }
             }
             acks
         })
     });
-    let acks: Vec<Vec<(String, u64)>> = join_all(senders).await.into_iter().map(Result::unwrap).collect();
+    let acks: Vec<Vec<(String, u64)>> = join_all(senders)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
 
     let total = 5 * PER_SENDER;
     let mut seen = Vec::new();
     while seen.len() < total {
         let m = observer.expect_op("msg").await;
-        seen.push((m["seq"].as_u64().unwrap(), m["msg_id"].as_str().unwrap().to_owned()));
+        seen.push((
+            m["seq"].as_u64().unwrap(),
+            m["msg_id"].as_str().unwrap().to_owned(),
+        ));
     }
     // The observer sees seq 1, 2, 3, … with no gap, no repeat, in order.
-    assert_eq!(seen.iter().map(|(s, _)| *s).collect::<Vec<_>>(), (1..=total as u64).collect::<Vec<_>>());
+    assert_eq!(
+        seen.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        (1..=total as u64).collect::<Vec<_>>()
+    );
     // Each sender's messages keep the order it sent them in.
     for sender_acks in &acks {
         let seqs: Vec<u64> = sender_acks.iter().map(|(_, s)| *s).collect();
-        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "a sender's messages were reordered: {seqs:?}");
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "a sender's messages were reordered: {seqs:?}"
+        );
     }
     let by_msg: HashMap<&str, u64> = seen.iter().map(|(s, m)| (m.as_str(), *s)).collect();
     for (msg_id, seq) in acks.iter().flatten() {
-        assert_eq!(by_msg[msg_id.as_str()], *seq, "ack and delivery disagree for {msg_id}");
+        assert_eq!(
+            by_msg[msg_id.as_str()],
+            *seq,
+            "ack and delivery disagree for {msg_id}"
+        );
     }
 }
 
@@ -126,9 +151,15 @@ async fn resend_is_acked_with_same_seq_stored_once_delivered_once_also_after_res
     let first = alice.frame().await;
     alice.send_msg(&conv, "dup-1", "a different body").await;
     let again = alice.frame().await;
-    assert_eq!((first["seq"].clone(), first["id"].clone()), (again["seq"].clone(), again["id"].clone()));
+    assert_eq!(
+        (first["seq"].clone(), first["id"].clone()),
+        (again["seq"].clone(), again["id"].clone())
+    );
     assert_eq!(bob.frame().await["body"], "first");
-    assert!(bob.silent_for(Duration::from_millis(300)).await, "a resend was delivered twice");
+    assert!(
+        bob.silent_for(Duration::from_millis(300)).await,
+        "a resend was delivered twice"
+    );
 
     // Across a restart the store's dedupe index still knows the msg_id.
     drop((alice, bob));
@@ -139,11 +170,19 @@ async fn resend_is_acked_with_same_seq_stored_once_delivered_once_also_after_res
     let mut alice = Client::connect(s.addr, &t0).await;
     alice.send_msg(&conv, "dup-1", "third try").await;
     let after = alice.frame().await;
-    assert_eq!((after["seq"].clone(), after["id"].clone()), (first["seq"].clone(), first["id"].clone()));
+    assert_eq!(
+        (after["seq"].clone(), after["id"].clone()),
+        (first["seq"].clone(), first["id"].clone())
+    );
     alice.send_msg(&conv, "new-1", "next").await;
     assert_eq!(alice.frame().await["seq"], 2);
     let all = api.all_messages(&t0, &conv).await;
-    assert_eq!(all.iter().map(|m| m["msg_id"].as_str().unwrap()).collect::<Vec<_>>(), vec!["dup-1", "new-1"]);
+    assert_eq!(
+        all.iter()
+            .map(|m| m["msg_id"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        vec!["dup-1", "new-1"]
+    );
     assert_eq!(all[0]["body"], "first");
 }
 
@@ -162,7 +201,9 @@ async fn reconnecting_client_syncs_what_it_missed() {
 
     // Bob is away for 250 messages: more than one sync can replay.
     for i in 1..=250 {
-        alice.send_msg(&conv, &format!("a{i}"), &format!("missed {i}")).await;
+        alice
+            .send_msg(&conv, &format!("a{i}"), &format!("missed {i}"))
+            .await;
     }
     for _ in 1..=250 {
         alice.expect_op("ack").await;
@@ -172,7 +213,8 @@ async fn reconnecting_client_syncs_what_it_missed() {
     let mut after = 1;
     let mut got = Vec::new();
     loop {
-        bob.send(json!({"op":"sync","conv":conv,"after_seq":after})).await;
+        bob.send(json!({"op":"sync","conv":conv,"after_seq":after}))
+            .await;
         loop {
             let f = bob.frame().await;
             match f["op"].as_str().unwrap() {
@@ -182,9 +224,13 @@ async fn reconnecting_client_syncs_what_it_missed() {
                     if !f["has_more"].as_bool().unwrap() {
                         assert_eq!(got, (2..=251).collect::<Vec<u64>>());
                         // Nothing missed: an empty sync answers with the same last_seq.
-                        bob.send(json!({"op":"sync","conv":conv,"after_seq":251})).await;
+                        bob.send(json!({"op":"sync","conv":conv,"after_seq":251}))
+                            .await;
                         let f = bob.frame().await;
-                        assert_eq!(f, json!({"op":"synced","conv":conv,"last_seq":251,"has_more":false}));
+                        assert_eq!(
+                            f,
+                            json!({"op":"synced","conv":conv,"last_seq":251,"has_more":false})
+                        );
                         return;
                     }
                     assert_eq!(got.len(), 200, "the first sync replays at most 200");
@@ -204,12 +250,21 @@ async fn history_pages_by_seq_cursor() {
     let conv = api.dm(&t[0], "bob").await;
     let mut alice = Client::connect(s.addr, &t[0]).await;
     for i in 1..=120 {
-        alice.send_msg(&conv, &format!("h{i}"), &format!("{i}")).await;
+        alice
+            .send_msg(&conv, &format!("h{i}"), &format!("{i}"))
+            .await;
     }
     for _ in 0..120 {
         alice.expect_op("ack").await;
     }
-    let seqs = |v: &Value| v["messages"].as_array().unwrap().iter().map(|m| m["seq"].as_u64().unwrap()).collect::<Vec<_>>();
+    let seqs = |v: &Value| {
+        v["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["seq"].as_u64().unwrap())
+            .collect::<Vec<_>>()
+    };
     let page = |q: &'static str| {
         let (api, t, conv) = (api.clone(), t[1].clone(), conv.clone());
         async move {
@@ -219,7 +274,11 @@ async fn history_pages_by_seq_cursor() {
         }
     };
     let newest = page("").await;
-    assert_eq!(seqs(&newest), (71..=120).collect::<Vec<_>>(), "no cursor: the newest page, ascending");
+    assert_eq!(
+        seqs(&newest),
+        (71..=120).collect::<Vec<_>>(),
+        "no cursor: the newest page, ascending"
+    );
     assert_eq!(newest["has_more"], true);
     let m = &newest["messages"][0];
     for field in ["conv", "seq", "id", "msg_id", "from", "body", "ts"] {
@@ -228,26 +287,51 @@ async fn history_pages_by_seq_cursor() {
     let older = page("?before=71&limit=50").await;
     assert_eq!(seqs(&older), (21..=70).collect::<Vec<_>>());
     let oldest = page("?before=21&limit=50").await;
-    assert_eq!((seqs(&oldest), oldest["has_more"].clone()), ((1..=20).collect::<Vec<_>>(), json!(false)));
+    assert_eq!(
+        (seqs(&oldest), oldest["has_more"].clone()),
+        ((1..=20).collect::<Vec<_>>(), json!(false))
+    );
     let forward = page("?after=0&limit=50").await;
-    assert_eq!((seqs(&forward), forward["has_more"].clone()), ((1..=50).collect::<Vec<_>>(), json!(true)));
+    assert_eq!(
+        (seqs(&forward), forward["has_more"].clone()),
+        ((1..=50).collect::<Vec<_>>(), json!(true))
+    );
     let tail = page("?after=100&limit=50").await;
-    assert_eq!((seqs(&tail), tail["has_more"].clone()), ((101..=120).collect::<Vec<_>>(), json!(false)));
+    assert_eq!(
+        (seqs(&tail), tail["has_more"].clone()),
+        ((101..=120).collect::<Vec<_>>(), json!(false))
+    );
     let exact = page("?after=110&limit=10").await;
-    assert_eq!((seqs(&exact), exact["has_more"].clone()), ((111..=120).collect::<Vec<_>>(), json!(false)));
+    assert_eq!(
+        (seqs(&exact), exact["has_more"].clone()),
+        ((111..=120).collect::<Vec<_>>(), json!(false))
+    );
     let window = page("?after=10&before=15").await;
     assert_eq!(seqs(&window), vec![11, 12, 13, 14]);
     let empty = page("?after=120").await;
-    assert_eq!((seqs(&empty), empty["has_more"].clone()), (vec![], json!(false)));
+    assert_eq!(
+        (seqs(&empty), empty["has_more"].clone()),
+        (vec![], json!(false))
+    );
 
     for bad in ["?limit=0", "?limit=201", "?after=-1", "?limit=x"] {
         let (status, v) = api.history(&t[1], &conv, bad).await;
-        assert_eq!((status, v["error"]["code"].as_str()), (400, Some("invalid_field")), "{bad}: {v}");
+        assert_eq!(
+            (status, v["error"]["code"].as_str()),
+            (400, Some("invalid_field")),
+            "{bad}: {v}"
+        );
     }
     let (status, v) = api.history(&t[2], &conv, "").await;
-    assert_eq!((status, v["error"]["code"].as_str()), (403, Some("not_member")));
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (403, Some("not_member"))
+    );
     let (status, v) = api.history(&t[2], "c_nope", "").await;
-    assert_eq!((status, v["error"]["code"].as_str()), (404, Some("unknown_conversation")));
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("unknown_conversation"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -265,7 +349,10 @@ async fn every_device_of_every_member_gets_the_message() {
     assert_eq!(alice_phone.frame().await["op"], "ack");
     for c in [&mut alice_laptop, &mut bob_phone, &mut bob_laptop] {
         let m = c.frame().await;
-        assert_eq!((m["op"].as_str(), m["msg_id"].as_str()), (Some("msg"), Some("md1")));
+        assert_eq!(
+            (m["op"].as_str(), m["msg_id"].as_str()),
+            (Some("msg"), Some("md1"))
+        );
     }
     assert!(alice_phone.silent_for(Duration::from_millis(200)).await);
 
@@ -288,17 +375,45 @@ async fn non_members_and_unknown_conversations_are_refused() {
 
     carol.send_msg(&conv, "sneaky", "hi").await;
     let e = carol.frame().await;
-    assert_eq!((e["op"].as_str(), e["code"].as_str(), e["msg_id"].as_str()), (Some("error"), Some("not_member"), Some("sneaky")));
-    carol.send(json!({"op":"sync","conv":conv,"after_seq":0})).await;
+    assert_eq!(
+        (e["op"].as_str(), e["code"].as_str(), e["msg_id"].as_str()),
+        (Some("error"), Some("not_member"), Some("sneaky"))
+    );
+    carol
+        .send(json!({"op":"sync","conv":conv,"after_seq":0}))
+        .await;
     assert_eq!(carol.frame().await["code"], "not_member");
     carol.send_msg("c_does_not_exist", "x", "hi").await;
     let e = carol.frame().await;
-    assert_eq!((e["code"].as_str(), e["msg_id"].as_str()), (Some("unknown_conversation"), Some("x")));
-    assert!(bob.silent_for(Duration::from_millis(200)).await, "a refused send must not be delivered");
+    assert_eq!(
+        (e["code"].as_str(), e["msg_id"].as_str()),
+        (Some("unknown_conversation"), Some("x"))
+    );
+    assert!(
+        bob.silent_for(Duration::from_millis(200)).await,
+        "a refused send must not be delivered"
+    );
 
-    let (status, v) = api.call(reqwest::Method::POST, &format!("/v1/conversations/{conv}/messages"), &t[2], Some(json!({"msg_id":"r","body":"x"}))).await;
-    assert_eq!((status, v["error"]["code"].as_str()), (403, Some("not_member")));
-    let (status, _) = api.call(reqwest::Method::GET, &format!("/v1/conversations/{conv}"), &t[2], None).await;
+    let (status, v) = api
+        .call(
+            reqwest::Method::POST,
+            &format!("/v1/conversations/{conv}/messages"),
+            &t[2],
+            Some(json!({"msg_id":"r","body":"x"})),
+        )
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (403, Some("not_member"))
+    );
+    let (status, _) = api
+        .call(
+            reqwest::Method::GET,
+            &format!("/v1/conversations/{conv}"),
+            &t[2],
+            None,
+        )
+        .await;
     assert_eq!(status, 403);
     assert!(api.all_messages(&t[0], &conv).await.is_empty());
 }
@@ -316,11 +431,31 @@ async fn bad_input_gets_documented_errors_and_the_socket_stays_usable() {
         ("[1,2,3]".into(), "invalid_json", None),
         (r#"{"op":"fly"}"#.into(), "unknown_op", None),
         (r#"{"conv":"c"}"#.into(), "missing_field", None),
-        (json!({"op":"send","msg_id":"m1","conv":conv}).to_string(), "missing_field", Some("m1")),
-        (json!({"op":"send","msg_id":"m2","conv":conv,"body":42}).to_string(), "invalid_field", Some("m2")),
-        (json!({"op":"send","msg_id":"","conv":conv,"body":"x"}).to_string(), "invalid_field", Some("")),
-        (json!({"op":"sync","conv":conv,"after_seq":"seven"}).to_string(), "invalid_field", None),
-        (json!({"op":"send","msg_id":"m3","conv":conv,"body":big}).to_string(), "body_too_large", Some("m3")),
+        (
+            json!({"op":"send","msg_id":"m1","conv":conv}).to_string(),
+            "missing_field",
+            Some("m1"),
+        ),
+        (
+            json!({"op":"send","msg_id":"m2","conv":conv,"body":42}).to_string(),
+            "invalid_field",
+            Some("m2"),
+        ),
+        (
+            json!({"op":"send","msg_id":"","conv":conv,"body":"x"}).to_string(),
+            "invalid_field",
+            Some(""),
+        ),
+        (
+            json!({"op":"sync","conv":conv,"after_seq":"seven"}).to_string(),
+            "invalid_field",
+            None,
+        ),
+        (
+            json!({"op":"send","msg_id":"m3","conv":conv,"body":big}).to_string(),
+            "body_too_large",
+            Some("m3"),
+        ),
     ];
     for (text, code, msg_id) in cases {
         c.send_raw(&text).await;
@@ -330,7 +465,11 @@ async fn bad_input_gets_documented_errors_and_the_socket_stays_usable() {
         assert_eq!(e["msg_id"].as_str(), msg_id);
         assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()));
     }
-    c.ws.send(tokio_tungstenite::tungstenite::Message::Binary(vec![1, 2, 3].into())).await.unwrap();
+    c.ws.send(tokio_tungstenite::tungstenite::Message::Binary(
+        vec![1, 2, 3].into(),
+    ))
+    .await
+    .unwrap();
     assert_eq!(c.frame().await["code"], "invalid_json");
     // A body of exactly the limit is fine, counted in UTF-8 bytes.
     c.send_msg(&conv, "ok", &"é".repeat(2048)).await;
@@ -344,20 +483,60 @@ async fn bad_input_gets_documented_errors_and_the_socket_stays_usable() {
 
     // Authentication happens before the upgrade.
     for token in ["", "garbage", &format!("{}x", t[0])] {
-        let err = Client::try_connect(s.addr, token).await.err().expect("upgrade must fail");
+        let err = Client::try_connect(s.addr, token)
+            .await
+            .err()
+            .expect("upgrade must fail");
         match err {
             tokio_tungstenite::tungstenite::Error::Http(r) => assert_eq!(r.status(), 401),
             other => panic!("expected HTTP 401, got {other}"),
         }
     }
-    let (status, v) = api.call(reqwest::Method::GET, "/v1/conversations", "nope", None).await;
-    assert_eq!((status, v["error"]["code"].as_str()), (401, Some("unauthorized")));
-    let (status, v) = api.call(reqwest::Method::POST, "/v1/conversations", &t[0], Some(json!({"kind":"dm"}))).await;
-    assert_eq!((status, v["error"]["code"].as_str()), (400, Some("missing_field")), "{v}");
-    let (status, v) = api.call(reqwest::Method::POST, "/v1/conversations", &t[0], Some(json!({"kind":"dm","members":["alice"]}))).await;
-    assert_eq!((status, v["error"]["code"].as_str()), (400, Some("invalid_field")), "a DM with oneself: {v}");
-    let (status, v) = api.call(reqwest::Method::POST, &format!("/v1/conversations/{conv}/messages"), &t[0], Some(json!({"msg_id":"big","body":big}))).await;
-    assert_eq!((status, v["error"]["code"].as_str()), (413, Some("body_too_large")));
+    let (status, v) = api
+        .call(reqwest::Method::GET, "/v1/conversations", "nope", None)
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    let (status, v) = api
+        .call(
+            reqwest::Method::POST,
+            "/v1/conversations",
+            &t[0],
+            Some(json!({"kind":"dm"})),
+        )
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (400, Some("missing_field")),
+        "{v}"
+    );
+    let (status, v) = api
+        .call(
+            reqwest::Method::POST,
+            "/v1/conversations",
+            &t[0],
+            Some(json!({"kind":"dm","members":["alice"]})),
+        )
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (400, Some("invalid_field")),
+        "a DM with oneself: {v}"
+    );
+    let (status, v) = api
+        .call(
+            reqwest::Method::POST,
+            &format!("/v1/conversations/{conv}/messages"),
+            &t[0],
+            Some(json!({"msg_id":"big","body":big})),
+        )
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (413, Some("body_too_large"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -378,7 +557,9 @@ async fn slow_consumer_is_disconnected_while_others_keep_receiving() {
     let sender = tokio::spawn(async move {
         for chunk in 0..N / 100 {
             for i in 0..100 {
-                alice.send_msg(&conv2, &format!("s{}", chunk * 100 + i), &body).await;
+                alice
+                    .send_msg(&conv2, &format!("s{}", chunk * 100 + i), &body)
+                    .await;
             }
             for _ in 0..100 {
                 alice.expect_op("ack").await;
@@ -386,7 +567,11 @@ async fn slow_consumer_is_disconnected_while_others_keep_receiving() {
         }
     });
     for i in 1..=N {
-        assert_eq!(bob.expect_op("msg").await["seq"], i, "bob must get every message in order");
+        assert_eq!(
+            bob.expect_op("msg").await["seq"],
+            i,
+            "bob must get every message in order"
+        );
     }
     sender.await.unwrap();
 
@@ -398,10 +583,15 @@ async fn slow_consumer_is_disconnected_while_others_keep_receiving() {
         }
     };
     assert_eq!(code, Some(4002), "slow consumer close code");
-    assert!(received < N, "the slow client should have been cut off, got all {received}");
+    assert!(
+        received < N,
+        "the slow client should have been cut off, got all {received}"
+    );
     // Reconnecting and syncing gets it everything.
     let mut again = Client::connect(s.addr, &t[2]).await;
-    again.send(json!({"op":"sync","conv":conv,"after_seq":received})).await;
+    again
+        .send(json!({"op":"sync","conv":conv,"after_seq":received}))
+        .await;
     assert_eq!(again.expect_op("msg").await["seq"], received + 1);
 }
 
@@ -436,31 +626,71 @@ async fn a_crashing_conversation_restarts_alone() {
                 }
             }
             c.send(json!({"op":"ping"})).await;
-            assert_eq!(c.expect_op("pong").await["op"], "pong", "the connection survived");
+            assert_eq!(
+                c.expect_op("pong").await["op"],
+                "pong",
+                "the connection survived"
+            );
             acks
         })
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let before = s.server().conversations().actor_id(&conv_a).expect("conversation running");
-    let b_before = s.server().conversations().actor_id(&conv_b).expect("conversation running");
+    let before = s
+        .server()
+        .conversations()
+        .actor_id(&conv_a)
+        .expect("conversation running");
+    let b_before = s
+        .server()
+        .conversations()
+        .actor_id(&conv_b)
+        .expect("conversation running");
     assert!(s.server().conversations().crash(&conv_a));
 
-    let acks: Vec<Vec<u64>> = join_all(senders).await.into_iter().map(Result::unwrap).collect();
+    let acks: Vec<Vec<u64>> = join_all(senders)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
     for seqs in &acks {
-        assert_eq!(seqs, &(1..=N).collect::<Vec<_>>(), "seqs continue after the restart with no gap or reuse");
+        assert_eq!(
+            seqs,
+            &(1..=N).collect::<Vec<_>>(),
+            "seqs continue after the restart with no gap or reuse"
+        );
     }
-    let after = s.server().conversations().actor_id(&conv_a).expect("restarted");
+    let after = s
+        .server()
+        .conversations()
+        .actor_id(&conv_a)
+        .expect("restarted");
     assert_ne!(before, after, "the crashed conversation has a new actor");
-    assert_eq!(s.server().conversations().actor_id(&conv_b), Some(b_before), "the other conversation did not notice");
+    assert_eq!(
+        s.server().conversations().actor_id(&conv_b),
+        Some(b_before),
+        "the other conversation did not notice"
+    );
 
     let mut delivered: HashMap<String, BTreeSet<u64>> = HashMap::new();
     while delivered.values().map(BTreeSet::len).sum::<usize>() < 2 * N as usize {
         let m = observer.expect_op("msg").await;
-        delivered.entry(m["conv"].as_str().unwrap().to_owned()).or_default().insert(m["seq"].as_u64().unwrap());
+        delivered
+            .entry(m["conv"].as_str().unwrap().to_owned())
+            .or_default()
+            .insert(m["seq"].as_u64().unwrap());
     }
     for conv in [&conv_a, &conv_b] {
-        assert_eq!(delivered[conv.as_str()], (1..=N).collect(), "every message delivered once");
-        let history: Vec<u64> = api.all_messages(&t[0], conv).await.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+        assert_eq!(
+            delivered[conv.as_str()],
+            (1..=N).collect(),
+            "every message delivered once"
+        );
+        let history: Vec<u64> = api
+            .all_messages(&t[0], conv)
+            .await
+            .iter()
+            .map(|m| m["seq"].as_u64().unwrap())
+            .collect();
         assert_eq!(history, (1..=N).collect::<Vec<_>>());
     }
 }
@@ -471,56 +701,132 @@ async fn conversations_over_rest() {
     let api = s.api();
     let t = users(&api, &["alice", "bob", "carol", "dave"]).await;
 
-    let (status, dm) = api.create(&t[0], json!({"kind":"dm","members":["bob"]})).await;
+    let (status, dm) = api
+        .create(&t[0], json!({"kind":"dm","members":["bob"]}))
+        .await;
     assert_eq!(status, 201);
     assert_eq!(dm["members"], json!(["alice", "bob"]));
-    assert_eq!((dm["kind"].as_str(), dm["last_seq"].as_u64()), (Some("dm"), Some(0)));
-    let (status, again) = api.create(&t[0], json!({"kind":"dm","members":["bob"]})).await;
-    assert_eq!((status, &again["id"]), (200, &dm["id"]), "a DM is unique per pair");
-    let (status, theirs) = api.create(&t[1], json!({"kind":"dm","members":["alice"]})).await;
-    assert_eq!((status, &theirs["id"]), (200, &dm["id"]), "from either side");
+    assert_eq!(
+        (dm["kind"].as_str(), dm["last_seq"].as_u64()),
+        (Some("dm"), Some(0))
+    );
+    let (status, again) = api
+        .create(&t[0], json!({"kind":"dm","members":["bob"]}))
+        .await;
+    assert_eq!(
+        (status, &again["id"]),
+        (200, &dm["id"]),
+        "a DM is unique per pair"
+    );
+    let (status, theirs) = api
+        .create(&t[1], json!({"kind":"dm","members":["alice"]}))
+        .await;
+    assert_eq!(
+        (status, &theirs["id"]),
+        (200, &dm["id"]),
+        "from either side"
+    );
 
     let group = api.group(&t[0], &["bob".into(), "carol".into()]).await;
     let dm_id = dm["id"].as_str().unwrap();
-    let (status, sent) = api.call(reqwest::Method::POST, &format!("/v1/conversations/{dm_id}/messages"), &t[1], Some(json!({"msg_id":"bot-1","body":"from a bot"}))).await;
+    let (status, sent) = api
+        .call(
+            reqwest::Method::POST,
+            &format!("/v1/conversations/{dm_id}/messages"),
+            &t[1],
+            Some(json!({"msg_id":"bot-1","body":"from a bot"})),
+        )
+        .await;
     assert_eq!(status, 201, "{sent}");
-    assert_eq!((sent["seq"].as_u64(), sent["from"].as_str()), (Some(1), Some("bob")));
+    assert_eq!(
+        (sent["seq"].as_u64(), sent["from"].as_str()),
+        (Some(1), Some("bob"))
+    );
 
     // Most recent activity first: the DM has a message, the group only its creation.
-    let (_, list) = api.call(reqwest::Method::GET, "/v1/conversations", &t[0], None).await;
-    let ids: Vec<&str> = list["conversations"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
+    let (_, list) = api
+        .call(reqwest::Method::GET, "/v1/conversations", &t[0], None)
+        .await;
+    let ids: Vec<&str> = list["conversations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, vec![dm_id, group.as_str()]);
     assert_eq!(list["conversations"][0]["last_seq"], 1);
-    assert_eq!(list["conversations"][0]["last_message"]["body"], "from a bot");
+    assert_eq!(
+        list["conversations"][0]["last_message"]["body"],
+        "from a bot"
+    );
     let mut g = Client::connect(s.addr, &t[2]).await;
     g.send_msg(&group, "g1", "now the group is newest").await;
     g.expect_op("ack").await;
-    let (_, list) = api.call(reqwest::Method::GET, "/v1/conversations", &t[0], None).await;
+    let (_, list) = api
+        .call(reqwest::Method::GET, "/v1/conversations", &t[0], None)
+        .await;
     assert_eq!(list["conversations"][0]["id"], group.as_str());
 
     // Members: dave joins and can send; carol leaves and cannot.
-    let (status, v) = api.call(reqwest::Method::POST, &format!("/v1/conversations/{group}/members"), &t[0], Some(json!({"user":"dave"}))).await;
+    let (status, v) = api
+        .call(
+            reqwest::Method::POST,
+            &format!("/v1/conversations/{group}/members"),
+            &t[0],
+            Some(json!({"user":"dave"})),
+        )
+        .await;
     assert_eq!((status, v["added"].as_bool()), (200, Some(true)));
     let mut dave = Client::connect(s.addr, &t[3]).await;
     dave.send_msg(&group, "d1", "hi all").await;
     assert_eq!(dave.frame().await["op"], "ack");
-    let (status, v) = api.call(reqwest::Method::DELETE, &format!("/v1/conversations/{group}/members/carol"), &t[0], None).await;
+    let (status, v) = api
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/v1/conversations/{group}/members/carol"),
+            &t[0],
+            None,
+        )
+        .await;
     assert_eq!((status, v["removed"].as_bool()), (200, Some(true)));
     g.send_msg(&group, "g2", "still here?").await;
     assert_eq!(g.expect_op("error").await["code"], "not_member");
-    let (status, v) = api.call(reqwest::Method::GET, &format!("/v1/conversations/{group}"), &t[0], None).await;
+    let (status, v) = api
+        .call(
+            reqwest::Method::GET,
+            &format!("/v1/conversations/{group}"),
+            &t[0],
+            None,
+        )
+        .await;
     assert_eq!(status, 200);
     assert_eq!(v["members"], json!(["alice", "bob", "dave"]));
-    let (status, _) = api.call(reqwest::Method::POST, &format!("/v1/conversations/{dm_id}/members"), &t[0], Some(json!({"user":"carol"}))).await;
+    let (status, _) = api
+        .call(
+            reqwest::Method::POST,
+            &format!("/v1/conversations/{dm_id}/members"),
+            &t[0],
+            Some(json!({"user":"carol"})),
+        )
+        .await;
     assert_eq!(status, 400, "a DM's members do not change");
 
     // Groups hold up to 5,000 members, the creator included.
     let many: Vec<String> = (0..4999).map(|i| format!("m{i}")).collect();
-    let (status, v) = api.create(&t[0], json!({"kind":"group","name":"big","members":many})).await;
+    let (status, v) = api
+        .create(&t[0], json!({"kind":"group","name":"big","members":many}))
+        .await;
     assert_eq!(status, 201);
     assert_eq!(v["members"].as_array().unwrap().len(), 5000);
     let big = v["id"].as_str().unwrap().to_owned();
-    let (status, _) = api.call(reqwest::Method::POST, &format!("/v1/conversations/{big}/members"), &t[0], Some(json!({"user":"one-too-many"}))).await;
+    let (status, _) = api
+        .call(
+            reqwest::Method::POST,
+            &format!("/v1/conversations/{big}/members"),
+            &t[0],
+            Some(json!({"user":"one-too-many"})),
+        )
+        .await;
     assert_eq!(status, 400);
     let mut alice = Client::connect(s.addr, &t[0]).await;
     let mut member = Client::connect(s.addr, &api.token("m4998").await).await;
@@ -528,18 +834,32 @@ async fn conversations_over_rest() {
     assert_eq!(alice.frame().await["seq"], 1);
     assert_eq!(member.frame().await["msg_id"], "b1");
     let too_many: Vec<String> = (0..5000).map(|i| format!("m{i}")).collect();
-    let (status, _) = api.create(&t[0], json!({"kind":"group","name":"too big","members":too_many})).await;
+    let (status, _) = api
+        .create(
+            &t[0],
+            json!({"kind":"group","name":"too big","members":too_many}),
+        )
+        .await;
     assert_eq!(status, 400);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_login_can_be_turned_off() {
     let s = TestServer::start_with(|c| c.dev_login = false).await;
-    let r = reqwest::Client::new().post(format!("http://{}/v1/dev/token", s.addr)).json(&json!({"user":"a"})).send().await.unwrap();
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/v1/dev/token", s.addr))
+        .json(&json!({"user":"a"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
-    let r = reqwest::get(format!("http://{}/healthz", s.addr)).await.unwrap();
+    let r = reqwest::get(format!("http://{}/healthz", s.addr))
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let r = reqwest::get(format!("http://{}/readyz", s.addr)).await.unwrap();
+    let r = reqwest::get(format!("http://{}/readyz", s.addr))
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
 }
 
@@ -552,12 +872,22 @@ async fn silent_connections_are_closed_and_pinging_ones_kept() {
     let started = std::time::Instant::now();
     for _ in 0..8 {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        chatty.ws.send(tokio_tungstenite::tungstenite::Message::Ping(b"hb".to_vec().into())).await.unwrap();
+        chatty
+            .ws
+            .send(tokio_tungstenite::tungstenite::Message::Ping(
+                b"hb".to_vec().into(),
+            ))
+            .await
+            .unwrap();
     }
     assert_eq!(silent.closed().await, Some(4001));
     assert!(started.elapsed() >= Duration::from_millis(800));
     chatty.send(json!({"op":"ping"})).await;
-    assert_eq!(chatty.expect_op("pong").await["op"], "pong", "a client that pings stays connected");
+    assert_eq!(
+        chatty.expect_op("pong").await["op"],
+        "pong",
+        "a client that pings stays connected"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -572,11 +902,18 @@ async fn idle_conversations_stop_and_resume_from_the_store() {
     assert_eq!(s.server().conversations().running(), 1);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while s.server().conversations().running() > 0 {
-        assert!(std::time::Instant::now() < deadline, "idle conversation did not stop");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "idle conversation did not stop"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     alice.send_msg(&conv, "i2", "two").await;
-    assert_eq!(alice.frame().await["seq"], 2, "a restarted conversation continues its sequence");
+    assert_eq!(
+        alice.frame().await["seq"],
+        2,
+        "a restarted conversation continues its sequence"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -599,7 +936,10 @@ async fn drain_answers_accepted_sends_then_closes_with_1012() {
     let addr = s.addr;
     let dir = s.stop().await;
     assert_eq!(alice.closed().await, Some(1012));
-    assert!(Client::try_connect(addr, &t[0]).await.is_err(), "a drained server accepts no connection");
+    assert!(
+        Client::try_connect(addr, &t[0]).await.is_err(),
+        "a drained server accepts no connection"
+    );
     let s = TestServer::start_in(dir, |_| {}).await;
     assert_eq!(s.api().all_messages(&t[0], &conv).await.len(), 50);
 }

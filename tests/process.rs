@@ -24,7 +24,13 @@ impl Node {
             l.local_addr().unwrap()
         };
         let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-            .args(["serve", "--listen", &addr.to_string(), "--data-dir", dir.to_str().unwrap()])
+            .args([
+                "serve",
+                "--listen",
+                &addr.to_string(),
+                "--data-dir",
+                dir.to_str().unwrap(),
+            ])
             .env("SWITCHBOARD_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()
@@ -43,7 +49,11 @@ impl Node {
     }
 
     fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap().success();
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
         assert!(ok, "kill {sig}");
     }
 
@@ -67,16 +77,30 @@ impl Drop for Node {
 }
 
 /// Send pipelined (up to 32 unacknowledged) until the connection dies or `stop` passes; return acks.
-async fn pump(addr: SocketAddr, token: String, conv: String, tag: String, stop: Instant) -> HashMap<String, (u64, String)> {
+async fn pump(
+    addr: SocketAddr,
+    token: String,
+    conv: String,
+    tag: String,
+    stop: Instant,
+) -> HashMap<String, (u64, String)> {
     let mut c = Client::connect(addr, &token).await;
     let mut acks = HashMap::new();
     let (mut sent, mut inflight) = (0u64, 0u64);
     loop {
         while inflight < 32 && Instant::now() < stop {
             let msg_id = format!("{tag}-{sent}");
-            if futures_util::SinkExt::send(&mut c.ws, tokio_tungstenite::tungstenite::Message::Text(
-                serde_json::json!({"op":"send","conv":conv,"msg_id":msg_id,"body":"kill me"}).to_string().into(),
-            )).await.is_err() {
+            if futures_util::SinkExt::send(
+                &mut c.ws,
+                tokio_tungstenite::tungstenite::Message::Text(
+                    serde_json::json!({"op":"send","conv":conv,"msg_id":msg_id,"body":"kill me"})
+                        .to_string()
+                        .into(),
+                ),
+            )
+            .await
+            .is_err()
+            {
                 return acks;
             }
             sent += 1;
@@ -85,7 +109,13 @@ async fn pump(addr: SocketAddr, token: String, conv: String, tag: String, stop: 
         match c.recv_within(Duration::from_secs(5)).await {
             Some(Recv::Frame(f)) if f["op"] == "ack" => {
                 inflight -= 1;
-                acks.insert(f["msg_id"].as_str().unwrap().to_owned(), (f["seq"].as_u64().unwrap(), f["id"].as_str().unwrap().to_owned()));
+                acks.insert(
+                    f["msg_id"].as_str().unwrap().to_owned(),
+                    (
+                        f["seq"].as_u64().unwrap(),
+                        f["id"].as_str().unwrap().to_owned(),
+                    ),
+                );
             }
             Some(Recv::Frame(_)) => {}
             Some(Recv::Closed(_)) | None => return acks,
@@ -95,11 +125,26 @@ async fn pump(addr: SocketAddr, token: String, conv: String, tag: String, stop: 
 
 fn check_history(acks: &HashMap<String, (u64, String)>, history: &[Value]) {
     let seqs: Vec<u64> = history.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
-    assert_eq!(seqs, (1..=history.len() as u64).collect::<Vec<_>>(), "history has no gap");
-    let stored: HashMap<&str, (u64, &str)> =
-        history.iter().map(|m| (m["msg_id"].as_str().unwrap(), (m["seq"].as_u64().unwrap(), m["id"].as_str().unwrap()))).collect();
+    assert_eq!(
+        seqs,
+        (1..=history.len() as u64).collect::<Vec<_>>(),
+        "history has no gap"
+    );
+    let stored: HashMap<&str, (u64, &str)> = history
+        .iter()
+        .map(|m| {
+            (
+                m["msg_id"].as_str().unwrap(),
+                (m["seq"].as_u64().unwrap(), m["id"].as_str().unwrap()),
+            )
+        })
+        .collect();
     for (msg_id, (seq, id)) in acks {
-        assert_eq!(stored.get(msg_id.as_str()), Some(&(*seq, id.as_str())), "acked {msg_id} lost or changed");
+        assert_eq!(
+            stored.get(msg_id.as_str()),
+            Some(&(*seq, id.as_str())),
+            "acked {msg_id} lost or changed"
+        );
     }
 }
 
@@ -111,20 +156,38 @@ async fn kill_9_loses_no_acknowledged_message() {
     let names = ["alice", "bob", "carol", "dave"];
     let tokens = join_all(names.iter().map(|n| api.token(n))).await;
     let others: Vec<String> = names[1..].iter().map(|s| s.to_string()).collect();
-    let convs = [api.group(&tokens[0], &others).await, api.group(&tokens[0], &others).await];
+    let convs = [
+        api.group(&tokens[0], &others).await,
+        api.group(&tokens[0], &others).await,
+    ];
 
     // Four writers on two conversations, killed mid-stream.
     let stop = Instant::now() + Duration::from_secs(30);
     let writers: Vec<_> = (0..4)
-        .map(|i| tokio::spawn(pump(node.addr, tokens[i].clone(), convs[i % 2].clone(), format!("w{i}"), stop)))
+        .map(|i| {
+            tokio::spawn(pump(
+                node.addr,
+                tokens[i].clone(),
+                convs[i % 2].clone(),
+                format!("w{i}"),
+                stop,
+            ))
+        })
         .collect();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     node.signal("-KILL");
     let status = node.wait_exit(Duration::from_secs(10));
     assert!(!status.success());
-    let acks: Vec<_> = join_all(writers).await.into_iter().map(Result::unwrap).collect();
+    let acks: Vec<_> = join_all(writers)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
     let total: usize = acks.iter().map(HashMap::len).sum();
-    assert!(total > 100, "the test must kill a busy server (only {total} acks)");
+    assert!(
+        total > 100,
+        "the test must kill a busy server (only {total} acks)"
+    );
 
     let node = Node::start(dir.path()).await;
     let api = Api::new(node.addr);
@@ -159,7 +222,13 @@ async fn sigterm_drains_answers_accepted_sends_and_closes_with_1012() {
     let code = loop {
         match alice.recv().await {
             Recv::Frame(f) if f["op"] == "ack" => {
-                acks.insert(f["msg_id"].as_str().unwrap().to_owned(), (f["seq"].as_u64().unwrap(), f["id"].as_str().unwrap().to_owned()));
+                acks.insert(
+                    f["msg_id"].as_str().unwrap().to_owned(),
+                    (
+                        f["seq"].as_u64().unwrap(),
+                        f["id"].as_str().unwrap().to_owned(),
+                    ),
+                );
             }
             Recv::Frame(f) => panic!("unexpected frame during drain: {f}"),
             Recv::Closed(code) => break code,
@@ -179,5 +248,9 @@ async fn sigterm_drains_answers_accepted_sends_and_closes_with_1012() {
     let history = api.all_messages(&api.token("alice").await, &conv).await;
     check_history(&acks, &history);
     // Sends that were answered are exactly the stored ones: nothing accepted went unanswered.
-    assert_eq!(history.len(), acks.len(), "every stored send was acknowledged before the close");
+    assert_eq!(
+        history.len(),
+        acks.len(),
+        "every stored send was acknowledged before the close"
+    );
 }

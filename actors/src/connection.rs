@@ -51,7 +51,11 @@ pub struct ConnectionLimits {
 
 impl Default for ConnectionLimits {
     fn default() -> Self {
-        Self { max_body: 4 * 1024, outbound_queue: 1024, max_unacked: 1024 }
+        Self {
+            max_body: 4 * 1024,
+            outbound_queue: 1024,
+            max_unacked: 1024,
+        }
     }
 }
 
@@ -118,14 +122,18 @@ impl Outbound {
 
     /// Queue a text frame without waiting.
     pub fn push_frame(&self, frame: Bytes) -> Result<(), PushError> {
-        self.tx.try_send(OutFrame::Text(frame)).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => PushError::Full,
-            mpsc::error::TrySendError::Closed(_) => PushError::Closed,
-        })
+        self.tx
+            .try_send(OutFrame::Text(frame))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => PushError::Full,
+                mpsc::error::TrySendError::Closed(_) => PushError::Closed,
+            })
     }
 
     fn push_close(&self, code: CloseCode) -> Result<(), PushError> {
-        self.tx.try_send(OutFrame::Close(code)).map_err(|_| PushError::Full)
+        self.tx
+            .try_send(OutFrame::Close(code))
+            .map_err(|_| PushError::Full)
     }
 }
 
@@ -194,9 +202,21 @@ impl ConnectionState {
         match frame {
             ClientFrame::Ping => self.reply(&ServerFrame::Pong),
             ClientFrame::Send { msg_id, conv, body } => {
-                let request = SendRequest { from: self.user.clone(), msg_id, body, origin: Some(self.id) };
-                let Some(unacked) = self.unacked.as_ref().and_then(|u| u.clone().try_reserve_owned().ok()) else {
-                    let mut e = ProtocolError::new(ErrorCode::RateLimited, "too many sends awaiting their ack");
+                let request = SendRequest {
+                    from: self.user.clone(),
+                    msg_id,
+                    body,
+                    origin: Some(self.id),
+                };
+                let Some(unacked) = self
+                    .unacked
+                    .as_ref()
+                    .and_then(|u| u.clone().try_reserve_owned().ok())
+                else {
+                    let mut e = ProtocolError::new(
+                        ErrorCode::RateLimited,
+                        "too many sends awaiting their ack",
+                    );
                     e.retry_after_ms = Some(100);
                     return self.reply(&ServerFrame::error(&e.for_msg(Some(&request.msg_id))));
                 };
@@ -209,7 +229,11 @@ impl ConnectionState {
                 }
             }
             ClientFrame::Sync { conv, after_seq } => {
-                let (store, user, outbound) = (self.ctx.store.clone(), self.user.clone(), self.outbound.clone());
+                let (store, user, outbound) = (
+                    self.ctx.store.clone(),
+                    self.user.clone(),
+                    self.outbound.clone(),
+                );
                 self.tasks.spawn(async move {
                     match history::sync(&*store, &user, &conv, after_seq).await {
                         Ok(page) => {
@@ -217,7 +241,14 @@ impl ConnectionState {
                                 reply_on(&outbound, &ServerFrame::Msg(m));
                             }
                             let last_seq = page.messages.last().map_or(after_seq, |m| m.seq);
-                            reply_on(&outbound, &ServerFrame::Synced { conv: &conv, last_seq, has_more: page.has_more });
+                            reply_on(
+                                &outbound,
+                                &ServerFrame::Synced {
+                                    conv: &conv,
+                                    last_seq,
+                                    has_more: page.has_more,
+                                },
+                            );
                         }
                         Err(e) => reply_on(&outbound, &ServerFrame::error(&e)),
                     }
@@ -302,7 +333,11 @@ impl Actor for ConnectionActor {
     type State = ConnectionState;
     type Arguments = ConnectionArgs;
 
-    async fn pre_start(&self, _myself: ActorRef<ConnectionMsg>, args: ConnectionArgs) -> Result<ConnectionState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<ConnectionMsg>,
+        args: ConnectionArgs,
+    ) -> Result<ConnectionState, ActorProcessingErr> {
         let abort = Abort::default();
         let writer = tokio::spawn(write_loop(args.sink, args.queue, abort.clone()));
         let tasks = TaskTracker::new();
@@ -324,13 +359,20 @@ impl Actor for ConnectionActor {
         })
     }
 
-    async fn handle(&self, myself: ActorRef<ConnectionMsg>, message: ConnectionMsg, state: &mut ConnectionState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<ConnectionMsg>,
+        message: ConnectionMsg,
+        state: &mut ConnectionState,
+    ) -> Result<(), ActorProcessingErr> {
         match message {
             ConnectionMsg::Inbound(text) if !state.closing => state.inbound(&text).await,
-            ConnectionMsg::Binary if !state.closing => state.reply(&ServerFrame::error(&ProtocolError::new(
-                ErrorCode::InvalidJson,
-                "binary frames are not part of the protocol; send JSON text frames",
-            ))),
+            ConnectionMsg::Binary if !state.closing => {
+                state.reply(&ServerFrame::error(&ProtocolError::new(
+                    ErrorCode::InvalidJson,
+                    "binary frames are not part of the protocol; send JSON text frames",
+                )))
+            }
             ConnectionMsg::Inbound(_) | ConnectionMsg::Binary => {}
             ConnectionMsg::Overflow => {
                 if !state.closing {
@@ -365,7 +407,11 @@ impl Actor for ConnectionActor {
         Ok(())
     }
 
-    async fn post_stop(&self, _myself: ActorRef<ConnectionMsg>, state: &mut ConnectionState) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<ConnectionMsg>,
+        state: &mut ConnectionState,
+    ) -> Result<(), ActorProcessingErr> {
         if !state.closing {
             state.close(CloseCode::Normal);
         }

@@ -21,7 +21,8 @@ use crate::conversations::ConversationsMsg;
 use crate::protocol::{self, ErrorCode, ProtocolError, ServerFrame};
 use crate::session::{ConnId, SessionDirectory};
 use crate::store::{
-    Appended, ConvId, ConversationKind, Message, NewMessage, SharedStore, StoreError, UserId, MAX_MEMBERS,
+    Appended, ConvId, ConversationKind, Message, NewMessage, SharedStore, StoreError, UserId,
+    MAX_MEMBERS,
 };
 
 /// The answer to a send: the stored message (new or original) or an error for the client.
@@ -40,7 +41,11 @@ pub struct ConversationConfig {
 
 impl Default for ConversationConfig {
     fn default() -> Self {
-        Self { idle_after: Duration::from_secs(300), max_batch: 256, max_queue: 10_000 }
+        Self {
+            idle_after: Duration::from_secs(300),
+            max_batch: 256,
+            max_queue: 10_000,
+        }
     }
 }
 
@@ -156,7 +161,10 @@ impl ConversationState {
             let _ = reply.send(Err(e));
         };
         if !self.members.contains(&request.from) {
-            let e = ProtocolError::new(ErrorCode::NotMember, "you are not a member of this conversation");
+            let e = ProtocolError::new(
+                ErrorCode::NotMember,
+                "you are not a member of this conversation",
+            );
             return refuse(reply, e.for_msg(Some(&request.msg_id)));
         }
         self.touch();
@@ -169,7 +177,8 @@ impl ConversationState {
             return;
         }
         if self.queued.len() >= self.ctx.config.max_queue {
-            let mut e = ProtocolError::new(ErrorCode::RateLimited, "conversation write queue is full");
+            let mut e =
+                ProtocolError::new(ErrorCode::RateLimited, "conversation write queue is full");
             e.retry_after_ms = Some(100);
             return refuse(reply, e.for_msg(Some(&request.msg_id)));
         }
@@ -229,12 +238,17 @@ impl ConversationState {
     }
 
     fn is_idle(&self, now: Instant) -> bool {
-        !self.writing && self.queued.is_empty() && now.duration_since(self.last_activity) >= self.ctx.config.idle_after
+        !self.writing
+            && self.queued.is_empty()
+            && now.duration_since(self.last_activity) >= self.ctx.config.idle_after
     }
 
     async fn add_member(&mut self, user: UserId) -> Result<bool, ProtocolError> {
         if self.kind == ConversationKind::Dm {
-            return Err(ProtocolError::new(ErrorCode::InvalidField, "a DM's members cannot change"));
+            return Err(ProtocolError::new(
+                ErrorCode::InvalidField,
+                "a DM's members cannot change",
+            ));
         }
         if self.members.contains(&user) {
             return Ok(false);
@@ -245,16 +259,29 @@ impl ConversationState {
                 format!("a conversation has at most {MAX_MEMBERS} members"),
             ));
         }
-        let added = self.ctx.store.add_member(&self.id, &user).await.map_err(store_error)?;
+        let added = self
+            .ctx
+            .store
+            .add_member(&self.id, &user)
+            .await
+            .map_err(store_error)?;
         Arc::make_mut(&mut self.members).insert(user);
         Ok(added)
     }
 
     async fn remove_member(&mut self, user: UserId) -> Result<bool, ProtocolError> {
         if self.kind == ConversationKind::Dm {
-            return Err(ProtocolError::new(ErrorCode::InvalidField, "a DM's members cannot change"));
+            return Err(ProtocolError::new(
+                ErrorCode::InvalidField,
+                "a DM's members cannot change",
+            ));
         }
-        let removed = self.ctx.store.remove_member(&self.id, &user).await.map_err(store_error)?;
+        let removed = self
+            .ctx
+            .store
+            .remove_member(&self.id, &user)
+            .await
+            .map_err(store_error)?;
         Arc::make_mut(&mut self.members).remove(&user);
         Ok(removed)
     }
@@ -278,7 +305,9 @@ impl WriteJob {
                 for (pending, outcome) in self.batch.into_iter().zip(results) {
                     if let Appended::New(m) = &outcome {
                         let frame = protocol::encode(&ServerFrame::Msg(m));
-                        self.ctx.sessions.deliver(&self.members, frame, pending.origin);
+                        self.ctx
+                            .sessions
+                            .deliver(&self.members, frame, pending.origin);
                         metrics::counter!("switchboard_messages_stored_total").increment(1);
                     }
                     for reply in pending.replies {
@@ -311,7 +340,10 @@ impl WriteJob {
         loop {
             match store.append(&self.conv, first, messages.clone()).await {
                 Ok(results) => {
-                    let new = results.iter().filter(|r| matches!(r, Appended::New(_))).count() as u64;
+                    let new = results
+                        .iter()
+                        .filter(|r| matches!(r, Appended::New(_)))
+                        .count() as u64;
                     return Ok((results, first + new));
                 }
                 Err(StoreError::SeqConflict { found, .. }) if tries < 3 => {
@@ -328,7 +360,9 @@ impl WriteJob {
 /// How a store failure reaches a client.
 pub fn store_error(e: StoreError) -> ProtocolError {
     match e {
-        StoreError::Corrupt(_) => ProtocolError::new(ErrorCode::Internal, "stored data could not be read"),
+        StoreError::Corrupt(_) => {
+            ProtocolError::new(ErrorCode::Internal, "stored data could not be read")
+        }
         StoreError::Unavailable(_) | StoreError::SeqConflict { .. } => ProtocolError::new(
             ErrorCode::StoreUnavailable,
             "the message store did not confirm the write; retry with the same msg_id",
@@ -338,7 +372,9 @@ pub fn store_error(e: StoreError) -> ProtocolError {
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Actor for ConversationActor {
@@ -352,7 +388,11 @@ impl Actor for ConversationActor {
         args: ConversationArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         let store = &args.ctx.store;
-        let info = store.conversation(&args.id).await.map_err(StartError::from)?.ok_or(StartError::NotFound)?;
+        let info = store
+            .conversation(&args.id)
+            .await
+            .map_err(StartError::from)?
+            .ok_or(StartError::NotFound)?;
         let members = store.members(&args.id).await.map_err(StartError::from)?;
         let last_seq = store.last_seq(&args.id).await.map_err(StartError::from)?;
         let tick = (args.ctx.config.idle_after / 2).max(Duration::from_millis(50));
@@ -402,11 +442,17 @@ impl Actor for ConversationActor {
                 if !state.idle_reported && state.is_idle(Instant::now()) {
                     state.idle_reported = true;
                     if let Some(sup) = myself.try_get_supervisor() {
-                        let _ = sup.send_message(ConversationsMsg::Idle { conv: state.id.clone(), actor: myself.get_id() });
+                        let _ = sup.send_message(ConversationsMsg::Idle {
+                            conv: state.id.clone(),
+                            actor: myself.get_id(),
+                        });
                     }
                 }
             }
-            ConversationMsg::Crash => panic!("fault injection: conversation {} crashed on request", state.id),
+            ConversationMsg::Crash => panic!(
+                "fault injection: conversation {} crashed on request",
+                state.id
+            ),
         }
         Ok(())
     }

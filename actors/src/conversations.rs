@@ -14,11 +14,15 @@ use std::time::{Duration, Instant};
 
 use ractor::concurrency::oneshot;
 use ractor::rpc::CallResult;
-use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, ActorStatus, RpcReplyPort, SpawnErr, SupervisionEvent};
+use ractor::{
+    Actor, ActorId, ActorProcessingErr, ActorRef, ActorStatus, RpcReplyPort, SpawnErr,
+    SupervisionEvent,
+};
 use tracing::{error, info, warn};
 
 use crate::conversation::{
-    ConversationActor, ConversationArgs, ConversationContext, ConversationMsg, SendRequest, SendResult, StartError,
+    ConversationActor, ConversationArgs, ConversationContext, ConversationMsg, SendRequest,
+    SendResult, StartError,
 };
 use crate::protocol::{ErrorCode, ProtocolError};
 use crate::store::{ConvId, Message, UserId};
@@ -79,11 +83,17 @@ impl ConversationSupervisorState {
         myself: &ActorRef<ConversationsMsg>,
         conv: &str,
     ) -> Result<ActorRef<ConversationMsg>, ProtocolError> {
-        let args = ConversationArgs { id: conv.to_owned(), ctx: self.ctx.clone() };
+        let args = ConversationArgs {
+            id: conv.to_owned(),
+            ctx: self.ctx.clone(),
+        };
         match Actor::spawn_linked(None, ConversationActor, args, myself.get_cell()).await {
             Ok((actor, _)) => {
                 self.children.insert(actor.get_id(), conv.to_owned());
-                self.directory.write().expect("directory lock").insert(conv.to_owned(), actor.clone());
+                self.directory
+                    .write()
+                    .expect("directory lock")
+                    .insert(conv.to_owned(), actor.clone());
                 Ok(actor)
             }
             Err(e) => {
@@ -104,7 +114,10 @@ impl ConversationSupervisorState {
 }
 
 fn is_live(status: ActorStatus) -> bool {
-    matches!(status, ActorStatus::Starting | ActorStatus::Running | ActorStatus::Upgrading)
+    matches!(
+        status,
+        ActorStatus::Starting | ActorStatus::Running | ActorStatus::Upgrading
+    )
 }
 
 fn start_error(e: SpawnErr) -> ProtocolError {
@@ -155,9 +168,18 @@ impl Actor for ConversationSupervisor {
                 let _ = reply.send(result);
             }
             ConversationsMsg::Idle { conv, actor } => {
-                let current = state.directory.read().expect("directory lock").get(&conv).cloned();
+                let current = state
+                    .directory
+                    .read()
+                    .expect("directory lock")
+                    .get(&conv)
+                    .cloned();
                 if let Some(current) = current.filter(|a| a.get_id() == actor) {
-                    state.directory.write().expect("directory lock").remove(&conv);
+                    state
+                        .directory
+                        .write()
+                        .expect("directory lock")
+                        .remove(&conv);
                     // Drain: the actor finishes what is already in its mailbox, then stops. A send that
                     // arrives after the marker is refused and resubmitted to a fresh actor.
                     let _ = current.drain();
@@ -180,16 +202,26 @@ impl Actor for ConversationSupervisor {
             SupervisionEvent::ActorFailed(cell, err) => {
                 let was_current = {
                     let dir = state.directory.read().expect("directory lock");
-                    state.children.get(&cell.get_id()).is_some_and(|c| dir.get(c).is_some_and(|a| a.get_id() == cell.get_id()))
+                    state
+                        .children
+                        .get(&cell.get_id())
+                        .is_some_and(|c| dir.get(c).is_some_and(|a| a.get_id() == cell.get_id()))
                 };
-                let Some(conv) = state.forget(cell.get_id()) else { return Ok(()) };
+                let Some(conv) = state.forget(cell.get_id()) else {
+                    return Ok(());
+                };
                 error!(conv_id = %conv, error = %err, "conversation actor failed");
-                metrics::counter!("switchboard_actor_restarts_total", "family" => "conversation").increment(1);
+                metrics::counter!("switchboard_actor_restarts_total", "family" => "conversation")
+                    .increment(1);
                 match state.budget.on_failure(Instant::now()) {
-                    Decision::Escalate => return Err(Escalation::new("conversation", state.intensity).into()),
+                    Decision::Escalate => {
+                        return Err(Escalation::new("conversation", state.intensity).into())
+                    }
                     Decision::Restart if was_current => match state.spawn(&myself, &conv).await {
                         Ok(_) => info!(conv_id = %conv, "conversation actor restarted"),
-                        Err(e) => warn!(conv_id = %conv, error = %e.message, "restart deferred until next use"),
+                        Err(e) => {
+                            warn!(conv_id = %conv, error = %e.message, "restart deferred until next use")
+                        }
                     },
                     Decision::Restart => {}
                 }
@@ -217,46 +249,87 @@ impl Conversations {
         parent: ractor::ActorCell,
     ) -> Result<Self, SpawnErr> {
         let directory = Directory::default();
-        let args = ConversationSupervisorArgs { ctx, intensity, directory: directory.clone() };
+        let args = ConversationSupervisorArgs {
+            ctx,
+            intensity,
+            directory: directory.clone(),
+        };
         let (supervisor, _) =
             Actor::spawn_linked(None, ConversationSupervisor, args, parent).await?;
-        Ok(Self { directory, supervisor, reply_timeout })
+        Ok(Self {
+            directory,
+            supervisor,
+            reply_timeout,
+        })
     }
 
     /// The running actor of `conv`, started on demand.
     pub async fn actor(&self, conv: &str) -> Result<ActorRef<ConversationMsg>, ProtocolError> {
-        let known = self.directory.read().expect("directory lock").get(conv).cloned();
+        let known = self
+            .directory
+            .read()
+            .expect("directory lock")
+            .get(conv)
+            .cloned();
         if let Some(actor) = known.filter(|a| is_live(a.get_status())) {
             return Ok(actor);
         }
         let answer = self
             .supervisor
-            .call(|reply| ConversationsMsg::Start { conv: conv.to_owned(), reply }, Some(self.reply_timeout))
+            .call(
+                |reply| ConversationsMsg::Start {
+                    conv: conv.to_owned(),
+                    reply,
+                },
+                Some(self.reply_timeout),
+            )
             .await;
         match answer {
             Ok(CallResult::Success(result)) => result,
-            _ => Err(ProtocolError::new(ErrorCode::Internal, "conversation supervisor unavailable")),
+            _ => Err(ProtocolError::new(
+                ErrorCode::Internal,
+                "conversation supervisor unavailable",
+            )),
         }
     }
 
     /// Hand a send to its conversation. The send is queued in order when this returns; await the outcome
     /// with [`PendingReply::wait`].
-    pub async fn submit(&self, conv: &str, request: SendRequest) -> Result<PendingReply, ProtocolError> {
+    pub async fn submit(
+        &self,
+        conv: &str,
+        request: SendRequest,
+    ) -> Result<PendingReply, ProtocolError> {
         let rx = self.enqueue(conv, &request).await?;
-        Ok(PendingReply { conversations: self.clone(), conv: conv.to_owned(), request, rx })
+        Ok(PendingReply {
+            conversations: self.clone(),
+            conv: conv.to_owned(),
+            request,
+            rx,
+        })
     }
 
-    async fn enqueue(&self, conv: &str, request: &SendRequest) -> Result<ractor::concurrency::OneshotReceiver<SendResult>, ProtocolError> {
+    async fn enqueue(
+        &self,
+        conv: &str,
+        request: &SendRequest,
+    ) -> Result<ractor::concurrency::OneshotReceiver<SendResult>, ProtocolError> {
         for _ in 0..RESUBMITS {
             let actor = self.actor(conv).await?;
             let (tx, rx) = oneshot();
-            match actor.send_message(ConversationMsg::Send { request: request.clone(), reply: tx.into() }) {
+            match actor.send_message(ConversationMsg::Send {
+                request: request.clone(),
+                reply: tx.into(),
+            }) {
                 Ok(()) => return Ok(rx),
                 // Stopped or draining between lookup and send: look again.
                 Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
             }
         }
-        Err(ProtocolError::new(ErrorCode::Internal, "conversation unavailable").for_msg(Some(&request.msg_id)))
+        Err(
+            ProtocolError::new(ErrorCode::Internal, "conversation unavailable")
+                .for_msg(Some(&request.msg_id)),
+        )
     }
 
     /// Send and wait for the outcome (REST and bots).
@@ -267,19 +340,32 @@ impl Conversations {
     /// Add a member through the conversation's single writer.
     pub async fn add_member(&self, conv: &str, user: UserId) -> Result<bool, ProtocolError> {
         let actor = self.actor(conv).await?;
-        self.ask(&actor, |reply| ConversationMsg::AddMember { user, reply }).await?
+        self.ask(&actor, |reply| ConversationMsg::AddMember { user, reply })
+            .await?
     }
 
     /// Remove a member through the conversation's single writer.
     pub async fn remove_member(&self, conv: &str, user: UserId) -> Result<bool, ProtocolError> {
         let actor = self.actor(conv).await?;
-        self.ask(&actor, |reply| ConversationMsg::RemoveMember { user, reply }).await?
+        self.ask(&actor, |reply| ConversationMsg::RemoveMember {
+            user,
+            reply,
+        })
+        .await?
     }
 
     /// Wait until every running conversation has made its accepted sends durable and acknowledged them.
     pub async fn flush_all(&self) {
-        let actors: Vec<_> = self.directory.read().expect("directory lock").values().cloned().collect();
-        let waits = actors.iter().map(|a| self.ask(a, |reply| ConversationMsg::Flush { reply }));
+        let actors: Vec<_> = self
+            .directory
+            .read()
+            .expect("directory lock")
+            .values()
+            .cloned()
+            .collect();
+        let waits = actors
+            .iter()
+            .map(|a| self.ask(a, |reply| ConversationMsg::Flush { reply }));
         futures_util::future::join_all(waits).await;
     }
 
@@ -290,13 +376,22 @@ impl Conversations {
 
     /// Fault injection: make the conversation's actor panic. `false` if it was not running.
     pub fn crash(&self, conv: &str) -> bool {
-        let actor = self.directory.read().expect("directory lock").get(conv).cloned();
+        let actor = self
+            .directory
+            .read()
+            .expect("directory lock")
+            .get(conv)
+            .cloned();
         actor.is_some_and(|a| a.send_message(ConversationMsg::Crash).is_ok())
     }
 
     /// The id of the actor currently serving `conv`, if it runs (tests use it to observe restarts).
     pub fn actor_id(&self, conv: &str) -> Option<ActorId> {
-        self.directory.read().expect("directory lock").get(conv).map(|a| a.get_id())
+        self.directory
+            .read()
+            .expect("directory lock")
+            .get(conv)
+            .map(|a| a.get_id())
     }
 
     async fn ask<T: Send + 'static>(
@@ -306,8 +401,13 @@ impl Conversations {
     ) -> Result<T, ProtocolError> {
         match actor.call(msg, Some(self.reply_timeout)).await {
             Ok(CallResult::Success(v)) => Ok(v),
-            Ok(CallResult::Timeout) => Err(ProtocolError::new(ErrorCode::StoreUnavailable, "timed out")),
-            _ => Err(ProtocolError::new(ErrorCode::Internal, "conversation unavailable")),
+            Ok(CallResult::Timeout) => {
+                Err(ProtocolError::new(ErrorCode::StoreUnavailable, "timed out"))
+            }
+            _ => Err(ProtocolError::new(
+                ErrorCode::Internal,
+                "conversation unavailable",
+            )),
         }
     }
 }
@@ -329,7 +429,10 @@ impl PendingReply {
             match tokio::time::timeout(timeout, &mut self.rx).await {
                 Ok(Ok(result)) => return result,
                 Ok(Err(_dropped)) if attempt < RESUBMITS => {
-                    self.rx = self.conversations.enqueue(&self.conv, &self.request).await?;
+                    self.rx = self
+                        .conversations
+                        .enqueue(&self.conv, &self.request)
+                        .await?;
                 }
                 Ok(Err(_dropped)) => break,
                 Err(_elapsed) => {
@@ -341,6 +444,9 @@ impl PendingReply {
                 }
             }
         }
-        Err(ProtocolError::new(ErrorCode::Internal, "conversation unavailable").for_msg(Some(&self.request.msg_id)))
+        Err(
+            ProtocolError::new(ErrorCode::Internal, "conversation unavailable")
+                .for_msg(Some(&self.request.msg_id)),
+        )
     }
 }

@@ -98,7 +98,12 @@ pub struct ProtocolError {
 impl ProtocolError {
     /// An error with no `msg_id`.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), msg_id: None, retry_after_ms: None }
+        Self {
+            code,
+            message: message.into(),
+            msg_id: None,
+            retry_after_ms: None,
+        }
     }
 
     /// Attach the `msg_id` of the send this error answers.
@@ -160,7 +165,10 @@ pub fn decode_client_frame(text: &str, max_body: usize) -> Result<ClientFrame, P
     let value: Value = serde_json::from_str(text)
         .map_err(|e| ProtocolError::new(ErrorCode::InvalidJson, format!("invalid JSON: {e}")))?;
     let Value::Object(obj) = value else {
-        return Err(ProtocolError::new(ErrorCode::InvalidJson, "a frame must be a JSON object"));
+        return Err(ProtocolError::new(
+            ErrorCode::InvalidJson,
+            "a frame must be a JSON object",
+        ));
     };
     let msg_id = obj.get("msg_id").and_then(Value::as_str);
     let op = required_str(&obj, "op").map_err(|e| e.for_msg(msg_id))?;
@@ -177,14 +185,21 @@ pub fn decode_client_frame(text: &str, max_body: usize) -> Result<ClientFrame, P
                 )
                 .for_msg(Some(&msg_id)));
             }
-            Ok(ClientFrame::Send { msg_id, conv, body: body.to_owned() })
+            Ok(ClientFrame::Send {
+                msg_id,
+                conv,
+                body: body.to_owned(),
+            })
         }
         "sync" => {
             let conv = id_field(&obj, "conv")?;
             let after_seq = match obj.get("after_seq") {
                 None | Some(Value::Null) => return Err(missing("after_seq")),
                 Some(v) => v.as_u64().ok_or_else(|| {
-                    ProtocolError::new(ErrorCode::InvalidField, "after_seq must be a non-negative integer")
+                    ProtocolError::new(
+                        ErrorCode::InvalidField,
+                        "after_seq must be a non-negative integer",
+                    )
                 })?,
             };
             Ok(ClientFrame::Sync { conv, after_seq })
@@ -206,7 +221,10 @@ fn required_str<'a>(obj: &'a Map<String, Value>, field: &str) -> Result<&'a str,
     match obj.get(field) {
         None | Some(Value::Null) => Err(missing(field)),
         Some(Value::String(s)) => Ok(s),
-        Some(_) => Err(ProtocolError::new(ErrorCode::InvalidField, format!("`{field}` must be a string"))),
+        Some(_) => Err(ProtocolError::new(
+            ErrorCode::InvalidField,
+            format!("`{field}` must be a string"),
+        )),
     }
 }
 
@@ -278,7 +296,13 @@ pub enum ServerFrame<'a> {
 impl<'a> ServerFrame<'a> {
     /// The `ack` for a stored message.
     pub fn ack(m: &'a Message) -> Self {
-        Self::Ack { msg_id: &m.msg_id, conv: &m.conv, seq: m.seq, id: &m.id, ts: m.ts }
+        Self::Ack {
+            msg_id: &m.msg_id,
+            conv: &m.conv,
+            seq: m.seq,
+            id: &m.id,
+            ts: m.ts,
+        }
     }
 
     /// The `error` frame for a protocol error.
@@ -309,14 +333,25 @@ mod tests {
     #[test]
     fn decodes_each_op() {
         assert_eq!(
-            decode_client_frame(r#"{"op":"send","msg_id":"m1","conv":"c","body":"hi"}"#, 16).unwrap(),
-            ClientFrame::Send { msg_id: "m1".into(), conv: "c".into(), body: "hi".into() }
+            decode_client_frame(r#"{"op":"send","msg_id":"m1","conv":"c","body":"hi"}"#, 16)
+                .unwrap(),
+            ClientFrame::Send {
+                msg_id: "m1".into(),
+                conv: "c".into(),
+                body: "hi".into()
+            }
         );
         assert_eq!(
             decode_client_frame(r#"{"op":"sync","conv":"c","after_seq":7}"#, 16).unwrap(),
-            ClientFrame::Sync { conv: "c".into(), after_seq: 7 }
+            ClientFrame::Sync {
+                conv: "c".into(),
+                after_seq: 7
+            }
         );
-        assert_eq!(decode_client_frame(r#"{"op":"ping"}"#, 16).unwrap(), ClientFrame::Ping);
+        assert_eq!(
+            decode_client_frame(r#"{"op":"ping"}"#, 16).unwrap(),
+            ClientFrame::Ping
+        );
     }
 
     #[test]
@@ -325,26 +360,46 @@ mod tests {
         assert_eq!(code("[1,2]"), ErrorCode::InvalidJson);
         assert_eq!(code(r#"{"msg_id":"x"}"#), ErrorCode::MissingField);
         assert_eq!(code(r#"{"op":"dance"}"#), ErrorCode::UnknownOp);
-        assert_eq!(code(r#"{"op":"send","conv":"c","body":"x"}"#), ErrorCode::MissingField);
-        assert_eq!(code(r#"{"op":"send","msg_id":5,"conv":"c","body":"x"}"#), ErrorCode::InvalidField);
-        assert_eq!(code(r#"{"op":"send","msg_id":"","conv":"c","body":"x"}"#), ErrorCode::InvalidField);
-        assert_eq!(code(r#"{"op":"sync","conv":"c","after_seq":-1}"#), ErrorCode::InvalidField);
+        assert_eq!(
+            code(r#"{"op":"send","conv":"c","body":"x"}"#),
+            ErrorCode::MissingField
+        );
+        assert_eq!(
+            code(r#"{"op":"send","msg_id":5,"conv":"c","body":"x"}"#),
+            ErrorCode::InvalidField
+        );
+        assert_eq!(
+            code(r#"{"op":"send","msg_id":"","conv":"c","body":"x"}"#),
+            ErrorCode::InvalidField
+        );
+        assert_eq!(
+            code(r#"{"op":"sync","conv":"c","after_seq":-1}"#),
+            ErrorCode::InvalidField
+        );
         assert_eq!(code(r#"{"op":"sync","conv":"c"}"#), ErrorCode::MissingField);
     }
 
     #[test]
     fn body_limit_counts_utf8_bytes_and_keeps_msg_id() {
         // Six characters, eighteen bytes: over a 16-byte limit.
-        let err = decode_client_frame(r#"{"op":"send","msg_id":"m9","conv":"c","body":"日本語日本語"}"#, 16)
-            .unwrap_err();
+        let err = decode_client_frame(
+            r#"{"op":"send","msg_id":"m9","conv":"c","body":"日本語日本語"}"#,
+            16,
+        )
+        .unwrap_err();
         assert_eq!(err.code, ErrorCode::BodyTooLarge);
         assert_eq!(err.msg_id.as_deref(), Some("m9"));
-        assert!(decode_client_frame(r#"{"op":"send","msg_id":"m","conv":"c","body":"日本語日本"}"#, 16).is_ok());
+        assert!(decode_client_frame(
+            r#"{"op":"send","msg_id":"m","conv":"c","body":"日本語日本"}"#,
+            16
+        )
+        .is_ok());
     }
 
     #[test]
     fn errors_answering_a_send_carry_its_msg_id() {
-        let err = decode_client_frame(r#"{"op":"send","msg_id":"abc","body":"x"}"#, 16).unwrap_err();
+        let err =
+            decode_client_frame(r#"{"op":"send","msg_id":"abc","body":"x"}"#, 16).unwrap_err();
         assert_eq!(err.msg_id.as_deref(), Some("abc"));
     }
 
@@ -364,9 +419,15 @@ mod tests {
         assert_eq!(v["seq"], 3);
         assert_eq!(v["from"], "alice");
         let v: Value = serde_json::from_slice(&encode(&ServerFrame::ack(&m))).unwrap();
-        assert_eq!(v, serde_json::json!({"op":"ack","msg_id":"m","conv":"c","seq":3,"id":"i","ts":9}));
+        assert_eq!(
+            v,
+            serde_json::json!({"op":"ack","msg_id":"m","conv":"c","seq":3,"id":"i","ts":9})
+        );
         let e = ProtocolError::new(ErrorCode::NotMember, "no");
         let v: Value = serde_json::from_slice(&encode(&ServerFrame::error(&e))).unwrap();
-        assert_eq!(v, serde_json::json!({"op":"error","code":"not_member","message":"no"}));
+        assert_eq!(
+            v,
+            serde_json::json!({"op":"error","code":"not_member","message":"no"})
+        );
     }
 }

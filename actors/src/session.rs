@@ -84,8 +84,15 @@ impl Actor for SessionActor {
     type State = SessionState;
     type Arguments = UserId;
 
-    async fn pre_start(&self, _myself: ActorRef<SessionMsg>, user: UserId) -> Result<SessionState, ActorProcessingErr> {
-        Ok(SessionState { user, conns: Vec::new() })
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<SessionMsg>,
+        user: UserId,
+    ) -> Result<SessionState, ActorProcessingErr> {
+        Ok(SessionState {
+            user,
+            conns: Vec::new(),
+        })
     }
 
     async fn handle(
@@ -96,7 +103,10 @@ impl Actor for SessionActor {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             SessionMsg::Attach(handle) => {
-                if matches!(handle.actor.get_status(), ActorStatus::Running | ActorStatus::Starting) {
+                if matches!(
+                    handle.actor.get_status(),
+                    ActorStatus::Running | ActorStatus::Starting
+                ) {
                     state.conns.push(handle);
                 } else if state.conns.is_empty() {
                     report_empty(&myself, &state.user);
@@ -111,9 +121,15 @@ impl Actor for SessionActor {
                 }
             }
             SessionMsg::Drain(reply) => {
-                let drains = state.conns.iter().map(|c| c.actor.call(ConnectionMsg::Drain, Some(DRAIN_TIMEOUT)));
+                let drains = state
+                    .conns
+                    .iter()
+                    .map(|c| c.actor.call(ConnectionMsg::Drain, Some(DRAIN_TIMEOUT)));
                 let results = futures_util::future::join_all(drains).await;
-                let stuck = results.iter().filter(|r| !matches!(r, Ok(CallResult::Success(())))).count();
+                let stuck = results
+                    .iter()
+                    .filter(|r| !matches!(r, Ok(CallResult::Success(()))))
+                    .count();
                 if stuck > 0 {
                     debug!(user_id = %state.user, stuck, "connections did not drain in time");
                 }
@@ -131,7 +147,9 @@ impl Actor for SessionActor {
     ) -> Result<(), ActorProcessingErr> {
         // Connections are temporary children: one that ends or fails is forgotten, never restarted (its
         // client reconnects and syncs).
-        if let SupervisionEvent::ActorTerminated(cell, ..) | SupervisionEvent::ActorFailed(cell, _) = event {
+        if let SupervisionEvent::ActorTerminated(cell, ..)
+        | SupervisionEvent::ActorFailed(cell, _) = event
+        {
             state.detach(cell.get_id());
             if state.conns.is_empty() {
                 report_empty(&myself, &state.user);
@@ -143,7 +161,10 @@ impl Actor for SessionActor {
 
 fn report_empty(myself: &ActorRef<SessionMsg>, user: &str) {
     if let Some(sup) = myself.try_get_supervisor() {
-        let _ = sup.send_message(SessionsMsg::Empty { user: user.to_owned(), session: myself.get_id() });
+        let _ = sup.send_message(SessionsMsg::Empty {
+            user: user.to_owned(),
+            session: myself.get_id(),
+        });
     }
 }
 
@@ -158,23 +179,41 @@ impl SessionDirectory {
     pub fn deliver(&self, members: &HashSet<UserId>, frame: Bytes, except: Option<ConnId>) {
         let online = self.inner.read().expect("session directory lock");
         let mut send = |session: &ActorRef<SessionMsg>| {
-            let _ = session.send_message(SessionMsg::Deliver { frame: frame.clone(), except });
+            let _ = session.send_message(SessionMsg::Deliver {
+                frame: frame.clone(),
+                except,
+            });
         };
         if members.len() <= online.len() {
-            members.iter().filter_map(|m| online.get(m)).for_each(&mut send);
+            members
+                .iter()
+                .filter_map(|m| online.get(m))
+                .for_each(&mut send);
         } else {
-            online.iter().filter(|(u, _)| members.contains(*u)).for_each(|(_, s)| send(s));
+            online
+                .iter()
+                .filter(|(u, _)| members.contains(*u))
+                .for_each(|(_, s)| send(s));
         }
     }
 
     /// The session of `user`, if online here.
     pub fn get(&self, user: &str) -> Option<ActorRef<SessionMsg>> {
-        self.inner.read().expect("session directory lock").get(user).cloned()
+        self.inner
+            .read()
+            .expect("session directory lock")
+            .get(user)
+            .cloned()
     }
 
     /// Every session.
     pub fn all(&self) -> Vec<ActorRef<SessionMsg>> {
-        self.inner.read().expect("session directory lock").values().cloned().collect()
+        self.inner
+            .read()
+            .expect("session directory lock")
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Number of online users on this node.
@@ -188,7 +227,10 @@ impl SessionDirectory {
     }
 
     pub(crate) fn insert(&self, user: UserId, session: ActorRef<SessionMsg>) {
-        self.inner.write().expect("session directory lock").insert(user, session);
+        self.inner
+            .write()
+            .expect("session directory lock")
+            .insert(user, session);
     }
 
     pub(crate) fn remove_if(&self, user: &str, session: ractor::ActorId) {

@@ -10,10 +10,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ractor::rpc::CallResult;
-use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SpawnErr, SupervisionEvent};
+use ractor::{
+    Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SpawnErr,
+    SupervisionEvent,
+};
 use tracing::{error, warn};
 
-use crate::connection::{ConnectionActor, ConnectionArgs, ConnectionContext, ConnectionMsg, FrameSink, Outbound};
+use crate::connection::{
+    ConnectionActor, ConnectionArgs, ConnectionContext, ConnectionMsg, FrameSink, Outbound,
+};
 use crate::session::{ConnHandle, SessionActor, SessionDirectory, SessionMsg};
 use crate::store::UserId;
 use crate::supervisor::{Decision, Escalation, RestartBudget, RestartIntensity};
@@ -62,11 +67,16 @@ pub struct SessionSupervisorState {
 }
 
 impl SessionSupervisorState {
-    async fn session(&mut self, myself: &ActorRef<SessionsMsg>, user: &str) -> Result<ActorRef<SessionMsg>, SpawnErr> {
+    async fn session(
+        &mut self,
+        myself: &ActorRef<SessionsMsg>,
+        user: &str,
+    ) -> Result<ActorRef<SessionMsg>, SpawnErr> {
         if let Some(s) = self.directory.get(user) {
             return Ok(s);
         }
-        let (session, _) = Actor::spawn_linked(None, SessionActor, user.to_owned(), myself.get_cell()).await?;
+        let (session, _) =
+            Actor::spawn_linked(None, SessionActor, user.to_owned(), myself.get_cell()).await?;
         self.sessions.insert(session.get_id(), user.to_owned());
         self.directory.insert(user.to_owned(), session.clone());
         Ok(session)
@@ -82,9 +92,22 @@ impl SessionSupervisorState {
         let session = self.session(myself, &user).await?;
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (outbound, queue) = Outbound::channel(self.ctx.limits.outbound_queue);
-        let args = ConnectionArgs { user, id, sink, queue, outbound: outbound.clone(), ctx: self.ctx.clone(), hangup };
-        let (actor, _) = Actor::spawn_linked(None, ConnectionActor, args, session.get_cell()).await?;
-        let _ = session.send_message(SessionMsg::Attach(ConnHandle { id, outbound, actor: actor.clone() }));
+        let args = ConnectionArgs {
+            user,
+            id,
+            sink,
+            queue,
+            outbound: outbound.clone(),
+            ctx: self.ctx.clone(),
+            hangup,
+        };
+        let (actor, _) =
+            Actor::spawn_linked(None, ConnectionActor, args, session.get_cell()).await?;
+        let _ = session.send_message(SessionMsg::Attach(ConnHandle {
+            id,
+            outbound,
+            actor: actor.clone(),
+        }));
         Ok((actor, id))
     }
 }
@@ -94,7 +117,11 @@ impl Actor for SessionSupervisor {
     type State = SessionSupervisorState;
     type Arguments = SessionSupervisorArgs;
 
-    async fn pre_start(&self, _myself: ActorRef<SessionsMsg>, args: SessionSupervisorArgs) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<SessionsMsg>,
+        args: SessionSupervisorArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
         Ok(SessionSupervisorState {
             directory: args.directory,
             ctx: args.ctx,
@@ -105,22 +132,38 @@ impl Actor for SessionSupervisor {
         })
     }
 
-    async fn handle(&self, myself: ActorRef<SessionsMsg>, message: SessionsMsg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<SessionsMsg>,
+        message: SessionsMsg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         match message {
-            SessionsMsg::Connect { user, sink, hangup, reply } => {
-                let result = state.connect(&myself, user, sink, hangup).await.map_err(|e| {
-                    warn!(error = %e, "connection could not start");
-                    e.to_string()
-                });
+            SessionsMsg::Connect {
+                user,
+                sink,
+                hangup,
+                reply,
+            } => {
+                let result = state
+                    .connect(&myself, user, sink, hangup)
+                    .await
+                    .map_err(|e| {
+                        warn!(error = %e, "connection could not start");
+                        e.to_string()
+                    });
                 let _ = reply.send(result);
             }
             SessionsMsg::Empty { user, session } => {
-                let Some(current) = state.directory.get(&user).filter(|s| s.get_id() == session) else {
+                let Some(current) = state.directory.get(&user).filter(|s| s.get_id() == session)
+                else {
                     return Ok(());
                 };
                 // Asked here, after every Attach this supervisor already sent: the answer is final.
                 let stops = matches!(
-                    current.call(SessionMsg::StopIfEmpty, Some(Duration::from_secs(5))).await,
+                    current
+                        .call(SessionMsg::StopIfEmpty, Some(Duration::from_secs(5)))
+                        .await,
                     Ok(CallResult::Success(true))
                 );
                 if stops {
@@ -144,9 +187,12 @@ impl Actor for SessionSupervisor {
                 }
             }
             SupervisionEvent::ActorFailed(cell, err) => {
-                let Some(user) = state.sessions.remove(&cell.get_id()) else { return Ok(()) };
+                let Some(user) = state.sessions.remove(&cell.get_id()) else {
+                    return Ok(());
+                };
                 error!(user_id = %user, error = %err, "session failed; closing its connections");
-                metrics::counter!("switchboard_actor_restarts_total", "family" => "session").increment(1);
+                metrics::counter!("switchboard_actor_restarts_total", "family" => "session")
+                    .increment(1);
                 state.directory.remove_if(&user, cell.get_id());
                 // ractor does not stop the children of a failed actor: do it, so the user's devices
                 // reconnect (and resync) into a fresh session instead of lingering unreachable.
@@ -176,9 +222,17 @@ impl Sessions {
         intensity: RestartIntensity,
         parent: ActorCell,
     ) -> Result<Self, SpawnErr> {
-        let args = SessionSupervisorArgs { directory: directory.clone(), ctx, intensity, next_conn: Arc::new(AtomicU64::new(1)) };
+        let args = SessionSupervisorArgs {
+            directory: directory.clone(),
+            ctx,
+            intensity,
+            next_conn: Arc::new(AtomicU64::new(1)),
+        };
         let (supervisor, _) = Actor::spawn_linked(None, SessionSupervisor, args, parent).await?;
-        Ok(Self { directory, supervisor })
+        Ok(Self {
+            directory,
+            supervisor,
+        })
     }
 
     /// Open a connection actor for `user`; frames go to `sink`; `hangup` is cancelled when the actor stops.
@@ -190,7 +244,15 @@ impl Sessions {
     ) -> Result<(ActorRef<ConnectionMsg>, u64), String> {
         match self
             .supervisor
-            .call(|reply| SessionsMsg::Connect { user, sink, hangup, reply }, Some(Duration::from_secs(10)))
+            .call(
+                |reply| SessionsMsg::Connect {
+                    user,
+                    sink,
+                    hangup,
+                    reply,
+                },
+                Some(Duration::from_secs(10)),
+            )
             .await
         {
             Ok(CallResult::Success(r)) => r,
@@ -202,7 +264,9 @@ impl Sessions {
     /// and is closed with 1012.
     pub async fn drain_all(&self) {
         let sessions = self.directory.all();
-        let drains = sessions.iter().map(|s| s.call(SessionMsg::Drain, Some(Duration::from_secs(15))));
+        let drains = sessions
+            .iter()
+            .map(|s| s.call(SessionMsg::Drain, Some(Duration::from_secs(15))));
         futures_util::future::join_all(drains).await;
     }
 

@@ -187,7 +187,12 @@ pub trait MessageStore: Send + Sync + 'static {
     /// earlier in the same batch) come back as [`Appended::Duplicate`] and take no seq; the new ones take
     /// `first_seq, first_seq + 1, …` in batch order. Fails with [`StoreError::SeqConflict`] unless
     /// `first_seq` is the stored last seq + 1 — the fence that keeps one writer per conversation.
-    async fn append(&self, conv: &str, first_seq: u64, batch: Vec<NewMessage>) -> Result<Vec<Appended>, StoreError>;
+    async fn append(
+        &self,
+        conv: &str,
+        first_seq: u64,
+        batch: Vec<NewMessage>,
+    ) -> Result<Vec<Appended>, StoreError>;
 
     /// A page of history (see [`HistoryQuery`]).
     async fn messages(&self, conv: &str, query: HistoryQuery) -> Result<Page, StoreError>;
@@ -197,7 +202,14 @@ pub trait MessageStore: Send + Sync + 'static {
 pub type SharedStore = Arc<dyn MessageStore>;
 
 /// The sort key of an inbox entry: its newest activity (last message, else creation), newest first.
-pub fn inbox_order(a: (&ConversationInfo, Option<&Message>), b: (&ConversationInfo, Option<&Message>)) -> std::cmp::Ordering {
-    let activity = |(info, last): (&ConversationInfo, Option<&Message>)| last.map_or(info.created_at, |m| m.ts);
-    activity(b).cmp(&activity(a)).then_with(|| a.0.id.cmp(&b.0.id))
+pub fn inbox_order(
+    a: (&ConversationInfo, Option<&Message>),
+    b: (&ConversationInfo, Option<&Message>),
+) -> std::cmp::Ordering {
+    let activity = |(info, last): (&ConversationInfo, Option<&Message>)| {
+        last.map_or(info.created_at, |m| m.ts)
+    };
+    activity(b)
+        .cmp(&activity(a))
+        .then_with(|| a.0.id.cmp(&b.0.id))
 }

@@ -19,7 +19,10 @@ pub struct RestartIntensity {
 
 impl Default for RestartIntensity {
     fn default() -> Self {
-        Self { max_restarts: 20, window: Duration::from_secs(10) }
+        Self {
+            max_restarts: 20,
+            window: Duration::from_secs(10),
+        }
     }
 }
 
@@ -42,7 +45,10 @@ pub struct RestartBudget {
 impl RestartBudget {
     /// A fresh budget.
     pub fn new(intensity: RestartIntensity) -> Self {
-        Self { intensity, recent: VecDeque::new() }
+        Self {
+            intensity,
+            recent: VecDeque::new(),
+        }
     }
 
     /// Record a failure at `now` and decide.
@@ -77,7 +83,11 @@ pub struct Escalation {
 impl Escalation {
     /// The escalation for a family and its intensity.
     pub fn new(family: &'static str, intensity: RestartIntensity) -> Self {
-        Self { family, max: intensity.max_restarts, window: intensity.window }
+        Self {
+            family,
+            max: intensity.max_restarts,
+            window: intensity.window,
+        }
     }
 }
 
@@ -87,21 +97,36 @@ mod tests {
 
     #[test]
     fn restarts_until_the_budget_is_spent_then_escalates() {
-        let mut b = RestartBudget::new(RestartIntensity { max_restarts: 3, window: Duration::from_secs(5) });
+        let mut b = RestartBudget::new(RestartIntensity {
+            max_restarts: 3,
+            window: Duration::from_secs(5),
+        });
         let t0 = Instant::now();
         for i in 0..3 {
-            assert_eq!(b.on_failure(t0 + Duration::from_millis(i)), Decision::Restart);
+            assert_eq!(
+                b.on_failure(t0 + Duration::from_millis(i)),
+                Decision::Restart
+            );
         }
-        assert_eq!(b.on_failure(t0 + Duration::from_secs(1)), Decision::Escalate);
+        assert_eq!(
+            b.on_failure(t0 + Duration::from_secs(1)),
+            Decision::Escalate
+        );
     }
 
     #[test]
     fn old_failures_leave_the_window() {
-        let mut b = RestartBudget::new(RestartIntensity { max_restarts: 2, window: Duration::from_secs(5) });
+        let mut b = RestartBudget::new(RestartIntensity {
+            max_restarts: 2,
+            window: Duration::from_secs(5),
+        });
         let t0 = Instant::now();
         assert_eq!(b.on_failure(t0), Decision::Restart);
         assert_eq!(b.on_failure(t0 + Duration::from_secs(1)), Decision::Restart);
-        assert_eq!(b.on_failure(t0 + Duration::from_secs(2)), Decision::Escalate);
+        assert_eq!(
+            b.on_failure(t0 + Duration::from_secs(2)),
+            Decision::Escalate
+        );
         // Five seconds after the first failure it no longer counts.
         assert_eq!(b.on_failure(t0 + Duration::from_secs(5)), Decision::Restart);
     }

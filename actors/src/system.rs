@@ -65,7 +65,11 @@ impl Actor for RootSupervisor {
     type State = watch::Sender<Option<String>>;
     type Arguments = watch::Sender<Option<String>>;
 
-    async fn pre_start(&self, _myself: ActorRef<()>, report: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<()>,
+        report: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
         Ok(report)
     }
 
@@ -97,11 +101,26 @@ impl ActorSystem {
             sessions: directory.clone(),
             config: config.conversation.clone(),
         });
-        let conversations =
-            Conversations::start(conv_ctx, config.intensity, config.reply_timeout, root.get_cell()).await?;
-        let conn_ctx = Arc::new(ConnectionContext { conversations: conversations.clone(), store, limits: config.limits });
-        let sessions = Sessions::start(directory, conn_ctx, config.intensity, root.get_cell()).await?;
-        Ok(Self { conversations, sessions, root, escalation })
+        let conversations = Conversations::start(
+            conv_ctx,
+            config.intensity,
+            config.reply_timeout,
+            root.get_cell(),
+        )
+        .await?;
+        let conn_ctx = Arc::new(ConnectionContext {
+            conversations: conversations.clone(),
+            store,
+            limits: config.limits,
+        });
+        let sessions =
+            Sessions::start(directory, conn_ctx, config.intensity, root.get_cell()).await?;
+        Ok(Self {
+            conversations,
+            sessions,
+            root,
+            escalation,
+        })
     }
 
     /// Close every connection gracefully (answers first, then 1012) and flush every conversation.
@@ -112,8 +131,14 @@ impl ActorSystem {
 
     /// Stop the whole tree.
     pub async fn stop(&self) {
-        let _ = self.root.stop_children_and_wait(None, Some(Duration::from_secs(10))).await;
-        let _ = self.root.stop_and_wait(None, Some(Duration::from_secs(5))).await;
+        let _ = self
+            .root
+            .stop_children_and_wait(None, Some(Duration::from_secs(10)))
+            .await;
+        let _ = self
+            .root
+            .stop_and_wait(None, Some(Duration::from_secs(5)))
+            .await;
     }
 
     /// Resolves with the reason when a family supervisor escalated and the tree stopped.

@@ -17,7 +17,10 @@ pub struct NodeId(pub String);
 impl NodeId {
     /// A fresh random id (`n_` + 12 hex digits).
     pub fn random() -> Self {
-        Self(format!("n_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]))
+        Self(format!(
+            "n_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        ))
     }
 }
 
@@ -60,7 +63,12 @@ pub struct LocalRegistry {
 
 impl ConnectionRegistry for LocalRegistry {
     fn register(&self, user: &str, node: &NodeId, conn: ConnId) {
-        self.conns.write().expect("registry lock").entry(user.to_owned()).or_default().insert((node.clone(), conn));
+        self.conns
+            .write()
+            .expect("registry lock")
+            .entry(user.to_owned())
+            .or_default()
+            .insert((node.clone(), conn));
     }
 
     fn unregister(&self, user: &str, node: &NodeId, conn: ConnId) {
@@ -75,7 +83,10 @@ impl ConnectionRegistry for LocalRegistry {
 
     fn nodes_of(&self, user: &str) -> Vec<NodeId> {
         let conns = self.conns.read().expect("registry lock");
-        let mut nodes: Vec<NodeId> = conns.get(user).map(|s| s.iter().map(|(n, _)| n.clone()).collect()).unwrap_or_default();
+        let mut nodes: Vec<NodeId> = conns
+            .get(user)
+            .map(|s| s.iter().map(|(n, _)| n.clone()).collect())
+            .unwrap_or_default();
         nodes.sort();
         nodes.dedup();
         nodes

@@ -10,9 +10,10 @@ use crate::auth::AuthError;
 /// The HTTP status of each error code.
 pub fn status(code: ErrorCode) -> StatusCode {
     match code {
-        ErrorCode::InvalidJson | ErrorCode::UnknownOp | ErrorCode::MissingField | ErrorCode::InvalidField => {
-            StatusCode::BAD_REQUEST
-        }
+        ErrorCode::InvalidJson
+        | ErrorCode::UnknownOp
+        | ErrorCode::MissingField
+        | ErrorCode::InvalidField => StatusCode::BAD_REQUEST,
         ErrorCode::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::UnknownConversation => StatusCode::NOT_FOUND,
         ErrorCode::NotMember => StatusCode::FORBIDDEN,
@@ -73,7 +74,11 @@ pub fn json_error(err: actix_web::error::JsonPayloadError, _req: &HttpRequest) -
     let e = match &err {
         JsonPayloadError::Deserialize(d) if d.is_data() => {
             let msg = d.to_string();
-            let code = if msg.starts_with("missing field") { ErrorCode::MissingField } else { ErrorCode::InvalidField };
+            let code = if msg.starts_with("missing field") {
+                ErrorCode::MissingField
+            } else {
+                ErrorCode::InvalidField
+            };
             ApiError::new(code, msg)
         }
         JsonPayloadError::Overflow { .. } | JsonPayloadError::OverflowKnownLength { .. } => {
@@ -85,6 +90,9 @@ pub fn json_error(err: actix_web::error::JsonPayloadError, _req: &HttpRequest) -
 }
 
 /// Malformed query strings are `invalid_field`.
-pub fn query_error(err: actix_web::error::QueryPayloadError, _req: &HttpRequest) -> actix_web::Error {
+pub fn query_error(
+    err: actix_web::error::QueryPayloadError,
+    _req: &HttpRequest,
+) -> actix_web::Error {
     ApiError::new(ErrorCode::InvalidField, err.to_string()).into()
 }

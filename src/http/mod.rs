@@ -21,6 +21,8 @@ use crate::auth::{Auth, AuthError};
 
 /// What every handler shares.
 pub struct AppState {
+    /// This node's identity.
+    pub node: switchboard_cluster::NodeId,
     /// The store (reads and conversation creation).
     pub store: SharedStore,
     /// The conversation family.
@@ -73,8 +75,12 @@ pub fn bearer_token(req: &HttpRequest) -> Result<String, AuthError> {
 
 /// Register every route.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.app_data(web::JsonConfig::default().limit(2 * 1024 * 1024).error_handler(error::json_error))
-        .app_data(web::QueryConfig::default().error_handler(error::query_error))
-        .route("/v1/ws", web::get().to(ws::upgrade))
-        .configure(rest::routes);
+    cfg.app_data(
+        web::JsonConfig::default()
+            .limit(2 * 1024 * 1024)
+            .error_handler(error::json_error),
+    )
+    .app_data(web::QueryConfig::default().error_handler(error::query_error))
+    .route("/v1/ws", web::get().to(ws::upgrade))
+    .configure(rest::routes);
 }

@@ -10,7 +10,9 @@ use serde_json::json;
 use switchboard_actors::conversation::{now_ms, SendRequest};
 use switchboard_actors::history;
 use switchboard_actors::protocol::{ErrorCode, MAX_ID_LEN};
-use switchboard_actors::store::{ConversationInfo, ConversationKind, HistoryQuery, Message, MAX_MEMBERS};
+use switchboard_actors::store::{
+    ConversationInfo, ConversationKind, HistoryQuery, Message, MAX_MEMBERS,
+};
 
 use super::error::ApiError;
 use super::{bearer_token, AppState};
@@ -27,18 +29,27 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/conversations", web::post().to(create_conversation))
         .route("/v1/conversations", web::get().to(list_conversations))
         .route("/v1/conversations/{id}", web::get().to(get_conversation))
-        .route("/v1/conversations/{id}/messages", web::get().to(history_page))
-        .route("/v1/conversations/{id}/messages", web::post().to(send_message))
+        .route(
+            "/v1/conversations/{id}/messages",
+            web::get().to(history_page),
+        )
+        .route(
+            "/v1/conversations/{id}/messages",
+            web::post().to(send_message),
+        )
         .route("/v1/conversations/{id}/members", web::post().to(add_member))
-        .route("/v1/conversations/{id}/members/{user}", web::delete().to(remove_member));
+        .route(
+            "/v1/conversations/{id}/members/{user}",
+            web::delete().to(remove_member),
+        );
 }
 
 fn user(req: &HttpRequest, state: &AppState) -> Result<String, ApiError> {
     Ok(state.auth.verify(&bearer_token(req)?)?)
 }
 
-async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(json!({"status":"ok"}))
+async fn healthz(state: State) -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status":"ok","node": state.node}))
 }
 
 async fn readyz(state: State) -> HttpResponse {
@@ -50,7 +61,9 @@ async fn readyz(state: State) -> HttpResponse {
 }
 
 async fn metrics(state: State) -> HttpResponse {
-    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.metrics.render())
 }
 
 #[derive(Deserialize)]
@@ -60,13 +73,21 @@ struct DevTokenBody {
 
 async fn dev_token(state: State, body: web::Json<DevTokenBody>) -> Result<HttpResponse, ApiError> {
     if !state.dev_login {
-        return Ok(HttpResponse::NotFound().json(json!({"error":{"code":"not_found","message":"dev login is off"}})));
+        return Ok(HttpResponse::NotFound()
+            .json(json!({"error":{"code":"not_found","message":"dev login is off"}})));
     }
     if !valid_user_id(&body.user) {
-        return Err(ApiError::new(ErrorCode::InvalidField, "user must be 1-64 of A-Z a-z 0-9 _ . @ -"));
+        return Err(ApiError::new(
+            ErrorCode::InvalidField,
+            "user must be 1-64 of A-Z a-z 0-9 _ . @ -",
+        ));
     }
-    let token = state.auth.mint(&body.user, DEV_TOKEN_TTL_SECS).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
-    Ok(HttpResponse::Ok().json(json!({"token": token, "user": body.user, "expires_in": DEV_TOKEN_TTL_SECS})))
+    let token = state
+        .auth
+        .mint(&body.user, DEV_TOKEN_TTL_SECS)
+        .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+    Ok(HttpResponse::Ok()
+        .json(json!({"token": token, "user": body.user, "expires_in": DEV_TOKEN_TTL_SECS})))
 }
 
 #[derive(Deserialize)]
@@ -78,7 +99,11 @@ struct CreateBody {
     members: Vec<String>,
 }
 
-fn conversation_json(info: &ConversationInfo, members: Option<&[String]>, last: Option<&Message>) -> serde_json::Value {
+fn conversation_json(
+    info: &ConversationInfo,
+    members: Option<&[String]>,
+    last: Option<&Message>,
+) -> serde_json::Value {
     let mut v = json!({
         "id": info.id,
         "kind": info.kind,
@@ -94,32 +119,48 @@ fn conversation_json(info: &ConversationInfo, members: Option<&[String]>, last: 
     v
 }
 
-async fn create_conversation(req: HttpRequest, state: State, body: web::Json<CreateBody>) -> Result<HttpResponse, ApiError> {
+async fn create_conversation(
+    req: HttpRequest,
+    state: State,
+    body: web::Json<CreateBody>,
+) -> Result<HttpResponse, ApiError> {
     let me = user(&req, &state)?;
     let body = body.into_inner();
     if let Some(bad) = body.members.iter().find(|m| !valid_user_id(m)) {
-        return Err(ApiError::new(ErrorCode::InvalidField, format!("{bad:?} is not a valid user id")));
+        return Err(ApiError::new(
+            ErrorCode::InvalidField,
+            format!("{bad:?} is not a valid user id"),
+        ));
     }
     let mut members: BTreeSet<String> = body.members.into_iter().collect();
     let name = match body.kind {
         ConversationKind::Dm => {
             members.remove(&me);
             if members.len() != 1 {
-                return Err(ApiError::new(ErrorCode::InvalidField, "a DM has exactly one other member"));
+                return Err(ApiError::new(
+                    ErrorCode::InvalidField,
+                    "a DM has exactly one other member",
+                ));
             }
             None
         }
         ConversationKind::Group => {
             let name = body.name.unwrap_or_default();
             if name.trim().is_empty() || name.len() > 200 {
-                return Err(ApiError::new(ErrorCode::InvalidField, "a group needs a name of 1 to 200 bytes"));
+                return Err(ApiError::new(
+                    ErrorCode::InvalidField,
+                    "a group needs a name of 1 to 200 bytes",
+                ));
             }
             Some(name)
         }
     };
     members.insert(me.clone());
     if members.len() > MAX_MEMBERS {
-        return Err(ApiError::new(ErrorCode::InvalidField, format!("a conversation has at most {MAX_MEMBERS} members, the creator included")));
+        return Err(ApiError::new(
+            ErrorCode::InvalidField,
+            format!("a conversation has at most {MAX_MEMBERS} members, the creator included"),
+        ));
     }
     let members: Vec<String> = members.into_iter().collect();
     let info = ConversationInfo {
@@ -129,26 +170,54 @@ async fn create_conversation(req: HttpRequest, state: State, body: web::Json<Cre
         created_by: me,
         created_at: now_ms(),
     };
-    let (info, created) = state.store.create_conversation(info, members).await.map_err(switchboard_actors::conversation::store_error)?;
-    let members = state.store.members(&info.id).await.map_err(switchboard_actors::conversation::store_error)?;
-    let last = state.store.last_message(&info.id).await.map_err(switchboard_actors::conversation::store_error)?;
+    let (info, created) = state
+        .store
+        .create_conversation(info, members)
+        .await
+        .map_err(switchboard_actors::conversation::store_error)?;
+    let members = state
+        .store
+        .members(&info.id)
+        .await
+        .map_err(switchboard_actors::conversation::store_error)?;
+    let last = state
+        .store
+        .last_message(&info.id)
+        .await
+        .map_err(switchboard_actors::conversation::store_error)?;
     let body = conversation_json(&info, Some(&members), last.as_ref());
-    Ok(if created { HttpResponse::Created().json(body) } else { HttpResponse::Ok().json(body) })
+    Ok(if created {
+        HttpResponse::Created().json(body)
+    } else {
+        HttpResponse::Ok().json(body)
+    })
 }
 
 async fn list_conversations(req: HttpRequest, state: State) -> Result<HttpResponse, ApiError> {
     let me = user(&req, &state)?;
     let entries = history::inbox(&*state.store, &me).await?;
-    let list: Vec<_> = entries.iter().map(|(info, last)| conversation_json(info, None, last.as_ref())).collect();
+    let list: Vec<_> = entries
+        .iter()
+        .map(|(info, last)| conversation_json(info, None, last.as_ref()))
+        .collect();
     Ok(HttpResponse::Ok().json(json!({ "conversations": list })))
 }
 
-async fn get_conversation(req: HttpRequest, state: State, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+async fn get_conversation(
+    req: HttpRequest,
+    state: State,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let me = user(&req, &state)?;
     let conv = path.into_inner();
     history::authorize(&*state.store, &conv, &me).await?;
     let err = switchboard_actors::conversation::store_error;
-    let info = state.store.conversation(&conv).await.map_err(err)?.ok_or_else(|| ApiError::new(ErrorCode::UnknownConversation, "no such conversation"))?;
+    let info = state
+        .store
+        .conversation(&conv)
+        .await
+        .map_err(err)?
+        .ok_or_else(|| ApiError::new(ErrorCode::UnknownConversation, "no such conversation"))?;
     let members = state.store.members(&conv).await.map_err(err)?;
     let last = state.store.last_message(&conv).await.map_err(err)?;
     Ok(HttpResponse::Ok().json(conversation_json(&info, Some(&members), last.as_ref())))
@@ -161,9 +230,18 @@ struct HistoryParams {
     limit: Option<usize>,
 }
 
-async fn history_page(req: HttpRequest, state: State, path: web::Path<String>, q: web::Query<HistoryParams>) -> Result<HttpResponse, ApiError> {
+async fn history_page(
+    req: HttpRequest,
+    state: State,
+    path: web::Path<String>,
+    q: web::Query<HistoryParams>,
+) -> Result<HttpResponse, ApiError> {
     let me = user(&req, &state)?;
-    let query = HistoryQuery { before: q.before, after: q.after, limit: q.limit.unwrap_or(50) };
+    let query = HistoryQuery {
+        before: q.before,
+        after: q.after,
+        limit: q.limit.unwrap_or(50),
+    };
     let page = history::page(&*state.store, &me, &path.into_inner(), query).await?;
     Ok(HttpResponse::Ok().json(page))
 }
@@ -174,17 +252,40 @@ struct SendBody {
     body: String,
 }
 
-async fn send_message(req: HttpRequest, state: State, path: web::Path<String>, body: web::Json<SendBody>) -> Result<HttpResponse, ApiError> {
+async fn send_message(
+    req: HttpRequest,
+    state: State,
+    path: web::Path<String>,
+    body: web::Json<SendBody>,
+) -> Result<HttpResponse, ApiError> {
     let me = user(&req, &state)?;
     let SendBody { msg_id, body } = body.into_inner();
     if msg_id.is_empty() || msg_id.len() > MAX_ID_LEN {
-        return Err(ApiError::new(ErrorCode::InvalidField, format!("msg_id must be 1 to {MAX_ID_LEN} bytes")));
+        return Err(ApiError::new(
+            ErrorCode::InvalidField,
+            format!("msg_id must be 1 to {MAX_ID_LEN} bytes"),
+        ));
     }
     if body.len() > state.max_body_bytes {
-        return Err(ApiError::new(ErrorCode::BodyTooLarge, format!("body is {} bytes; the limit is {}", body.len(), state.max_body_bytes)));
+        return Err(ApiError::new(
+            ErrorCode::BodyTooLarge,
+            format!(
+                "body is {} bytes; the limit is {}",
+                body.len(),
+                state.max_body_bytes
+            ),
+        ));
     }
-    let request = SendRequest { from: me, msg_id, body, origin: None };
-    let message = state.conversations.send(&path.into_inner(), request).await?;
+    let request = SendRequest {
+        from: me,
+        msg_id,
+        body,
+        origin: None,
+    };
+    let message = state
+        .conversations
+        .send(&path.into_inner(), request)
+        .await?;
     Ok(HttpResponse::Created().json(message))
 }
 
@@ -193,18 +294,33 @@ struct MemberBody {
     user: String,
 }
 
-async fn add_member(req: HttpRequest, state: State, path: web::Path<String>, body: web::Json<MemberBody>) -> Result<HttpResponse, ApiError> {
+async fn add_member(
+    req: HttpRequest,
+    state: State,
+    path: web::Path<String>,
+    body: web::Json<MemberBody>,
+) -> Result<HttpResponse, ApiError> {
     let me = user(&req, &state)?;
     let conv = path.into_inner();
     if !valid_user_id(&body.user) {
-        return Err(ApiError::new(ErrorCode::InvalidField, "user is not a valid user id"));
+        return Err(ApiError::new(
+            ErrorCode::InvalidField,
+            "user is not a valid user id",
+        ));
     }
     history::authorize(&*state.store, &conv, &me).await?;
-    let added = state.conversations.add_member(&conv, body.into_inner().user).await?;
+    let added = state
+        .conversations
+        .add_member(&conv, body.into_inner().user)
+        .await?;
     Ok(HttpResponse::Ok().json(json!({ "added": added })))
 }
 
-async fn remove_member(req: HttpRequest, state: State, path: web::Path<(String, String)>) -> Result<HttpResponse, ApiError> {
+async fn remove_member(
+    req: HttpRequest,
+    state: State,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
     let me = user(&req, &state)?;
     let (conv, member) = path.into_inner();
     history::authorize(&*state.store, &conv, &me).await?;

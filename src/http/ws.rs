@@ -22,19 +22,26 @@ use super::error::ApiError;
 use super::{bearer_token, AppState};
 
 /// Upgrade an authenticated request to a WebSocket.
-pub async fn upgrade(req: HttpRequest, body: web::Payload, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn upgrade(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     if state.is_draining() {
-        return Ok(HttpResponse::ServiceUnavailable()
-            .json(serde_json::json!({"error":{"code":"unavailable","message":"server is draining"}})));
+        return Ok(HttpResponse::ServiceUnavailable().json(
+            serde_json::json!({"error":{"code":"unavailable","message":"server is draining"}}),
+        ));
     }
     let user = state.auth.verify(&bearer_token(&req)?)?;
-    let (response, session, stream) =
-        actix_ws::handle(&req, body).map_err(|e| ApiError::new(ErrorCode::InvalidField, e.to_string()))?;
+    let (response, session, stream) = actix_ws::handle(&req, body)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.to_string()))?;
     let stream = stream
         .max_frame_size(state.max_frame_bytes)
         .aggregate_continuations()
         .max_continuation_size(state.max_frame_bytes);
-    let sink = Box::new(ActixSink { session: Some(session.clone()) });
+    let sink = Box::new(ActixSink {
+        session: Some(session.clone()),
+    });
     let hangup = CancellationToken::new();
     let (conn, conn_id) = state
         .sessions
@@ -42,7 +49,14 @@ pub async fn upgrade(req: HttpRequest, body: web::Payload, state: web::Data<AppS
         .await
         .map_err(|e| ApiError::new(ErrorCode::Internal, e))?;
     debug!(conn_id, user_id = %user, "websocket upgraded");
-    actix_web::rt::spawn(read_loop(stream, session, conn, state.heartbeat_timeout, state.stop_reading.clone(), hangup));
+    actix_web::rt::spawn(read_loop(
+        stream,
+        session,
+        conn,
+        state.heartbeat_timeout,
+        state.stop_reading.clone(),
+        hangup,
+    ));
     Ok(response)
 }
 
@@ -81,7 +95,9 @@ async fn read_loop(
                 return;
             }
             Ok(Some(Ok(msg))) => match msg {
-                AggregatedMessage::Text(text) => conn.send_message(ConnectionMsg::Inbound(text.to_string())),
+                AggregatedMessage::Text(text) => {
+                    conn.send_message(ConnectionMsg::Inbound(text.to_string()))
+                }
                 AggregatedMessage::Binary(_) => conn.send_message(ConnectionMsg::Binary),
                 AggregatedMessage::Ping(payload) => {
                     let _ = session.pong(&payload).await;
@@ -100,7 +116,10 @@ async fn read_loop(
 }
 
 fn close_reason(code: CloseCode) -> CloseReason {
-    CloseReason { code: actix_ws::CloseCode::from(code.code()), description: Some(code.reason().to_owned()) }
+    CloseReason {
+        code: actix_ws::CloseCode::from(code.code()),
+        description: Some(code.reason().to_owned()),
+    }
 }
 
 /// The write half of an actix-ws socket.
@@ -114,13 +133,19 @@ impl FrameSink for ActixSink {
         let session = self.session.as_mut().ok_or(SinkClosed)?;
         for frame in frames {
             let text = ByteString::try_from(frame.clone()).map_err(|_| SinkClosed)?;
-            session.feed(actix_ws::Message::Text(text)).await.map_err(|_| SinkClosed)?;
+            session
+                .feed(actix_ws::Message::Text(text))
+                .await
+                .map_err(|_| SinkClosed)?;
         }
         session.flush().await.map_err(|_| SinkClosed)
     }
 
     async fn close(&mut self, code: CloseCode) -> Result<(), SinkClosed> {
         let session = self.session.take().ok_or(SinkClosed)?;
-        session.close(Some(close_reason(code))).await.map_err(|_| SinkClosed)
+        session
+            .close(Some(close_reason(code)))
+            .await
+            .map_err(|_| SinkClosed)
     }
 }

@@ -10,11 +10,13 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
-use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
 use serde::{Deserialize, Serialize};
 use switchboard_actors::store::{
-    Appended, ConvId, ConversationInfo, ConversationKind, HistoryQuery, Membership, Message, MessageStore, NewMessage,
-    Page, StoreError, UserId,
+    Appended, ConvId, ConversationInfo, ConversationKind, HistoryQuery, Membership, Message,
+    MessageStore, NewMessage, Page, StoreError, UserId,
 };
 use tokio::sync::oneshot;
 
@@ -22,7 +24,8 @@ const CONVERSATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("conver
 /// (conversation, user) → joined at (ms)
 const MEMBERS: TableDefinition<(&str, &str), u64> = TableDefinition::new("members");
 /// (user, conversation) → () : the inbox index
-const USER_CONVERSATIONS: TableDefinition<(&str, &str), ()> = TableDefinition::new("user_conversations");
+const USER_CONVERSATIONS: TableDefinition<(&str, &str), ()> =
+    TableDefinition::new("user_conversations");
 /// (lesser user, greater user) → DM conversation id
 const DM_PAIRS: TableDefinition<(&str, &str), &str> = TableDefinition::new("dm_pairs");
 /// (conversation, seq) → postcard [`Record`]
@@ -45,15 +48,36 @@ struct Record {
 
 impl Record {
     fn into_message(self, conv: &str, seq: u64) -> Message {
-        Message { conv: conv.to_owned(), seq, id: self.id, msg_id: self.msg_id, from: self.from, body: self.body, ts: self.ts }
+        Message {
+            conv: conv.to_owned(),
+            seq,
+            id: self.id,
+            msg_id: self.msg_id,
+            from: self.from,
+            body: self.body,
+            ts: self.ts,
+        }
     }
 }
 
 enum WriteOp {
-    Create { info: ConversationInfo, members: Vec<UserId> },
-    AddMember { conv: ConvId, user: UserId },
-    RemoveMember { conv: ConvId, user: UserId },
-    Append { conv: ConvId, first_seq: u64, batch: Vec<NewMessage> },
+    Create {
+        info: ConversationInfo,
+        members: Vec<UserId>,
+    },
+    AddMember {
+        conv: ConvId,
+        user: UserId,
+    },
+    RemoveMember {
+        conv: ConvId,
+        user: UserId,
+    },
+    Append {
+        conv: ConvId,
+        first_seq: u64,
+        batch: Vec<NewMessage>,
+    },
 }
 
 enum WriteOutcome {
@@ -102,7 +126,10 @@ impl EmbeddedStore {
             .name("store-writer".into())
             .spawn(move || write_loop(&writer_db, &rx))
             .map_err(unavailable)?;
-        Ok(Self { db, writer: std::sync::Mutex::new(Some((tx, handle))) })
+        Ok(Self {
+            db,
+            writer: std::sync::Mutex::new(Some((tx, handle))),
+        })
     }
 
     /// Finish the queued writes and stop the writer thread.
@@ -119,7 +146,8 @@ impl EmbeddedStore {
         {
             let writer = self.writer.lock().expect("writer lock");
             let (tx, _) = writer.as_ref().ok_or_else(|| unavailable("store closed"))?;
-            tx.send(Job { op, reply }).map_err(|_| unavailable("store writer stopped"))?;
+            tx.send(Job { op, reply })
+                .map_err(|_| unavailable("store writer stopped"))?;
         }
         rx.await.map_err(|_| unavailable("store writer stopped"))?
     }
@@ -153,11 +181,15 @@ fn write_loop(db: &Database, rx: &mpsc::Receiver<Job>) {
         }
         let started = std::time::Instant::now();
         let outcome = db.begin_write().map_err(unavailable).and_then(|txn| {
-            let results: Vec<_> = jobs.iter().map(|j| apply(&txn, &j.op)).collect::<Result<_, _>>()?;
+            let results: Vec<_> = jobs
+                .iter()
+                .map(|j| apply(&txn, &j.op))
+                .collect::<Result<_, _>>()?;
             txn.commit().map_err(unavailable)?;
             Ok(results)
         });
-        metrics::histogram!("switchboard_store_commit_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("switchboard_store_commit_seconds")
+            .record(started.elapsed().as_secs_f64());
         metrics::histogram!("switchboard_store_commit_jobs").record(jobs.len() as f64);
         match outcome {
             Ok(results) => {
@@ -176,52 +208,94 @@ fn write_loop(db: &Database, rx: &mpsc::Receiver<Job>) {
 
 /// Apply one job inside the group's transaction. The outer `Result` aborts the whole transaction (an I/O
 /// failure); the inner one is this job's own answer (a fence conflict) and writes nothing.
-fn apply(txn: &WriteTransaction, op: &WriteOp) -> Result<Result<WriteOutcome, StoreError>, StoreError> {
+fn apply(
+    txn: &WriteTransaction,
+    op: &WriteOp,
+) -> Result<Result<WriteOutcome, StoreError>, StoreError> {
     match op {
         WriteOp::Create { info, members } => create(txn, info, members).map(Ok),
         WriteOp::AddMember { conv, user } => {
             let mut m = txn.open_table(MEMBERS).map_err(unavailable)?;
-            let added = m.insert((conv.as_str(), user.as_str()), now_ms()).map_err(unavailable)?.is_none();
-            txn.open_table(USER_CONVERSATIONS).map_err(unavailable)?.insert((user.as_str(), conv.as_str()), ()).map_err(unavailable)?;
+            let added = m
+                .insert((conv.as_str(), user.as_str()), now_ms())
+                .map_err(unavailable)?
+                .is_none();
+            txn.open_table(USER_CONVERSATIONS)
+                .map_err(unavailable)?
+                .insert((user.as_str(), conv.as_str()), ())
+                .map_err(unavailable)?;
             Ok(Ok(WriteOutcome::Changed(added)))
         }
         WriteOp::RemoveMember { conv, user } => {
             let mut m = txn.open_table(MEMBERS).map_err(unavailable)?;
-            let removed = m.remove((conv.as_str(), user.as_str())).map_err(unavailable)?.is_some();
-            txn.open_table(USER_CONVERSATIONS).map_err(unavailable)?.remove((user.as_str(), conv.as_str())).map_err(unavailable)?;
+            let removed = m
+                .remove((conv.as_str(), user.as_str()))
+                .map_err(unavailable)?
+                .is_some();
+            txn.open_table(USER_CONVERSATIONS)
+                .map_err(unavailable)?
+                .remove((user.as_str(), conv.as_str()))
+                .map_err(unavailable)?;
             Ok(Ok(WriteOutcome::Changed(removed)))
         }
-        WriteOp::Append { conv, first_seq, batch } => append(txn, conv, *first_seq, batch),
+        WriteOp::Append {
+            conv,
+            first_seq,
+            batch,
+        } => append(txn, conv, *first_seq, batch),
     }
 }
 
-fn create(txn: &WriteTransaction, info: &ConversationInfo, members: &[UserId]) -> Result<WriteOutcome, StoreError> {
+fn create(
+    txn: &WriteTransaction,
+    info: &ConversationInfo,
+    members: &[UserId],
+) -> Result<WriteOutcome, StoreError> {
     let mut convs = txn.open_table(CONVERSATIONS).map_err(unavailable)?;
     if info.kind == ConversationKind::Dm {
         let (a, b) = dm_pair(members);
         let mut pairs = txn.open_table(DM_PAIRS).map_err(unavailable)?;
-        let existing = pairs.get((a, b)).map_err(unavailable)?.map(|v| v.value().to_owned());
+        let existing = pairs
+            .get((a, b))
+            .map_err(unavailable)?
+            .map(|v| v.value().to_owned());
         if let Some(id) = existing {
-            let raw = convs.get(id.as_str()).map_err(unavailable)?.ok_or_else(|| corrupt("dm pair without conversation"))?;
+            let raw = convs
+                .get(id.as_str())
+                .map_err(unavailable)?
+                .ok_or_else(|| corrupt("dm pair without conversation"))?;
             let info = postcard::from_bytes(raw.value()).map_err(corrupt)?;
             return Ok(WriteOutcome::Created(info, false));
         }
-        pairs.insert((a, b), info.id.as_str()).map_err(unavailable)?;
+        pairs
+            .insert((a, b), info.id.as_str())
+            .map_err(unavailable)?;
     }
     let raw = postcard::to_stdvec(info).map_err(corrupt)?;
-    convs.insert(info.id.as_str(), raw.as_slice()).map_err(unavailable)?;
+    convs
+        .insert(info.id.as_str(), raw.as_slice())
+        .map_err(unavailable)?;
     let mut m = txn.open_table(MEMBERS).map_err(unavailable)?;
     let mut uc = txn.open_table(USER_CONVERSATIONS).map_err(unavailable)?;
     for user in members {
-        m.insert((info.id.as_str(), user.as_str()), info.created_at).map_err(unavailable)?;
-        uc.insert((user.as_str(), info.id.as_str()), ()).map_err(unavailable)?;
+        m.insert((info.id.as_str(), user.as_str()), info.created_at)
+            .map_err(unavailable)?;
+        uc.insert((user.as_str(), info.id.as_str()), ())
+            .map_err(unavailable)?;
     }
     Ok(WriteOutcome::Created(info.clone(), true))
 }
 
 fn dm_pair(members: &[UserId]) -> (&str, &str) {
-    let (a, b) = (members[0].as_str(), members.get(1).map_or(members[0].as_str(), String::as_str));
-    if a <= b { (a, b) } else { (b, a) }
+    let (a, b) = (
+        members[0].as_str(),
+        members.get(1).map_or(members[0].as_str(), String::as_str),
+    );
+    if a <= b {
+        (a, b)
+    } else {
+        (b, a)
+    }
 }
 
 fn append(
@@ -233,7 +307,10 @@ fn append(
     let mut messages = txn.open_table(MESSAGES).map_err(unavailable)?;
     let found = last_seq_in(&messages, conv)?;
     if found + 1 != first_seq {
-        return Ok(Err(StoreError::SeqConflict { expected: first_seq, found }));
+        return Ok(Err(StoreError::SeqConflict {
+            expected: first_seq,
+            found,
+        }));
     }
     let mut dedupe = txn.open_table(DEDUPE).map_err(unavailable)?;
     let mut seq = first_seq;
@@ -242,14 +319,25 @@ fn append(
         let key = (conv, m.from.as_str(), m.msg_id.as_str());
         let original = dedupe.get(key).map_err(unavailable)?.map(|v| v.value());
         if let Some(orig_seq) = original {
-            let raw = messages.get((conv, orig_seq)).map_err(unavailable)?.ok_or_else(|| corrupt("dedupe entry without message"))?;
+            let raw = messages
+                .get((conv, orig_seq))
+                .map_err(unavailable)?
+                .ok_or_else(|| corrupt("dedupe entry without message"))?;
             let record: Record = postcard::from_bytes(raw.value()).map_err(corrupt)?;
             results.push(Appended::Duplicate(record.into_message(conv, orig_seq)));
             continue;
         }
-        let record = Record { id: m.id.clone(), msg_id: m.msg_id.clone(), from: m.from.clone(), body: m.body.clone(), ts: m.ts };
+        let record = Record {
+            id: m.id.clone(),
+            msg_id: m.msg_id.clone(),
+            from: m.from.clone(),
+            body: m.body.clone(),
+            ts: m.ts,
+        };
         let raw = postcard::to_stdvec(&record).map_err(corrupt)?;
-        messages.insert((conv, seq), raw.as_slice()).map_err(unavailable)?;
+        messages
+            .insert((conv, seq), raw.as_slice())
+            .map_err(unavailable)?;
         dedupe.insert(key, seq).map_err(unavailable)?;
         results.push(Appended::New(record.into_message(conv, seq)));
         seq += 1;
@@ -257,8 +345,14 @@ fn append(
     Ok(Ok(WriteOutcome::Appended(results)))
 }
 
-fn last_seq_in(messages: &impl ReadableTable<(&'static str, u64), &'static [u8]>, conv: &str) -> Result<u64, StoreError> {
-    let last = messages.range((conv, 0)..=(conv, u64::MAX)).map_err(unavailable)?.next_back();
+fn last_seq_in(
+    messages: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
+    conv: &str,
+) -> Result<u64, StoreError> {
+    let last = messages
+        .range((conv, 0)..=(conv, u64::MAX))
+        .map_err(unavailable)?
+        .next_back();
     match last {
         Some(entry) => Ok(entry.map_err(unavailable)?.0.value().1),
         None => Ok(0),
@@ -269,13 +363,23 @@ fn now_ms() -> u64 {
     switchboard_actors::conversation::now_ms()
 }
 
-fn read_conversation(txn: &ReadTransaction, conv: &str) -> Result<Option<ConversationInfo>, StoreError> {
+fn read_conversation(
+    txn: &ReadTransaction,
+    conv: &str,
+) -> Result<Option<ConversationInfo>, StoreError> {
     let convs = txn.open_table(CONVERSATIONS).map_err(unavailable)?;
     let raw = convs.get(conv).map_err(unavailable)?;
-    raw.map(|r| postcard::from_bytes(r.value()).map_err(corrupt)).transpose()
+    raw.map(|r| postcard::from_bytes(r.value()).map_err(corrupt))
+        .transpose()
 }
 
-fn read_message(conv: &str, entry: (redb::AccessGuard<'_, (&str, u64)>, redb::AccessGuard<'_, &[u8]>)) -> Result<Message, StoreError> {
+fn read_message(
+    conv: &str,
+    entry: (
+        redb::AccessGuard<'_, (&str, u64)>,
+        redb::AccessGuard<'_, &[u8]>,
+    ),
+) -> Result<Message, StoreError> {
     let seq = entry.0.value().1;
     let record: Record = postcard::from_bytes(entry.1.value()).map_err(corrupt)?;
     Ok(record.into_message(conv, seq))
@@ -283,7 +387,11 @@ fn read_message(conv: &str, entry: (redb::AccessGuard<'_, (&str, u64)>, redb::Ac
 
 #[async_trait]
 impl MessageStore for EmbeddedStore {
-    async fn create_conversation(&self, info: ConversationInfo, members: Vec<UserId>) -> Result<(ConversationInfo, bool), StoreError> {
+    async fn create_conversation(
+        &self,
+        info: ConversationInfo,
+        members: Vec<UserId>,
+    ) -> Result<(ConversationInfo, bool), StoreError> {
         match self.write(WriteOp::Create { info, members }).await? {
             WriteOutcome::Created(info, created) => Ok((info, created)),
             _ => Err(corrupt("unexpected write outcome")),
@@ -317,25 +425,45 @@ impl MessageStore for EmbeddedStore {
         let (conv, user) = (conv.to_owned(), user.to_owned());
         self.read(move |txn| {
             let members = txn.open_table(MEMBERS).map_err(unavailable)?;
-            if members.get((conv.as_str(), user.as_str())).map_err(unavailable)?.is_some() {
+            if members
+                .get((conv.as_str(), user.as_str()))
+                .map_err(unavailable)?
+                .is_some()
+            {
                 return Ok(Membership::Member);
             }
             let convs = txn.open_table(CONVERSATIONS).map_err(unavailable)?;
             let exists = convs.get(conv.as_str()).map_err(unavailable)?.is_some();
-            Ok(if exists { Membership::NotMember } else { Membership::Unknown })
+            Ok(if exists {
+                Membership::NotMember
+            } else {
+                Membership::Unknown
+            })
         })
         .await
     }
 
     async fn add_member(&self, conv: &str, user: &str) -> Result<bool, StoreError> {
-        match self.write(WriteOp::AddMember { conv: conv.to_owned(), user: user.to_owned() }).await? {
+        match self
+            .write(WriteOp::AddMember {
+                conv: conv.to_owned(),
+                user: user.to_owned(),
+            })
+            .await?
+        {
             WriteOutcome::Changed(c) => Ok(c),
             _ => Err(corrupt("unexpected write outcome")),
         }
     }
 
     async fn remove_member(&self, conv: &str, user: &str) -> Result<bool, StoreError> {
-        match self.write(WriteOp::RemoveMember { conv: conv.to_owned(), user: user.to_owned() }).await? {
+        match self
+            .write(WriteOp::RemoveMember {
+                conv: conv.to_owned(),
+                user: user.to_owned(),
+            })
+            .await?
+        {
             WriteOutcome::Changed(c) => Ok(c),
             _ => Err(corrupt("unexpected write outcome")),
         }
@@ -363,14 +491,30 @@ impl MessageStore for EmbeddedStore {
         let conv = conv.to_owned();
         self.read(move |txn| {
             let messages = txn.open_table(MESSAGES).map_err(unavailable)?;
-            let last = messages.range((conv.as_str(), 0)..=(conv.as_str(), u64::MAX)).map_err(unavailable)?.next_back();
-            last.map(|e| read_message(&conv, e.map_err(unavailable)?)).transpose()
+            let last = messages
+                .range((conv.as_str(), 0)..=(conv.as_str(), u64::MAX))
+                .map_err(unavailable)?
+                .next_back();
+            last.map(|e| read_message(&conv, e.map_err(unavailable)?))
+                .transpose()
         })
         .await
     }
 
-    async fn append(&self, conv: &str, first_seq: u64, batch: Vec<NewMessage>) -> Result<Vec<Appended>, StoreError> {
-        match self.write(WriteOp::Append { conv: conv.to_owned(), first_seq, batch }).await? {
+    async fn append(
+        &self,
+        conv: &str,
+        first_seq: u64,
+        batch: Vec<NewMessage>,
+    ) -> Result<Vec<Appended>, StoreError> {
+        match self
+            .write(WriteOp::Append {
+                conv: conv.to_owned(),
+                first_seq,
+                batch,
+            })
+            .await?
+        {
             WriteOutcome::Appended(r) => Ok(r),
             _ => Err(corrupt("unexpected write outcome")),
         }
@@ -383,9 +527,14 @@ impl MessageStore for EmbeddedStore {
             let low = query.after.map_or(0, |a| a.saturating_add(1));
             let high = query.before.map_or(u64::MAX, |b| b.saturating_sub(1));
             if low > high || query.before == Some(0) {
-                return Ok(Page { messages: Vec::new(), has_more: false });
+                return Ok(Page {
+                    messages: Vec::new(),
+                    has_more: false,
+                });
             }
-            let range = table.range((conv.as_str(), low)..=(conv.as_str(), high)).map_err(unavailable)?;
+            let range = table
+                .range((conv.as_str(), low)..=(conv.as_str(), high))
+                .map_err(unavailable)?;
             // With `after`, travel forward from it; otherwise travel back from `before` (or the newest).
             let mut messages = Vec::with_capacity(query.limit);
             let mut has_more = false;
@@ -399,11 +548,15 @@ impl MessageStore for EmbeddedStore {
             };
             if query.after.is_some() {
                 for e in range {
-                    if !take(e)? { break; }
+                    if !take(e)? {
+                        break;
+                    }
                 }
             } else {
                 for e in range.rev() {
-                    if !take(e)? { break; }
+                    if !take(e)? {
+                        break;
+                    }
                 }
                 messages.reverse();
             }

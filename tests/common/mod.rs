@@ -42,7 +42,11 @@ impl TestServer {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let server = Server::start(&config, listener).await.unwrap();
         let addr = server.local_addr();
-        Self { server: Some(server), addr, dir }
+        Self {
+            server: Some(server),
+            addr,
+            dir,
+        }
     }
 
     pub fn server(&self) -> &Server {
@@ -69,46 +73,86 @@ pub struct Api {
 
 impl Api {
     pub fn new(addr: SocketAddr) -> Self {
-        Self { base: format!("http://{addr}"), http: reqwest::Client::new() }
+        Self {
+            base: format!("http://{addr}"),
+            http: reqwest::Client::new(),
+        }
     }
 
     pub async fn token(&self, user: &str) -> String {
-        let r = self.http.post(format!("{}/v1/dev/token", self.base)).json(&json!({"user": user})).send().await.unwrap();
+        let r = self
+            .http
+            .post(format!("{}/v1/dev/token", self.base))
+            .json(&json!({"user": user}))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
-        r.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_owned()
+        r.json::<Value>().await.unwrap()["token"]
+            .as_str()
+            .unwrap()
+            .to_owned()
     }
 
     /// Any request with a bearer token; returns status and JSON body.
-    pub async fn call(&self, method: reqwest::Method, path: &str, token: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = self.http.request(method, format!("{}{}", self.base, path)).bearer_auth(token);
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}{}", self.base, path))
+            .bearer_auth(token);
         if let Some(b) = body {
             req = req.json(&b);
         }
         let r = req.send().await.unwrap();
         let status = r.status().as_u16();
         let text = r.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     pub async fn create(&self, token: &str, body: Value) -> (u16, Value) {
-        self.call(reqwest::Method::POST, "/v1/conversations", token, Some(body)).await
+        self.call(
+            reqwest::Method::POST,
+            "/v1/conversations",
+            token,
+            Some(body),
+        )
+        .await
     }
 
     /// Create a group of `members` (plus the creator) and return its id.
     pub async fn group(&self, token: &str, members: &[String]) -> String {
-        let (status, v) = self.create(token, json!({"kind":"group","name":"g","members": members})).await;
+        let (status, v) = self
+            .create(token, json!({"kind":"group","name":"g","members": members}))
+            .await;
         assert_eq!(status, 201, "{v}");
         v["id"].as_str().unwrap().to_owned()
     }
 
     pub async fn dm(&self, token: &str, other: &str) -> String {
-        let (status, v) = self.create(token, json!({"kind":"dm","members":[other]})).await;
+        let (status, v) = self
+            .create(token, json!({"kind":"dm","members":[other]}))
+            .await;
         assert!(status == 201 || status == 200, "{v}");
         v["id"].as_str().unwrap().to_owned()
     }
 
     pub async fn history(&self, token: &str, conv: &str, query: &str) -> (u16, Value) {
-        self.call(reqwest::Method::GET, &format!("/v1/conversations/{conv}/messages{query}"), token, None).await
+        self.call(
+            reqwest::Method::GET,
+            &format!("/v1/conversations/{conv}/messages{query}"),
+            token,
+            None,
+        )
+        .await
     }
 
     /// Every message of a conversation, paging forward.
@@ -116,7 +160,9 @@ impl Api {
         let mut out = Vec::new();
         let mut after = 0;
         loop {
-            let (status, page) = self.history(token, conv, &format!("?after={after}&limit=200")).await;
+            let (status, page) = self
+                .history(token, conv, &format!("?after={after}&limit=200"))
+                .await;
             assert_eq!(status, 200, "{page}");
             let msgs = page["messages"].as_array().unwrap().clone();
             if let Some(last) = msgs.last() {
@@ -142,12 +188,19 @@ pub enum Recv {
 
 impl Client {
     pub async fn connect(addr: SocketAddr, token: &str) -> Self {
-        Self::try_connect(addr, token).await.expect("websocket connect")
+        Self::try_connect(addr, token)
+            .await
+            .expect("websocket connect")
     }
 
-    pub async fn try_connect(addr: SocketAddr, token: &str) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
+    pub async fn try_connect(
+        addr: SocketAddr,
+        token: &str,
+    ) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
         let url = format!("ws://{addr}/v1/ws?token={token}");
-        let config = WebSocketConfig::default().read_buffer_size(16 * 1024).write_buffer_size(0);
+        let config = WebSocketConfig::default()
+            .read_buffer_size(16 * 1024)
+            .write_buffer_size(0);
         let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true).await?;
         Ok(Self { ws })
     }
@@ -158,37 +211,60 @@ impl Client {
         socket.set_recv_buffer_size(4096).unwrap();
         let stream = socket.connect(addr).await.unwrap();
         let url = format!("ws://{addr}/v1/ws?token={token}");
-        let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
-        let (ws, _) = tokio_tungstenite::client_async_with_config(url, MaybeTlsStream::Plain(stream), Some(config)).await.unwrap();
+        let config = WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .write_buffer_size(0);
+        let (ws, _) = tokio_tungstenite::client_async_with_config(
+            url,
+            MaybeTlsStream::Plain(stream),
+            Some(config),
+        )
+        .await
+        .unwrap();
         Self { ws }
     }
 
     pub async fn send(&mut self, v: Value) {
-        self.ws.send(WsMessage::Text(v.to_string().into())).await.unwrap();
+        self.ws
+            .send(WsMessage::Text(v.to_string().into()))
+            .await
+            .unwrap();
     }
 
     pub async fn send_raw(&mut self, text: &str) {
-        self.ws.send(WsMessage::Text(text.to_owned().into())).await.unwrap();
+        self.ws
+            .send(WsMessage::Text(text.to_owned().into()))
+            .await
+            .unwrap();
     }
 
     pub async fn send_msg(&mut self, conv: &str, msg_id: &str, body: &str) {
-        self.send(json!({"op":"send","conv":conv,"msg_id":msg_id,"body":body})).await;
+        self.send(json!({"op":"send","conv":conv,"msg_id":msg_id,"body":body}))
+            .await;
     }
 
     /// The next JSON frame or the close, within `WAIT`.
     pub async fn recv(&mut self) -> Recv {
-        self.recv_within(WAIT).await.expect("timed out waiting for a frame")
+        self.recv_within(WAIT)
+            .await
+            .expect("timed out waiting for a frame")
     }
 
     pub async fn recv_within(&mut self, wait: Duration) -> Option<Recv> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let next = tokio::time::timeout_at(deadline, self.ws.next()).await.ok()?;
+            let next = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()?;
             match next {
                 None => return Some(Recv::Closed(None)),
                 Some(Err(_)) => return Some(Recv::Closed(None)),
-                Some(Ok(WsMessage::Text(t))) => return Some(Recv::Frame(serde_json::from_str(t.as_str()).unwrap())),
-                Some(Ok(WsMessage::Close(c))) => return Some(Recv::Closed(c.map(|c| u16::from(c.code)))),
+                Some(Ok(WsMessage::Text(t))) => {
+                    return Some(Recv::Frame(serde_json::from_str(t.as_str()).unwrap()))
+                }
+                Some(Ok(WsMessage::Close(c))) => {
+                    return Some(Recv::Closed(c.map(|c| u16::from(c.code))))
+                }
                 Some(Ok(_)) => continue,
             }
         }
