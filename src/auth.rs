@@ -91,7 +91,11 @@ impl Auth {
             }
         };
         let mut validation = Validation::new(algorithm);
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // jsonwebtoken checks `iss`/`aud` only when the token carries them: require them when configured.
+        let mut required = vec!["exp", "sub"];
+        required.extend(config.jwt_issuer.as_ref().map(|_| "iss"));
+        required.extend(config.jwt_audience.as_ref().map(|_| "aud"));
+        validation.set_required_spec_claims(&required);
         validation.leeway = 30;
         match &config.jwt_issuer {
             Some(iss) => validation.set_issuer(&[iss]),
@@ -267,6 +271,9 @@ mod tests {
         assert!(auth.verify(&t).is_err());
         let no_aud = serde_json::json!({"sub":"a","exp":now+60,"iss":"me"});
         let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &no_aud, &key).unwrap();
-        assert!(auth.verify(&t).is_err());
+        assert!(auth.verify(&t).is_err(), "aud is required when configured");
+        let no_iss = serde_json::json!({"sub":"a","exp":now+60,"aud":"sb"});
+        let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &no_iss, &key).unwrap();
+        assert!(auth.verify(&t).is_err(), "iss is required when configured");
     }
 }
