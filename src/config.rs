@@ -47,6 +47,9 @@ pub struct Settings {
     /// Frames queued per connection before it is closed as a slow consumer [default: 1024].
     #[arg(long, env = "SWITCHBOARD_OUTBOUND_QUEUE")]
     pub outbound_queue: Option<usize>,
+    /// Sends per connection awaiting their ack; past that a send gets `rate_limited` [default: 1024].
+    #[arg(long, env = "SWITCHBOARD_MAX_UNACKED")]
+    pub max_unacked: Option<usize>,
     /// Close a connection silent for this many seconds [default: 90].
     #[arg(long, env = "SWITCHBOARD_HEARTBEAT_TIMEOUT_SECS")]
     pub heartbeat_timeout_secs: Option<f64>,
@@ -106,6 +109,8 @@ pub struct Config {
     pub max_frame_bytes: usize,
     /// Outbound queue per connection.
     pub outbound_queue: usize,
+    /// Unacknowledged sends per connection.
+    pub max_unacked: usize,
     /// Heartbeat timeout.
     pub heartbeat_timeout: Duration,
     /// Conversation idle time.
@@ -154,7 +159,11 @@ impl Settings {
         let secs = |v: Option<f64>, default: f64, name: &str| -> Result<Duration, ConfigError> {
             let v = v.unwrap_or(default);
             Duration::try_from_secs_f64(v)
-                .map_err(|_| ConfigError::Invalid(format!("{name} must be a positive number")))
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    ConfigError::Invalid(format!("{name} must be a positive number of seconds"))
+                })
         };
         let listen =
             pick!(listen).unwrap_or_else(|| "127.0.0.1:8080".parse().expect("valid default"));
@@ -176,10 +185,14 @@ impl Settings {
             jwt_algorithm,
             jwt_issuer: pick!(jwt_issuer),
             jwt_audience: pick!(jwt_audience),
-            dev_login: pick!(dev_login).unwrap_or_else(|| listen.ip().is_loopback()),
+            // Dev tokens are signed with the HS256 secret, so the default is off with public-key verification.
+            dev_login: pick!(dev_login).unwrap_or_else(|| {
+                listen.ip().is_loopback() && jwt_algorithm == JwtAlgorithm::Hs256
+            }),
             max_body_bytes: pick!(max_body_bytes).unwrap_or(4096),
             max_frame_bytes: pick!(max_frame_bytes).unwrap_or(64 * 1024),
             outbound_queue: pick!(outbound_queue).unwrap_or(1024),
+            max_unacked: pick!(max_unacked).unwrap_or(1024),
             heartbeat_timeout: secs(
                 pick!(heartbeat_timeout_secs),
                 90.0,

@@ -53,6 +53,11 @@ impl Server {
         let metrics = prometheus();
         let store = Arc::new(EmbeddedStore::open(&config.data_dir)?);
         let auth = Auth::from_config(config)?;
+        if config.dev_login && !auth.can_mint() {
+            anyhow::bail!(
+                "dev login needs an HS256 secret to sign tokens; turn it off with RS256/EdDSA keys"
+            );
+        }
         let system_config = SystemConfig {
             conversation: ConversationConfig {
                 idle_after: config.conversation_idle,
@@ -61,7 +66,7 @@ impl Server {
             limits: ConnectionLimits {
                 max_body: config.max_body_bytes,
                 outbound_queue: config.outbound_queue,
-                ..ConnectionLimits::default()
+                max_unacked: config.max_unacked,
             },
             intensity: RestartIntensity {
                 max_restarts: config.max_restarts,
@@ -76,7 +81,6 @@ impl Server {
             conversations: system.conversations.clone(),
             sessions: system.sessions.clone(),
             auth,
-            dev_login: config.dev_login,
             max_body_bytes: config.max_body_bytes,
             max_frame_bytes: config.max_frame_bytes,
             heartbeat_timeout: config.heartbeat_timeout,
@@ -88,10 +92,11 @@ impl Server {
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let app_state = state.clone();
+        let dev_login = config.dev_login;
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(app_state.clone())
-                .configure(http::routes)
+                .configure(|cfg| http::routes(cfg, dev_login))
         })
         .workers(config.http_workers)
         .disable_signals()

@@ -477,7 +477,38 @@ async fn bad_input_gets_documented_errors_and_the_socket_stays_usable() {
     c.send(json!({"op":"ping"})).await;
     assert_eq!(c.frame().await, json!({"op":"pong"}));
 
-    // A frame over 64 KiB closes the socket with 1009.
+    // A fragmented message is reassembled…
+    use tokio_tungstenite::tungstenite::protocol::frame::{
+        coding::{Data, OpCode},
+        Frame,
+    };
+    let text = json!({"op":"send","msg_id":"frag","conv":conv,"body":"in pieces"}).to_string();
+    let (a, b) = text.split_at(10);
+    c.ws.send(tokio_tungstenite::tungstenite::Message::Frame(
+        Frame::message(a.as_bytes().to_vec(), OpCode::Data(Data::Text), false),
+    ))
+    .await
+    .unwrap();
+    c.ws.send(tokio_tungstenite::tungstenite::Message::Frame(
+        Frame::message(b.as_bytes().to_vec(), OpCode::Data(Data::Continue), true),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(c.expect_op("ack").await["msg_id"], "frag");
+    // …and one over 64 KiB in total closes the socket with 1009, like a single big frame.
+    let piece = vec![b'y'; 40 * 1024];
+    c.ws.send(tokio_tungstenite::tungstenite::Message::Frame(
+        Frame::message(piece.clone(), OpCode::Data(Data::Text), false),
+    ))
+    .await
+    .unwrap();
+    c.ws.send(tokio_tungstenite::tungstenite::Message::Frame(
+        Frame::message(piece, OpCode::Data(Data::Continue), true),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(c.closed().await, Some(1009));
+    let mut c = Client::connect(s.addr, &t[0]).await;
     c.send_raw(&"y".repeat(65 * 1024)).await;
     assert_eq!(c.closed().await, Some(1009));
 

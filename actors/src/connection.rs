@@ -180,6 +180,7 @@ pub struct ConnectionState {
     id: ConnId,
     ctx: Arc<ConnectionContext>,
     outbound: Outbound,
+    replier: Replier,
     /// Sends awaiting their answer, in arrival order; one task answers them in that order.
     unacked: Option<mpsc::Sender<PendingReply>>,
     tasks: TaskTracker,
@@ -189,9 +190,24 @@ pub struct ConnectionState {
     closing: bool,
 }
 
+/// Queues answers for the client; a full queue makes the connection a slow consumer, whoever pushes.
+#[derive(Clone)]
+struct Replier {
+    outbound: Outbound,
+    connection: ActorRef<ConnectionMsg>,
+}
+
+impl Replier {
+    fn send(&self, frame: &ServerFrame<'_>) {
+        if self.outbound.push_frame(protocol::encode(frame)) == Err(PushError::Full) {
+            let _ = self.connection.send_message(ConnectionMsg::Overflow);
+        }
+    }
+}
+
 impl ConnectionState {
     fn reply(&self, frame: &ServerFrame<'_>) {
-        reply_on(&self.outbound, frame);
+        self.replier.send(frame);
     }
 
     async fn inbound(&mut self, text: &str) {
@@ -229,28 +245,25 @@ impl ConnectionState {
                 }
             }
             ClientFrame::Sync { conv, after_seq } => {
-                let (store, user, outbound) = (
+                let (store, user, replier) = (
                     self.ctx.store.clone(),
                     self.user.clone(),
-                    self.outbound.clone(),
+                    self.replier.clone(),
                 );
                 self.tasks.spawn(async move {
                     match history::sync(&*store, &user, &conv, after_seq).await {
                         Ok(page) => {
                             for m in &page.messages {
-                                reply_on(&outbound, &ServerFrame::Msg(m));
+                                replier.send(&ServerFrame::Msg(m));
                             }
                             let last_seq = page.messages.last().map_or(after_seq, |m| m.seq);
-                            reply_on(
-                                &outbound,
-                                &ServerFrame::Synced {
-                                    conv: &conv,
-                                    last_seq,
-                                    has_more: page.has_more,
-                                },
-                            );
+                            replier.send(&ServerFrame::Synced {
+                                conv: &conv,
+                                last_seq,
+                                has_more: page.has_more,
+                            });
                         }
-                        Err(e) => reply_on(&outbound, &ServerFrame::error(&e)),
+                        Err(e) => replier.send(&ServerFrame::error(&e)),
                     }
                 });
             }
@@ -271,18 +284,12 @@ impl ConnectionState {
     }
 }
 
-/// Queue a reply frame; a full queue is handled like any other overflow.
-fn reply_on(outbound: &Outbound, frame: &ServerFrame<'_>) {
-    // `Full` here is noticed by the next delivery, which triggers the slow-consumer close.
-    let _ = outbound.push_frame(protocol::encode(frame));
-}
-
 /// Answer a connection's sends in the order they were made.
-async fn ack_loop(mut unacked: mpsc::Receiver<PendingReply>, outbound: Outbound) {
+async fn ack_loop(mut unacked: mpsc::Receiver<PendingReply>, replier: Replier) {
     while let Some(pending) = unacked.recv().await {
         match pending.wait().await {
-            Ok(m) => reply_on(&outbound, &ServerFrame::ack(&m)),
-            Err(e) => reply_on(&outbound, &ServerFrame::error(&e)),
+            Ok(m) => replier.send(&ServerFrame::ack(&m)),
+            Err(e) => replier.send(&ServerFrame::error(&e)),
         }
     }
 }
@@ -335,14 +342,18 @@ impl Actor for ConnectionActor {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<ConnectionMsg>,
+        myself: ActorRef<ConnectionMsg>,
         args: ConnectionArgs,
     ) -> Result<ConnectionState, ActorProcessingErr> {
         let abort = Abort::default();
         let writer = tokio::spawn(write_loop(args.sink, args.queue, abort.clone()));
         let tasks = TaskTracker::new();
         let (unacked, unacked_rx) = mpsc::channel(args.ctx.limits.max_unacked.max(1));
-        tasks.spawn(ack_loop(unacked_rx, args.outbound.clone()));
+        let replier = Replier {
+            outbound: args.outbound.clone(),
+            connection: myself,
+        };
+        tasks.spawn(ack_loop(unacked_rx, replier.clone()));
         debug!(conn_id = args.id, user_id = %args.user, "connection open");
         metrics::gauge!("switchboard_connections").increment(1.0);
         Ok(ConnectionState {
@@ -350,6 +361,7 @@ impl Actor for ConnectionActor {
             id: args.id,
             ctx: args.ctx,
             outbound: args.outbound,
+            replier,
             unacked: Some(unacked),
             tasks,
             abort,
@@ -415,8 +427,19 @@ impl Actor for ConnectionActor {
         if !state.closing {
             state.close(CloseCode::Normal);
         }
-        state.hangup.cancel();
-        metrics::gauge!("switchboard_connections").decrement(1.0);
         Ok(())
+    }
+}
+
+/// Runs however the actor ends: ractor skips `post_stop` when an actor fails, or is killed along with its
+/// failed session.
+impl Drop for ConnectionState {
+    fn drop(&mut self) {
+        if !self.closing {
+            // Not closed on purpose: the actor failed. Say so (1011); the client reconnects and syncs.
+            self.abort(CloseCode::Internal);
+        }
+        self.hangup.cancel();
+        metrics::gauge!("switchboard_connections").decrement(1.0);
     }
 }

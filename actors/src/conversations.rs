@@ -432,7 +432,8 @@ impl PendingReply {
                     self.rx = self
                         .conversations
                         .enqueue(&self.conv, &self.request)
-                        .await?;
+                        .await
+                        .map_err(|e| e.for_msg(Some(&self.request.msg_id)))?;
                 }
                 Ok(Err(_dropped)) => break,
                 Err(_elapsed) => {

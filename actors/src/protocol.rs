@@ -59,6 +59,8 @@ pub enum ErrorCode {
     StoreUnavailable,
     /// Authentication failed.
     Unauthorized,
+    /// The node is draining (or starting): connect to another node or retry later.
+    Unavailable,
     /// A bug or an unexpected failure on the server.
     Internal,
 }
@@ -77,6 +79,7 @@ impl ErrorCode {
             Self::RateLimited => "rate_limited",
             Self::StoreUnavailable => "store_unavailable",
             Self::Unauthorized => "unauthorized",
+            Self::Unavailable => "unavailable",
             Self::Internal => "internal",
         }
     }

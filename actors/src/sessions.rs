@@ -190,13 +190,12 @@ impl Actor for SessionSupervisor {
                 let Some(user) = state.sessions.remove(&cell.get_id()) else {
                     return Ok(());
                 };
-                error!(user_id = %user, error = %err, "session failed; closing its connections");
+                // ractor kills a failed actor's children with it: the user's connections close with
+                // 1011, and their devices reconnect (and resync) into a fresh session on demand.
+                error!(user_id = %user, error = %err, "session failed; its connections were closed");
                 metrics::counter!("switchboard_actor_restarts_total", "family" => "session")
                     .increment(1);
                 state.directory.remove_if(&user, cell.get_id());
-                // ractor does not stop the children of a failed actor: do it, so the user's devices
-                // reconnect (and resync) into a fresh session instead of lingering unreachable.
-                cell.stop_children(Some("session failed".into()));
                 if state.budget.on_failure(Instant::now()) == Decision::Escalate {
                     return Err(Escalation::new("session", state.intensity).into());
                 }

@@ -186,7 +186,8 @@ pub trait MessageStore: Send + Sync + 'static {
     /// Durably append a batch, atomically. Messages whose `(conv, from, msg_id)` is already stored (or
     /// earlier in the same batch) come back as [`Appended::Duplicate`] and take no seq; the new ones take
     /// `first_seq, first_seq + 1, …` in batch order. Fails with [`StoreError::SeqConflict`] unless
-    /// `first_seq` is the stored last seq + 1 — the fence that keeps one writer per conversation.
+    /// `first_seq` is the stored last seq + 1 — the fence that keeps seqs unique and gap-free even when a
+    /// restarted conversation actor and its previous incarnation's last write overlap.
     async fn append(
         &self,
         conv: &str,

@@ -79,11 +79,10 @@ impl Actor for RootSupervisor {
         event: SupervisionEvent,
         report: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        if let SupervisionEvent::ActorFailed(who, err) = event {
-            let reason = format!("{} failed: {err}", who.get_name().unwrap_or_default());
+        if let SupervisionEvent::ActorFailed(_, err) = event {
+            let reason = err.to_string();
             error!(reason, "a family supervisor escalated; stopping the node");
             let _ = report.send(Some(reason));
-            myself.stop_children(Some("escalation".into()));
             myself.stop(Some("escalation".into()));
         }
         Ok(())

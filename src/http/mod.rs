@@ -31,8 +31,6 @@ pub struct AppState {
     pub sessions: Sessions,
     /// Token verification.
     pub auth: Auth,
-    /// `POST /v1/dev/token` enabled.
-    pub dev_login: bool,
     /// Largest body.
     pub max_body_bytes: usize,
     /// Largest frame.
@@ -56,15 +54,17 @@ impl AppState {
     }
 }
 
-/// The token of a request: `Authorization: Bearer …`, or `?token=` (browsers cannot set headers on a socket).
+/// The token of a request: `Authorization: Bearer …` (scheme case-insensitive), else `?token=` (browsers
+/// cannot set headers on a WebSocket).
 pub fn bearer_token(req: &HttpRequest) -> Result<String, AuthError> {
-    if let Some(h) = req.headers().get(actix_web::http::header::AUTHORIZATION) {
-        let h = h.to_str().map_err(|_| AuthError::Missing)?;
-        return h
-            .strip_prefix("Bearer ")
-            .map(|t| t.trim().to_owned())
-            .filter(|t| !t.is_empty())
-            .ok_or(AuthError::Missing);
+    let header = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok());
+    if let Some((scheme, token)) = header.and_then(|h| h.trim().split_once(' ')) {
+        if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() {
+            return Ok(token.trim().to_owned());
+        }
     }
     web::Query::<std::collections::HashMap<String, String>>::from_query(req.query_string())
         .ok()
@@ -73,8 +73,30 @@ pub fn bearer_token(req: &HttpRequest) -> Result<String, AuthError> {
         .ok_or(AuthError::Missing)
 }
 
-/// Register every route.
-pub fn routes(cfg: &mut web::ServiceConfig) {
+/// The authenticated user of a request. As the first argument of a handler it runs before the body is
+/// parsed, so an unauthenticated request gets 401 whatever its body.
+pub struct AuthUser(pub String);
+
+impl actix_web::FromRequest for AuthUser {
+    type Error = error::ApiError;
+    type Future = std::future::Ready<Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
+        let user = req
+            .app_data::<web::Data<AppState>>()
+            .ok_or_else(|| {
+                error::ApiError::new(
+                    switchboard_actors::protocol::ErrorCode::Internal,
+                    "no state",
+                )
+            })
+            .and_then(|state| Ok(state.auth.verify(&bearer_token(req)?)?));
+        std::future::ready(user.map(AuthUser))
+    }
+}
+
+/// Register every route (`dev_login` adds `POST /v1/dev/token`).
+pub fn routes(cfg: &mut web::ServiceConfig, dev_login: bool) {
     cfg.app_data(
         web::JsonConfig::default()
             .limit(2 * 1024 * 1024)
@@ -83,4 +105,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .app_data(web::QueryConfig::default().error_handler(error::query_error))
     .route("/v1/ws", web::get().to(ws::upgrade))
     .configure(rest::routes);
+    if dev_login {
+        cfg.configure(rest::dev_routes);
+    }
 }

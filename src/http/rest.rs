@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 use serde_json::json;
 use switchboard_actors::conversation::{now_ms, SendRequest};
@@ -15,7 +15,7 @@ use switchboard_actors::store::{
 };
 
 use super::error::ApiError;
-use super::{bearer_token, AppState};
+use super::{AppState, AuthUser};
 use crate::auth::{valid_user_id, DEV_TOKEN_TTL_SECS};
 
 type State = web::Data<AppState>;
@@ -25,7 +25,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
         .route("/metrics", web::get().to(metrics))
-        .route("/v1/dev/token", web::post().to(dev_token))
         .route("/v1/conversations", web::post().to(create_conversation))
         .route("/v1/conversations", web::get().to(list_conversations))
         .route("/v1/conversations/{id}", web::get().to(get_conversation))
@@ -44,8 +43,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         );
 }
 
-fn user(req: &HttpRequest, state: &AppState) -> Result<String, ApiError> {
-    Ok(state.auth.verify(&bearer_token(req)?)?)
+/// `POST /v1/dev/token`, registered only when dev login is on.
+pub fn dev_routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/dev/token", web::post().to(dev_token));
 }
 
 async fn healthz(state: State) -> HttpResponse {
@@ -72,10 +72,6 @@ struct DevTokenBody {
 }
 
 async fn dev_token(state: State, body: web::Json<DevTokenBody>) -> Result<HttpResponse, ApiError> {
-    if !state.dev_login {
-        return Ok(HttpResponse::NotFound()
-            .json(json!({"error":{"code":"not_found","message":"dev login is off"}})));
-    }
     if !valid_user_id(&body.user) {
         return Err(ApiError::new(
             ErrorCode::InvalidField,
@@ -120,11 +116,10 @@ fn conversation_json(
 }
 
 async fn create_conversation(
-    req: HttpRequest,
+    AuthUser(me): AuthUser,
     state: State,
     body: web::Json<CreateBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let me = user(&req, &state)?;
     let body = body.into_inner();
     if let Some(bad) = body.members.iter().find(|m| !valid_user_id(m)) {
         return Err(ApiError::new(
@@ -193,8 +188,10 @@ async fn create_conversation(
     })
 }
 
-async fn list_conversations(req: HttpRequest, state: State) -> Result<HttpResponse, ApiError> {
-    let me = user(&req, &state)?;
+async fn list_conversations(
+    AuthUser(me): AuthUser,
+    state: State,
+) -> Result<HttpResponse, ApiError> {
     let entries = history::inbox(&*state.store, &me).await?;
     let list: Vec<_> = entries
         .iter()
@@ -204,11 +201,10 @@ async fn list_conversations(req: HttpRequest, state: State) -> Result<HttpRespon
 }
 
 async fn get_conversation(
-    req: HttpRequest,
+    AuthUser(me): AuthUser,
     state: State,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let me = user(&req, &state)?;
     let conv = path.into_inner();
     history::authorize(&*state.store, &conv, &me).await?;
     let err = switchboard_actors::conversation::store_error;
@@ -231,12 +227,11 @@ struct HistoryParams {
 }
 
 async fn history_page(
-    req: HttpRequest,
+    AuthUser(me): AuthUser,
     state: State,
     path: web::Path<String>,
     q: web::Query<HistoryParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let me = user(&req, &state)?;
     let query = HistoryQuery {
         before: q.before,
         after: q.after,
@@ -253,12 +248,11 @@ struct SendBody {
 }
 
 async fn send_message(
-    req: HttpRequest,
+    AuthUser(me): AuthUser,
     state: State,
     path: web::Path<String>,
     body: web::Json<SendBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let me = user(&req, &state)?;
     let SendBody { msg_id, body } = body.into_inner();
     if msg_id.is_empty() || msg_id.len() > MAX_ID_LEN {
         return Err(ApiError::new(
@@ -295,12 +289,11 @@ struct MemberBody {
 }
 
 async fn add_member(
-    req: HttpRequest,
+    AuthUser(me): AuthUser,
     state: State,
     path: web::Path<String>,
     body: web::Json<MemberBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let me = user(&req, &state)?;
     let conv = path.into_inner();
     if !valid_user_id(&body.user) {
         return Err(ApiError::new(
@@ -317,11 +310,10 @@ async fn add_member(
 }
 
 async fn remove_member(
-    req: HttpRequest,
+    AuthUser(me): AuthUser,
     state: State,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
-    let me = user(&req, &state)?;
     let (conv, member) = path.into_inner();
     history::authorize(&*state.store, &conv, &me).await?;
     let removed = state.conversations.remove_member(&conv, member).await?;

@@ -86,8 +86,14 @@ async fn read_loop(
                 return;
             }
             Ok(Some(Err(e))) => {
-                let code = match e {
+                let code = match &e {
                     actix_ws::ProtocolError::Overflow => CloseCode::TooBig,
+                    // actix-ws reports a fragmented message over the limit only as this I/O error.
+                    actix_ws::ProtocolError::Io(io)
+                        if io.to_string().contains("maximum continuation size") =>
+                    {
+                        CloseCode::TooBig
+                    }
                     _ => CloseCode::ProtocolError,
                 };
                 debug!(error = %e, "websocket protocol error");

@@ -206,15 +206,16 @@ fn write_loop(db: &Database, rx: &mpsc::Receiver<Job>) {
     }
 }
 
-/// Apply one job inside the group's transaction. The outer `Result` aborts the whole transaction (an I/O
-/// failure); the inner one is this job's own answer (a fence conflict) and writes nothing.
+/// Apply one job inside the group's transaction. The outer `Result` aborts the whole group (an I/O
+/// failure); the inner one is this job's own answer (a fence conflict, a corrupt record). Every job reads
+/// what it needs before it writes, so a job that fails on its own has written nothing.
 fn apply(
     txn: &WriteTransaction,
     op: &WriteOp,
 ) -> Result<Result<WriteOutcome, StoreError>, StoreError> {
-    match op {
-        WriteOp::Create { info, members } => create(txn, info, members).map(Ok),
-        WriteOp::AddMember { conv, user } => {
+    let result = match op {
+        WriteOp::Create { info, members } => create(txn, info, members),
+        WriteOp::AddMember { conv, user } => (|| {
             let mut m = txn.open_table(MEMBERS).map_err(unavailable)?;
             let added = m
                 .insert((conv.as_str(), user.as_str()), now_ms())
@@ -224,9 +225,9 @@ fn apply(
                 .map_err(unavailable)?
                 .insert((user.as_str(), conv.as_str()), ())
                 .map_err(unavailable)?;
-            Ok(Ok(WriteOutcome::Changed(added)))
-        }
-        WriteOp::RemoveMember { conv, user } => {
+            Ok(WriteOutcome::Changed(added))
+        })(),
+        WriteOp::RemoveMember { conv, user } => (|| {
             let mut m = txn.open_table(MEMBERS).map_err(unavailable)?;
             let removed = m
                 .remove((conv.as_str(), user.as_str()))
@@ -236,13 +237,17 @@ fn apply(
                 .map_err(unavailable)?
                 .remove((user.as_str(), conv.as_str()))
                 .map_err(unavailable)?;
-            Ok(Ok(WriteOutcome::Changed(removed)))
-        }
+            Ok(WriteOutcome::Changed(removed))
+        })(),
         WriteOp::Append {
             conv,
             first_seq,
             batch,
         } => append(txn, conv, *first_seq, batch),
+    };
+    match result {
+        Err(e @ StoreError::Unavailable(_)) => Err(e),
+        other => Ok(other),
     }
 }
 
@@ -303,21 +308,30 @@ fn append(
     conv: &str,
     first_seq: u64,
     batch: &[NewMessage],
-) -> Result<Result<WriteOutcome, StoreError>, StoreError> {
+) -> Result<WriteOutcome, StoreError> {
     let mut messages = txn.open_table(MESSAGES).map_err(unavailable)?;
     let found = last_seq_in(&messages, conv)?;
     if found + 1 != first_seq {
-        return Ok(Err(StoreError::SeqConflict {
+        return Err(StoreError::SeqConflict {
             expected: first_seq,
             found,
-        }));
+        });
     }
     let mut dedupe = txn.open_table(DEDUPE).map_err(unavailable)?;
+    // Read phase: decide every message's fate (a corrupt original fails the job before anything is written).
     let mut seq = first_seq;
+    let mut in_batch: std::collections::HashMap<(&str, &str), usize> =
+        std::collections::HashMap::new();
     let mut results = Vec::with_capacity(batch.len());
-    for m in batch {
-        let key = (conv, m.from.as_str(), m.msg_id.as_str());
-        let original = dedupe.get(key).map_err(unavailable)?.map(|v| v.value());
+    for (i, m) in batch.iter().enumerate() {
+        if let Some(&first) = in_batch.get(&(m.from.as_str(), m.msg_id.as_str())) {
+            results.push(results_message(&results, first).map(Appended::Duplicate)?);
+            continue;
+        }
+        let original = dedupe
+            .get((conv, m.from.as_str(), m.msg_id.as_str()))
+            .map_err(unavailable)?
+            .map(|v| v.value());
         if let Some(orig_seq) = original {
             let raw = messages
                 .get((conv, orig_seq))
@@ -327,6 +341,7 @@ fn append(
             results.push(Appended::Duplicate(record.into_message(conv, orig_seq)));
             continue;
         }
+        in_batch.insert((m.from.as_str(), m.msg_id.as_str()), i);
         let record = Record {
             id: m.id.clone(),
             msg_id: m.msg_id.clone(),
@@ -334,15 +349,37 @@ fn append(
             body: m.body.clone(),
             ts: m.ts,
         };
-        let raw = postcard::to_stdvec(&record).map_err(corrupt)?;
-        messages
-            .insert((conv, seq), raw.as_slice())
-            .map_err(unavailable)?;
-        dedupe.insert(key, seq).map_err(unavailable)?;
         results.push(Appended::New(record.into_message(conv, seq)));
         seq += 1;
     }
-    Ok(Ok(WriteOutcome::Appended(results)))
+    // Write phase.
+    for appended in &results {
+        if let Appended::New(m) = appended {
+            let record = Record {
+                id: m.id.clone(),
+                msg_id: m.msg_id.clone(),
+                from: m.from.clone(),
+                body: m.body.clone(),
+                ts: m.ts,
+            };
+            let raw = postcard::to_stdvec(&record).map_err(corrupt)?;
+            messages
+                .insert((conv, m.seq), raw.as_slice())
+                .map_err(unavailable)?;
+            dedupe
+                .insert((conv, m.from.as_str(), m.msg_id.as_str()), m.seq)
+                .map_err(unavailable)?;
+        }
+    }
+    Ok(WriteOutcome::Appended(results))
+}
+
+/// The message a previous entry of this batch stored.
+fn results_message(results: &[Appended], index: usize) -> Result<Message, StoreError> {
+    results
+        .get(index)
+        .map(|a| a.message().clone())
+        .ok_or_else(|| corrupt("batch index"))
 }
 
 fn last_seq_in(
