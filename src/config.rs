@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::store::cassandra::CassandraConfig;
+
 /// Every setting, all optional so that the layers can be merged.
 #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -20,6 +22,11 @@ pub struct Settings {
     /// Directory for the embedded store and the dev token secret [default: ./data].
     #[arg(long, env = "SWITCHBOARD_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Message store: `embedded` (redb in the data directory) or
+    /// `cassandra://host:port[,host:port]/keyspace[?rf=N&dc=NAME&consistency=local_quorum&timeout_ms=5000]`
+    /// [default: embedded].
+    #[arg(long, env = "SWITCHBOARD_STORE")]
+    pub store: Option<String>,
     /// HS256 secret for JWTs. Without it (and without a public key) a secret kept in the data directory is used.
     #[arg(long, env = "SWITCHBOARD_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -73,6 +80,15 @@ pub struct Settings {
     pub log: Option<String>,
 }
 
+/// Which message store a node uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    /// redb in the data directory.
+    Embedded,
+    /// Apache Cassandra.
+    Cassandra(CassandraConfig),
+}
+
 /// Which JWT algorithm is pinned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JwtAlgorithm {
@@ -91,6 +107,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Data directory.
     pub data_dir: PathBuf,
+    /// Message store.
+    pub store: StoreKind,
     /// HS256 secret, if configured.
     pub jwt_secret: Option<String>,
     /// Public key file, if configured.
@@ -180,6 +198,13 @@ impl Settings {
         let config = Config {
             listen,
             data_dir: pick!(data_dir).unwrap_or_else(|| PathBuf::from("./data")),
+            store: match pick!(store).as_deref().unwrap_or("embedded") {
+                "embedded" => StoreKind::Embedded,
+                url => StoreKind::Cassandra(
+                    CassandraConfig::parse(url)
+                        .map_err(|e| ConfigError::Invalid(format!("store: {e}")))?,
+                ),
+            },
             jwt_secret: pick!(jwt_secret),
             jwt_public_key: pick!(jwt_public_key),
             jwt_algorithm,
@@ -215,9 +240,9 @@ impl Settings {
                 "max_body_bytes must be positive and below max_frame_bytes".into(),
             ));
         }
-        if config.outbound_queue == 0 {
+        if config.outbound_queue == 0 || config.max_unacked == 0 {
             return Err(ConfigError::Invalid(
-                "outbound_queue must be positive".into(),
+                "outbound_queue and max_unacked must be positive".into(),
             ));
         }
         if config.jwt_algorithm != JwtAlgorithm::Hs256 && config.jwt_public_key.is_none() {

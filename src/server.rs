@@ -20,8 +20,11 @@ use tracing::{info, warn};
 
 use crate::auth::Auth;
 use crate::config::Config;
+use crate::config::StoreKind;
 use crate::http::{self, AppState};
+use crate::store::cassandra::CassandraStore;
 use crate::store::embedded::EmbeddedStore;
+use switchboard_actors::store::SharedStore;
 
 /// A running node.
 pub struct Server {
@@ -30,7 +33,7 @@ pub struct Server {
     system: ActorSystem,
     http: actix_web::dev::ServerHandle,
     http_task: tokio::task::JoinHandle<std::io::Result<()>>,
-    store: Arc<EmbeddedStore>,
+    store: SharedStore,
     drain_timeout: std::time::Duration,
 }
 
@@ -51,7 +54,10 @@ impl Server {
     /// Tokio runtime: the actors live on it, not on actix's per-thread workers.
     pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Server> {
         let metrics = prometheus();
-        let store = Arc::new(EmbeddedStore::open(&config.data_dir)?);
+        let store: SharedStore = match &config.store {
+            StoreKind::Embedded => Arc::new(EmbeddedStore::open(&config.data_dir)?),
+            StoreKind::Cassandra(c) => Arc::new(CassandraStore::open(c.clone()).await?),
+        };
         let auth = Auth::from_config(config)?;
         if config.dev_login && !auth.can_mint() {
             anyhow::bail!(

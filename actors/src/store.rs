@@ -197,6 +197,9 @@ pub trait MessageStore: Send + Sync + 'static {
 
     /// A page of history (see [`HistoryQuery`]).
     async fn messages(&self, conv: &str, query: HistoryQuery) -> Result<Page, StoreError>;
+
+    /// Finish queued writes and release resources; called once, at shutdown, after the actors stopped.
+    fn close(&self) {}
 }
 
 /// A shared store handle.

@@ -28,8 +28,9 @@ pub async fn upgrade(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     if state.is_draining() {
-        return Ok(HttpResponse::ServiceUnavailable().json(
-            serde_json::json!({"error":{"code":"unavailable","message":"server is draining"}}),
+        return Err(ApiError::new(
+            ErrorCode::Unavailable,
+            "the server is draining; connect to another node or retry",
         ));
     }
     let user = state.auth.verify(&bearer_token(&req)?)?;

@@ -133,7 +133,7 @@ impl EmbeddedStore {
     }
 
     /// Finish the queued writes and stop the writer thread.
-    pub fn close(&self) {
+    pub fn shutdown(&self) {
         let writer = self.writer.lock().expect("writer lock").take();
         if let Some((tx, handle)) = writer {
             drop(tx);
@@ -165,7 +165,7 @@ impl EmbeddedStore {
 
 impl Drop for EmbeddedStore {
     fn drop(&mut self) {
-        self.close();
+        self.shutdown();
     }
 }
 
@@ -256,6 +256,8 @@ fn create(
     info: &ConversationInfo,
     members: &[UserId],
 ) -> Result<WriteOutcome, StoreError> {
+    // Encode before writing anything: a job that fails on its own must leave no partial write.
+    let raw = postcard::to_stdvec(info).map_err(corrupt)?;
     let mut convs = txn.open_table(CONVERSATIONS).map_err(unavailable)?;
     if info.kind == ConversationKind::Dm {
         let (a, b) = dm_pair(members);
@@ -276,7 +278,6 @@ fn create(
             .insert((a, b), info.id.as_str())
             .map_err(unavailable)?;
     }
-    let raw = postcard::to_stdvec(info).map_err(corrupt)?;
     convs
         .insert(info.id.as_str(), raw.as_slice())
         .map_err(unavailable)?;
@@ -352,9 +353,17 @@ fn append(
         results.push(Appended::New(record.into_message(conv, seq)));
         seq += 1;
     }
-    // Write phase.
-    for appended in &results {
-        if let Appended::New(m) = appended {
+    // Encode every new record before the first write, then write.
+    let encoded: Vec<(&Message, Vec<u8>)> = results
+        .iter()
+        .filter_map(|r| {
+            if let Appended::New(m) = r {
+                Some(m)
+            } else {
+                None
+            }
+        })
+        .map(|m| {
             let record = Record {
                 id: m.id.clone(),
                 msg_id: m.msg_id.clone(),
@@ -362,14 +371,18 @@ fn append(
                 body: m.body.clone(),
                 ts: m.ts,
             };
-            let raw = postcard::to_stdvec(&record).map_err(corrupt)?;
-            messages
-                .insert((conv, m.seq), raw.as_slice())
-                .map_err(unavailable)?;
-            dedupe
-                .insert((conv, m.from.as_str(), m.msg_id.as_str()), m.seq)
-                .map_err(unavailable)?;
-        }
+            postcard::to_stdvec(&record)
+                .map(|raw| (m, raw))
+                .map_err(corrupt)
+        })
+        .collect::<Result<_, _>>()?;
+    for (m, raw) in &encoded {
+        messages
+            .insert((conv, m.seq), raw.as_slice())
+            .map_err(unavailable)?;
+        dedupe
+            .insert((conv, m.from.as_str(), m.msg_id.as_str()), m.seq)
+            .map_err(unavailable)?;
     }
     Ok(WriteOutcome::Appended(results))
 }
@@ -424,6 +437,10 @@ fn read_message(
 
 #[async_trait]
 impl MessageStore for EmbeddedStore {
+    fn close(&self) {
+        self.shutdown();
+    }
+
     async fn create_conversation(
         &self,
         info: ConversationInfo,
