@@ -1,8 +1,11 @@
 //! One conformance suite for every `MessageStore` back end. Each back end provides a [`Backend`]; every
-//! check runs against each. (The Cassandra back end joins this list when it lands.)
+//! check runs against each: the embedded store, and Cassandra on a real node (`scripts/cassandra`).
+
+mod common;
 
 use std::sync::Arc;
 
+use switchboard::store::cassandra::{CassandraConfig, CassandraStore};
 use switchboard::store::embedded::EmbeddedStore;
 use switchboard_actors::store::{
     Appended, ConversationInfo, ConversationKind, HistoryQuery, Membership, MessageStore,
@@ -11,8 +14,8 @@ use switchboard_actors::store::{
 
 /// A back end under test: open a store, and reopen it on the same data (a restart).
 trait Backend {
-    fn open(&mut self) -> Arc<dyn MessageStore>;
-    fn reopen(&mut self) -> Arc<dyn MessageStore>;
+    async fn open(&mut self) -> Arc<dyn MessageStore>;
+    async fn reopen(&mut self) -> Arc<dyn MessageStore>;
 }
 
 struct Embedded {
@@ -30,17 +33,40 @@ impl Embedded {
 }
 
 impl Backend for Embedded {
-    fn open(&mut self) -> Arc<dyn MessageStore> {
+    async fn open(&mut self) -> Arc<dyn MessageStore> {
         let store = Arc::new(EmbeddedStore::open(self.dir.path()).unwrap());
         self.current = Some(store.clone());
         store
     }
 
-    fn reopen(&mut self) -> Arc<dyn MessageStore> {
+    async fn reopen(&mut self) -> Arc<dyn MessageStore> {
         if let Some(old) = self.current.take() {
-            old.close();
+            old.shutdown();
         }
-        self.open()
+        self.open().await
+    }
+}
+
+/// A fresh keyspace on the test Cassandra node.
+struct Cassandra {
+    config: CassandraConfig,
+}
+
+impl Cassandra {
+    fn new() -> Self {
+        Self {
+            config: CassandraConfig::parse(&common::cassandra_url()).unwrap(),
+        }
+    }
+}
+
+impl Backend for Cassandra {
+    async fn open(&mut self) -> Arc<dyn MessageStore> {
+        Arc::new(CassandraStore::open(self.config.clone()).await.unwrap())
+    }
+
+    async fn reopen(&mut self) -> Arc<dyn MessageStore> {
+        self.open().await
     }
 }
 
@@ -326,8 +352,8 @@ async fn unicode_bodies(store: &dyn MessageStore) {
         .all(|m| m.from == "zoë" && m.conv == "u"));
 }
 
-async fn restart_recovery(backend: &mut dyn Backend) {
-    let store = backend.reopen();
+async fn restart_recovery(backend: &mut impl Backend) {
+    let store = backend.reopen().await;
     group(&*store, "r", &["alice"]).await;
     store
         .append(
@@ -340,7 +366,7 @@ async fn restart_recovery(backend: &mut dyn Backend) {
         .await
         .unwrap();
     drop(store);
-    let store = backend.reopen();
+    let store = backend.reopen().await;
     assert_eq!(
         store.last_seq("r").await.unwrap(),
         7,
@@ -363,7 +389,7 @@ async fn restart_recovery(backend: &mut dyn Backend) {
 }
 
 async fn run_suite(mut backend: impl Backend) {
-    let store = backend.open();
+    let store = backend.open().await;
     seqs_and_dedupe(&*store).await;
     paging_edges(&*store).await;
     conversations_members_and_inbox(&*store).await;
@@ -378,11 +404,16 @@ async fn embedded_store_conforms() {
     run_suite(Embedded::new()).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cassandra_store_conforms() {
+    run_suite(Cassandra::new()).await;
+}
+
 /// Concurrent appends to many conversations share commits (group commit) and all stay gap-free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_group_commit_under_concurrency() {
     let mut backend = Embedded::new();
-    let store = backend.open();
+    let store = backend.open().await;
     for c in 0..50 {
         group(&*store, &format!("gc{c}"), &["alice"]).await;
     }

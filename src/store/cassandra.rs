@@ -176,12 +176,22 @@ struct Statements {
     select_dedupe: PreparedQuery,
 }
 
-/// The Cassandra-backed store.
-pub struct CassandraStore {
+/// A session and the statements prepared on it.
+struct Conn {
     session: CurrentSession,
     st: Statements,
-    config: CassandraConfig,
 }
+
+/// The Cassandra-backed store.
+pub struct CassandraStore {
+    conn: std::sync::RwLock<Arc<Conn>>,
+    config: CassandraConfig,
+    /// When the session was last rebuilt (at most once per [`RECONNECT_EVERY`]).
+    last_reconnect: tokio::sync::Mutex<std::time::Instant>,
+}
+
+/// Least time between two session rebuilds.
+const RECONNECT_EVERY: Duration = Duration::from_secs(5);
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
@@ -197,27 +207,7 @@ impl CassandraStore {
     /// Connect, create the keyspace and tables if missing, check the schema version, prepare statements.
     pub async fn open(config: CassandraConfig) -> Result<Self, StoreError> {
         let timeout = config.timeout.max(Duration::from_secs(30));
-        let connect = async {
-            let nodes = NodeTcpConfigBuilder::new()
-                .with_contact_points(
-                    config
-                        .contact_points
-                        .iter()
-                        .map(|c| c.as_str().into())
-                        .collect(),
-                )
-                .with_authenticator_provider(Arc::new(NoneAuthenticatorProvider))
-                .build()
-                .await
-                .map_err(unavailable)?;
-            TcpSessionBuilder::new(RoundRobinLoadBalancingStrategy::new(), nodes)
-                .build()
-                .await
-                .map_err(unavailable)
-        };
-        let session = tokio::time::timeout(timeout, connect)
-            .await
-            .map_err(|_| unavailable("connect timed out"))??;
+        let session = connect(&config, timeout).await?;
         let ks = &config.keyspace;
         let replication = match &config.replication {
             Replication::Simple(rf) => {
@@ -244,32 +234,70 @@ impl CassandraStore {
             ),
         ];
         for statement in &ddl {
-            tokio::time::timeout(timeout, session.query(statement.as_str()))
-                .await
-                .map_err(|_| unavailable("schema change timed out"))?
-                .map_err(unavailable)?;
+            // cdrs does not wait for schema agreement: a node may not know the keyspace or table created
+            // a moment ago through another coordinator. Every statement is idempotent; retry briefly.
+            until_schema_agrees(|| async {
+                tokio::time::timeout(timeout, session.query(statement.as_str()))
+                    .await
+                    .map_err(|_| "schema change timed out".to_owned())?
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| unavailable(format!("{statement}: {e}")))?;
         }
+        let st = prepare_all(&session, ks, timeout).await?;
         let store = Self {
-            st: prepare_all(&session, ks, timeout).await?,
-            session,
+            conn: std::sync::RwLock::new(Arc::new(Conn { session, st })),
             config,
+            last_reconnect: tokio::sync::Mutex::new(std::time::Instant::now()),
         };
         store.check_schema_version().await?;
         info!(keyspace = %store.config.keyspace, "cassandra store ready");
         Ok(store)
     }
 
+    fn conn(&self) -> Arc<Conn> {
+        self.conn.read().expect("conn lock").clone()
+    }
+
+    /// The driver gave up on every node (all were down at once): rebuild the session from the contact
+    /// points, at most once per [`RECONNECT_EVERY`]. The failed request still fails; the next ones use
+    /// the new session.
+    async fn reconnect(&self) {
+        let Ok(mut last) = self.last_reconnect.try_lock() else {
+            return;
+        };
+        if last.elapsed() < RECONNECT_EVERY {
+            return;
+        }
+        *last = std::time::Instant::now();
+        let fresh = async {
+            let session = connect(&self.config, self.config.timeout).await?;
+            let st = prepare_all(&session, &self.config.keyspace, self.config.timeout).await?;
+            Ok::<_, StoreError>(Conn { session, st })
+        };
+        match fresh.await {
+            Ok(conn) => {
+                *self.conn.write().expect("conn lock") = Arc::new(conn);
+                info!("cassandra session rebuilt");
+            }
+            Err(e) => tracing::warn!(error = %e, "cassandra still unreachable"),
+        }
+    }
+
     async fn check_schema_version(&self) -> Result<(), StoreError> {
+        let c = self.conn();
         let ks = &self.config.keyspace;
         let insert = format!("INSERT INTO {ks}.schema_version (component, version) VALUES ('messages', ?) IF NOT EXISTS");
         self.bounded(
-            self.session
+            c.session
                 .query_with_values(insert, query_values!(SCHEMA_VERSION)),
         )
         .await?;
         let select =
             format!("SELECT version FROM {ks}.schema_version WHERE component = 'messages'");
-        let rows = rows(self.bounded(self.session.query(select)).await?)?;
+        let rows = rows(self.bounded(c.session.query(select)).await?)?;
         let version: i32 = rows
             .first()
             .ok_or_else(|| corrupt("no schema version"))?
@@ -287,26 +315,37 @@ impl CassandraStore {
         &self,
         fut: impl std::future::Future<Output = cdrs_tokio::error::Result<T>>,
     ) -> Result<T, StoreError> {
-        tokio::time::timeout(self.config.timeout, fut)
+        let result = tokio::time::timeout(self.config.timeout, fut)
             .await
             .map_err(|_| unavailable("cassandra timed out"))?
-            .map_err(unavailable)
+            .map_err(unavailable);
+        if let Err(StoreError::Unavailable(e)) = &result {
+            if e.contains("No nodes available") {
+                self.reconnect().await;
+            }
+        }
+        result
     }
 
-    async fn exec(&self, q: &PreparedQuery, values: QueryValues) -> Result<Vec<Row>, StoreError> {
+    async fn exec(
+        &self,
+        statement: fn(&Statements) -> &PreparedQuery,
+        values: QueryValues,
+    ) -> Result<Vec<Row>, StoreError> {
+        let c = self.conn();
         let params = StatementParamsBuilder::new()
             .with_values(values)
             .with_consistency(self.config.consistency)
             .build();
         rows(
-            self.bounded(self.session.exec_with_params(q, &params))
+            self.bounded(c.session.exec_with_params(statement(&c.st), &params))
                 .await?,
         )
     }
 
     async fn message_at(&self, conv: &str, seq: u64) -> Result<Option<Message>, StoreError> {
         let rows = self
-            .exec(&self.st.select_message, query_values!(conv, seq as i64))
+            .exec(|s| &s.select_message, query_values!(conv, seq as i64))
             .await?;
         rows.first().map(message_from_row).transpose()
     }
@@ -316,7 +355,7 @@ impl CassandraStore {
     async fn original(&self, conv: &str, m: &NewMessage) -> Result<Option<Message>, StoreError> {
         let rows = self
             .exec(
-                &self.st.select_dedupe,
+                |s| &s.select_dedupe,
                 query_values!(conv, m.from.as_str(), m.msg_id.as_str()),
             )
             .await?;
@@ -332,6 +371,7 @@ impl CassandraStore {
 
     /// Write `messages` (consecutive seqs) with one conditional batch: all or none.
     async fn insert_messages(&self, conv: &str, messages: &[&Message]) -> Result<bool, StoreError> {
+        let c = self.conn();
         let mut dedupe = BatchQueryBuilder::new()
             .with_batch_type(cdrs_tokio::frame::message_batch::BatchType::Unlogged);
         let mut insert = BatchQueryBuilder::new()
@@ -339,11 +379,11 @@ impl CassandraStore {
             .with_serial_consistency(serial(self.config.consistency));
         for m in messages {
             dedupe = dedupe.add_query_prepared(
-                &self.st.insert_dedupe,
+                &c.st.insert_dedupe,
                 query_values!(conv, m.from.as_str(), m.msg_id.as_str(), m.seq as i64),
             );
             insert = insert.add_query_prepared(
-                &self.st.insert_message,
+                &c.st.insert_message,
                 query_values!(
                     conv,
                     m.seq as i64,
@@ -359,11 +399,39 @@ impl CassandraStore {
             .with_consistency(self.config.consistency)
             .build()
             .map_err(unavailable)?;
-        self.bounded(self.session.batch(dedupe)).await?;
+        self.bounded(c.session.batch(dedupe)).await?;
         let insert = insert.build().map_err(unavailable)?;
-        let rows = rows(self.bounded(self.session.batch(insert)).await?)?;
+        let rows = rows(self.bounded(c.session.batch(insert)).await?)?;
         applied(&rows)
     }
+}
+
+/// A session on the contact points, within `timeout`.
+async fn connect(
+    config: &CassandraConfig,
+    timeout: Duration,
+) -> Result<CurrentSession, StoreError> {
+    let connect = async {
+        let nodes = NodeTcpConfigBuilder::new()
+            .with_contact_points(
+                config
+                    .contact_points
+                    .iter()
+                    .map(|c| c.as_str().into())
+                    .collect(),
+            )
+            .with_authenticator_provider(Arc::new(NoneAuthenticatorProvider))
+            .build()
+            .await
+            .map_err(unavailable)?;
+        TcpSessionBuilder::new(RoundRobinLoadBalancingStrategy::new(), nodes)
+            .build()
+            .await
+            .map_err(unavailable)
+    };
+    tokio::time::timeout(timeout, connect)
+        .await
+        .map_err(|_| unavailable("connect timed out"))?
 }
 
 async fn prepare_all(
@@ -372,20 +440,14 @@ async fn prepare_all(
     timeout: Duration,
 ) -> Result<Statements, StoreError> {
     let prepare = |cql: String| async move {
-        // A table created a moment ago may not be known to every node yet: retry briefly.
-        let mut last = None;
-        for _ in 0..20 {
-            match tokio::time::timeout(timeout, session.prepare(cql.as_str())).await {
-                Ok(Ok(p)) => return Ok(p),
-                Ok(Err(e)) => last = Some(e.to_string()),
-                Err(_) => last = Some("prepare timed out".into()),
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        Err(unavailable(format!(
-            "prepare {cql}: {}",
-            last.unwrap_or_default()
-        )))
+        until_schema_agrees(|| async {
+            tokio::time::timeout(timeout, session.prepare(cql.as_str()))
+                .await
+                .map_err(|_| "prepare timed out".to_owned())?
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| unavailable(format!("prepare {cql}: {e}")))
     };
     let m = MESSAGE_COLUMNS;
     Ok(Statements {
@@ -411,6 +473,24 @@ async fn prepare_all(
         insert_dedupe: prepare(format!("INSERT INTO {ks}.dedupe (conv, sender, msg_id, seq) VALUES (?, ?, ?, ?)")).await?,
         select_dedupe: prepare(format!("SELECT seq FROM {ks}.dedupe WHERE conv = ? AND sender = ? AND msg_id = ?")).await?,
     })
+}
+
+/// Run a schema step until it succeeds, for up to ~15 s: right after a schema change, the node that
+/// coordinates the next request may not have received it yet.
+async fn until_schema_agrees<T, F, Fut>(mut step: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let mut last = String::new();
+    for _ in 0..60 {
+        match step().await {
+            Ok(v) => return Ok(v),
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Err(last)
 }
 
 /// The serial consistency that goes with a consistency level.
@@ -487,14 +567,11 @@ impl MessageStore for CassandraStore {
         if info.kind == ConversationKind::Dm {
             let (a, b) = dm_pair(&members);
             let rows = self
-                .exec(
-                    &self.st.insert_dm_pair,
-                    query_values!(a, b, info.id.as_str()),
-                )
+                .exec(|s| &s.insert_dm_pair, query_values!(a, b, info.id.as_str()))
                 .await?;
             if !applied(&rows)? {
                 let rows = self
-                    .exec(&self.st.select_dm_pair, query_values!(a, b))
+                    .exec(|s| &s.select_dm_pair, query_values!(a, b))
                     .await?;
                 let id: String = rows
                     .first()
@@ -514,12 +591,12 @@ impl MessageStore for CassandraStore {
         for chunk in members.chunks(WRITE_FANOUT) {
             try_join_all(chunk.iter().map(|user| async move {
                 self.exec(
-                    &self.st.insert_member,
+                    |s| &s.insert_member,
                     query_values!(conv, user.as_str(), info.created_at as i64),
                 )
                 .await?;
                 self.exec(
-                    &self.st.insert_user_conversation,
+                    |s| &s.insert_user_conversation,
                     query_values!(user.as_str(), conv),
                 )
                 .await
@@ -528,7 +605,7 @@ impl MessageStore for CassandraStore {
         }
         let raw = postcard::to_stdvec(&info).map_err(corrupt)?;
         self.exec(
-            &self.st.insert_conversation,
+            |s| &s.insert_conversation,
             query_values!(conv, Blob::from(raw)),
         )
         .await?;
@@ -537,7 +614,7 @@ impl MessageStore for CassandraStore {
 
     async fn conversation(&self, conv: &str) -> Result<Option<ConversationInfo>, StoreError> {
         let rows = self
-            .exec(&self.st.select_conversation, query_values!(conv))
+            .exec(|s| &s.select_conversation, query_values!(conv))
             .await?;
         let Some(row) = rows.first() else {
             return Ok(None);
@@ -550,7 +627,7 @@ impl MessageStore for CassandraStore {
 
     async fn members(&self, conv: &str) -> Result<Vec<UserId>, StoreError> {
         let rows = self
-            .exec(&self.st.select_members, query_values!(conv))
+            .exec(|s| &s.select_members, query_values!(conv))
             .await?;
         rows.iter()
             .map(|r| IntoRustByName::<String>::get_r_by_name(r, "member").map_err(corrupt))
@@ -559,7 +636,7 @@ impl MessageStore for CassandraStore {
 
     async fn membership(&self, conv: &str, user: &str) -> Result<Membership, StoreError> {
         if !self
-            .exec(&self.st.select_member, query_values!(conv, user))
+            .exec(|s| &s.select_member, query_values!(conv, user))
             .await?
             .is_empty()
         {
@@ -574,32 +651,32 @@ impl MessageStore for CassandraStore {
 
     async fn add_member(&self, conv: &str, user: &str) -> Result<bool, StoreError> {
         let existed = !self
-            .exec(&self.st.select_member, query_values!(conv, user))
+            .exec(|s| &s.select_member, query_values!(conv, user))
             .await?
             .is_empty();
         let now = switchboard_actors::conversation::now_ms() as i64;
-        self.exec(&self.st.insert_member, query_values!(conv, user, now))
+        self.exec(|s| &s.insert_member, query_values!(conv, user, now))
             .await?;
-        self.exec(&self.st.insert_user_conversation, query_values!(user, conv))
+        self.exec(|s| &s.insert_user_conversation, query_values!(user, conv))
             .await?;
         Ok(!existed)
     }
 
     async fn remove_member(&self, conv: &str, user: &str) -> Result<bool, StoreError> {
         let existed = !self
-            .exec(&self.st.select_member, query_values!(conv, user))
+            .exec(|s| &s.select_member, query_values!(conv, user))
             .await?
             .is_empty();
-        self.exec(&self.st.delete_member, query_values!(conv, user))
+        self.exec(|s| &s.delete_member, query_values!(conv, user))
             .await?;
-        self.exec(&self.st.delete_user_conversation, query_values!(user, conv))
+        self.exec(|s| &s.delete_user_conversation, query_values!(user, conv))
             .await?;
         Ok(existed)
     }
 
     async fn user_conversations(&self, user: &str) -> Result<Vec<ConvId>, StoreError> {
         let rows = self
-            .exec(&self.st.select_user_conversations, query_values!(user))
+            .exec(|s| &s.select_user_conversations, query_values!(user))
             .await?;
         rows.iter()
             .map(|r| IntoRustByName::<String>::get_r_by_name(r, "conv").map_err(corrupt))
@@ -607,9 +684,7 @@ impl MessageStore for CassandraStore {
     }
 
     async fn last_message(&self, conv: &str) -> Result<Option<Message>, StoreError> {
-        let rows = self
-            .exec(&self.st.select_newest, query_values!(conv))
-            .await?;
+        let rows = self.exec(|s| &s.select_newest, query_values!(conv)).await?;
         rows.first().map(message_from_row).transpose()
     }
 
@@ -689,10 +764,10 @@ impl MessageStore for CassandraStore {
         let low = seq_value(query.after.unwrap_or(0));
         let high = seq_value(query.before.unwrap_or(u64::MAX));
         let limit = i32::try_from(query.limit + 1).unwrap_or(i32::MAX);
-        let statement = if query.after.is_some() {
-            &self.st.select_forward
+        let statement: fn(&Statements) -> &PreparedQuery = if query.after.is_some() {
+            |s| &s.select_forward
         } else {
-            &self.st.select_backward
+            |s| &s.select_backward
         };
         let rows = self
             .exec(statement, query_values!(conv, low, high, limit))

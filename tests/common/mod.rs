@@ -14,6 +14,24 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+/// A `cassandra://` URL with a fresh keyspace on the test node: `SWITCHBOARD_TEST_CASSANDRA` (host:port) if
+/// set — `scripts/test` sets it after starting the three-node test cluster — else `scripts/cassandra start 3`
+/// is run here.
+pub fn cassandra_url() -> String {
+    let contact = std::env::var("SWITCHBOARD_TEST_CASSANDRA").unwrap_or_else(|_| {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cassandra");
+        let ok = std::process::Command::new(script)
+            .args(["start", "3"])
+            .status()
+            .expect("run scripts/cassandra")
+            .success();
+        assert!(ok, "scripts/cassandra start failed");
+        "127.0.0.1:9042".into()
+    });
+    let keyspace = format!("t_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
+    format!("cassandra://{contact}/{keyspace}?timeout_ms=10000")
+}
+
 /// How long a test waits for one expected frame.
 pub const WAIT: Duration = Duration::from_secs(10);
 

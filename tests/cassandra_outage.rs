@@ -1,0 +1,132 @@
+//! Cassandra dies mid-traffic: no send is acknowledged unless stored, the server stays up, and it recovers
+//! when Cassandra comes back. Its own test binary: it stops the shared test cluster (every node) and
+//! starts it again, and cargo runs test binaries one at a time.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::{Client, Recv, TestServer};
+use serde_json::{json, Value};
+use switchboard::config::StoreKind;
+use switchboard::store::cassandra::CassandraConfig;
+
+fn cassandra(args: &[&str]) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cassandra");
+    let ok = std::process::Command::new(script)
+        .args(args)
+        .status()
+        .expect("run scripts/cassandra")
+        .success();
+    assert!(ok, "scripts/cassandra {args:?} failed");
+}
+
+/// Send each msg_id once and collect the answer to each (ack or error), ignoring other frames.
+async fn answers(c: &mut Client, conv: &str, ids: &[String]) -> HashMap<String, Value> {
+    for id in ids {
+        c.send_msg(conv, id, "during the outage").await;
+    }
+    let mut out = HashMap::new();
+    while out.len() < ids.len() {
+        match c
+            .recv_within(Duration::from_secs(60))
+            .await
+            .expect("an answer for every send")
+        {
+            Recv::Frame(f) if f["op"] == "ack" || f["op"] == "error" => {
+                out.insert(
+                    f["msg_id"]
+                        .as_str()
+                        .expect("answers carry msg_id")
+                        .to_owned(),
+                    f,
+                );
+            }
+            Recv::Frame(_) => {}
+            Recv::Closed(code) => {
+                panic!("the connection must survive the outage (closed {code:?})")
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_cassandra_never_acks_and_the_server_recovers() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn,cdrs_tokio=info")
+        .try_init();
+    let url = common::cassandra_url().replace("timeout_ms=10000", "timeout_ms=2000");
+    let s = TestServer::start_with(|c| {
+        c.store = StoreKind::Cassandra(CassandraConfig::parse(&url).unwrap())
+    })
+    .await;
+    let api = s.api();
+    let (ta, tb) = (api.token("alice").await, api.token("bob").await);
+    let conv = api.dm(&ta, "bob").await;
+    let mut alice = Client::connect(s.addr, &ta).await;
+    let mut acked: HashMap<String, u64> = HashMap::new();
+
+    let before: Vec<String> = (0..20).map(|i| format!("b{i}")).collect();
+    for (id, f) in answers(&mut alice, &conv, &before).await {
+        assert_eq!(f["op"], "ack", "{f}");
+        acked.insert(id, f["seq"].as_u64().unwrap());
+    }
+
+    cassandra(&["stop"]);
+    let during: Vec<String> = (0..10).map(|i| format!("d{i}")).collect();
+    for (id, f) in answers(&mut alice, &conv, &during).await {
+        assert_eq!(
+            (f["op"].as_str(), f["code"].as_str()),
+            (Some("error"), Some("store_unavailable")),
+            "{id}: {f}"
+        );
+    }
+    alice.send(json!({"op":"ping"})).await;
+    assert_eq!(
+        alice.expect_op("pong").await["op"],
+        "pong",
+        "the server keeps serving while the store is down"
+    );
+
+    cassandra(&["start", "3"]);
+    // Resend what failed, plus new messages, until every one is acknowledged.
+    let mut pending: Vec<String> = during
+        .iter()
+        .cloned()
+        .chain((0..10).map(|i| format!("a{i}")))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !pending.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the server did not recover: still failing {pending:?}"
+        );
+        let got = answers(&mut alice, &conv, &pending).await;
+        for (id, f) in got {
+            if f["op"] == "ack" {
+                acked.insert(id.clone(), f["seq"].as_u64().unwrap());
+                pending.retain(|p| *p != id);
+            }
+        }
+        if !pending.is_empty() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    let history = api.all_messages(&tb, &conv).await;
+    let seqs: Vec<u64> = history.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert_eq!(
+        seqs,
+        (1..=40).collect::<Vec<_>>(),
+        "each message stored once, no gap"
+    );
+    for m in &history {
+        assert_eq!(
+            acked.get(m["msg_id"].as_str().unwrap()),
+            Some(&m["seq"].as_u64().unwrap()),
+            "stored means acked with that seq: {m}"
+        );
+    }
+}
