@@ -54,9 +54,6 @@ async fn answers(c: &mut Client, conv: &str, ids: &[String]) -> HashMap<String, 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_cassandra_never_acks_and_the_server_recovers() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("warn,cdrs_tokio=info")
-        .try_init();
     let url = common::cassandra_url().replace("timeout_ms=10000", "timeout_ms=2000");
     let s = TestServer::start_with(|c| {
         c.store = StoreKind::Cassandra(CassandraConfig::parse(&url).unwrap())

@@ -257,6 +257,15 @@ impl CassandraStore {
         Ok(store)
     }
 
+    /// Statement parameters at the configured consistency (and its serial level for conditional writes).
+    fn params(&self, values: QueryValues) -> cdrs_tokio::statement::StatementParams {
+        StatementParamsBuilder::new()
+            .with_values(values)
+            .with_consistency(self.config.consistency)
+            .with_serial_consistency(serial(self.config.consistency))
+            .build()
+    }
+
     fn conn(&self) -> Arc<Conn> {
         self.conn.read().expect("conn lock").clone()
     }
@@ -290,14 +299,21 @@ impl CassandraStore {
         let c = self.conn();
         let ks = &self.config.keyspace;
         let insert = format!("INSERT INTO {ks}.schema_version (component, version) VALUES ('messages', ?) IF NOT EXISTS");
+        // cdrs's plain `query` reads at ONE: with RF > 1 that may miss the row just written.
         self.bounded(
             c.session
-                .query_with_values(insert, query_values!(SCHEMA_VERSION)),
+                .query_with_params(insert, self.params(query_values!(SCHEMA_VERSION))),
         )
         .await?;
         let select =
             format!("SELECT version FROM {ks}.schema_version WHERE component = 'messages'");
-        let rows = rows(self.bounded(c.session.query(select)).await?)?;
+        let rows = rows(
+            self.bounded(
+                c.session
+                    .query_with_params(select, self.params(QueryValues::SimpleValues(vec![]))),
+            )
+            .await?,
+        )?;
         let version: i32 = rows
             .first()
             .ok_or_else(|| corrupt("no schema version"))?
@@ -333,10 +349,7 @@ impl CassandraStore {
         values: QueryValues,
     ) -> Result<Vec<Row>, StoreError> {
         let c = self.conn();
-        let params = StatementParamsBuilder::new()
-            .with_values(values)
-            .with_consistency(self.config.consistency)
-            .build();
+        let params = self.params(values);
         rows(
             self.bounded(c.session.exec_with_params(statement(&c.st), &params))
                 .await?,
