@@ -7,20 +7,10 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{Client, Recv, TestServer};
+use common::{cassandra, Client, Recv, TestServer};
 use serde_json::{json, Value};
 use switchboard::config::StoreKind;
 use switchboard::store::cassandra::CassandraConfig;
-
-fn cassandra(args: &[&str]) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cassandra");
-    let ok = std::process::Command::new(script)
-        .args(args)
-        .status()
-        .expect("run scripts/cassandra")
-        .success();
-    assert!(ok, "scripts/cassandra {args:?} failed");
-}
 
 /// Send each msg_id once and collect the answer to each (ack or error), ignoring other frames.
 async fn answers(c: &mut Client, conv: &str, ids: &[String]) -> HashMap<String, Value> {

@@ -6,19 +6,9 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{Client, Recv, TestServer};
+use common::{cassandra, Client, Recv, TestServer};
 use switchboard::config::StoreKind;
 use switchboard::store::cassandra::CassandraConfig;
-
-fn cassandra(args: &[&str]) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cassandra");
-    let ok = std::process::Command::new(script)
-        .args(args)
-        .status()
-        .expect("run scripts/cassandra")
-        .success();
-    assert!(ok, "scripts/cassandra {args:?} failed");
-}
 
 /// Send `ids` until each is acknowledged (a node that just died may fail a few requests until the others
 /// notice); return msg_id → seq and the number of failed attempts.

@@ -217,3 +217,105 @@ pub fn inbox_order(
         .cmp(&activity(a))
         .then_with(|| a.0.id.cmp(&b.0.id))
 }
+
+/// The key of a DM in a back end's pair index: its two members, ordered.
+pub fn dm_pair(members: &[UserId]) -> (&str, &str) {
+    let a = members.first().map_or("", String::as_str);
+    let b = members.get(1).map_or(a, String::as_str);
+    if a <= b {
+        (a, b)
+    } else {
+        (b, a)
+    }
+}
+
+/// Decide what an append does, the same way in every back end: `originals[i]` is what the back end's
+/// dedupe index holds for `batch[i]` (already stored), and a repeat inside the batch is a duplicate of its
+/// first copy. New messages take `first_seq, first_seq + 1, …` in batch order. The back end then writes the
+/// [`Appended::New`] ones.
+pub fn plan_append(
+    conv: &str,
+    first_seq: u64,
+    batch: Vec<NewMessage>,
+    originals: Vec<Option<Message>>,
+) -> Vec<Appended> {
+    let mut seq = first_seq;
+    let mut first_copy: std::collections::HashMap<(String, String), usize> =
+        std::collections::HashMap::new();
+    let mut results: Vec<Appended> = Vec::with_capacity(batch.len());
+    for (m, original) in batch.into_iter().zip(originals) {
+        let key = (m.from.clone(), m.msg_id.clone());
+        if let Some(&i) = first_copy.get(&key) {
+            let earlier = results[i].message().clone();
+            results.push(Appended::Duplicate(earlier));
+        } else if let Some(o) = original {
+            results.push(Appended::Duplicate(o));
+        } else {
+            first_copy.insert(key, results.len());
+            results.push(Appended::New(Message {
+                conv: conv.to_owned(),
+                seq,
+                id: m.id,
+                msg_id: m.msg_id,
+                from: m.from,
+                body: m.body,
+                ts: m.ts,
+            }));
+            seq += 1;
+        }
+    }
+    results
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new(from: &str, msg_id: &str) -> NewMessage {
+        NewMessage {
+            id: format!("i-{msg_id}"),
+            msg_id: msg_id.into(),
+            from: from.into(),
+            body: "b".into(),
+            ts: 1,
+        }
+    }
+
+    #[test]
+    fn plan_assigns_consecutive_seqs_and_spots_resends() {
+        let stored = Message {
+            conv: "c".into(),
+            seq: 3,
+            id: "old".into(),
+            msg_id: "a".into(),
+            from: "u".into(),
+            body: "x".into(),
+            ts: 0,
+        };
+        let batch = vec![
+            new("u", "a"),
+            new("u", "b"),
+            new("v", "b"),
+            new("u", "b"),
+            new("u", "c"),
+        ];
+        let originals = vec![Some(stored.clone()), None, None, None, None];
+        let plan = plan_append("c", 10, batch, originals);
+        assert_eq!(plan[0], Appended::Duplicate(stored));
+        let seqs: Vec<(bool, u64)> = plan
+            .iter()
+            .map(|a| (matches!(a, Appended::New(_)), a.message().seq))
+            .collect();
+        // "b" from u and from v are different messages; the second "b" from u repeats the first.
+        assert_eq!(
+            seqs,
+            vec![(false, 3), (true, 10), (true, 11), (false, 10), (true, 12)]
+        );
+    }
+
+    #[test]
+    fn dm_pairs_are_ordered() {
+        assert_eq!(dm_pair(&["bob".into(), "alice".into()]), ("alice", "bob"));
+        assert_eq!(dm_pair(&["alice".into(), "bob".into()]), ("alice", "bob"));
+    }
+}

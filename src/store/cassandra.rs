@@ -9,7 +9,6 @@
 //! Every call is bounded by the configured timeout; a timeout or a driver error is
 //! [`StoreError::Unavailable`], so nothing is acknowledged unless Cassandra confirmed it.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,8 +28,8 @@ use cdrs_tokio::types::rows::Row;
 use cdrs_tokio::types::IntoRustByName;
 use futures_util::future::try_join_all;
 use switchboard_actors::store::{
-    Appended, ConvId, ConversationInfo, ConversationKind, HistoryQuery, Membership, Message,
-    MessageStore, NewMessage, Page, StoreError, UserId,
+    dm_pair, plan_append, Appended, ConvId, ConversationInfo, ConversationKind, HistoryQuery,
+    Membership, Message, MessageStore, NewMessage, Page, StoreError, UserId,
 };
 use tracing::info;
 
@@ -551,18 +550,6 @@ fn message_from_row(row: &Row) -> Result<Message, StoreError> {
     })
 }
 
-fn dm_pair(members: &[UserId]) -> (&str, &str) {
-    let (a, b) = (
-        members[0].as_str(),
-        members.get(1).map_or(members[0].as_str(), String::as_str),
-    );
-    if a <= b {
-        (a, b)
-    } else {
-        (b, a)
-    }
-}
-
 /// Bind a u64 cursor as a bigint, clamped to the column's range.
 fn seq_value(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
@@ -716,29 +703,7 @@ impl MessageStore for CassandraStore {
         }
         // Read phase: which messages are resends (of earlier writes, or of each other in this batch).
         let originals = try_join_all(batch.iter().map(|m| self.original(conv, m))).await?;
-        let mut seq = first_seq;
-        let mut in_batch: HashMap<(&str, &str), usize> = HashMap::new();
-        let mut results = Vec::with_capacity(batch.len());
-        for (i, (m, original)) in batch.iter().zip(originals).enumerate() {
-            if let Some(&first) = in_batch.get(&(m.from.as_str(), m.msg_id.as_str())) {
-                let earlier: &Appended = &results[first];
-                results.push(Appended::Duplicate(earlier.message().clone()));
-            } else if let Some(o) = original {
-                results.push(Appended::Duplicate(o));
-            } else {
-                in_batch.insert((m.from.as_str(), m.msg_id.as_str()), i);
-                results.push(Appended::New(Message {
-                    conv: conv.to_owned(),
-                    seq,
-                    id: m.id.clone(),
-                    msg_id: m.msg_id.clone(),
-                    from: m.from.clone(),
-                    body: m.body.clone(),
-                    ts: m.ts,
-                }));
-                seq += 1;
-            }
-        }
+        let results = plan_append(conv, first_seq, batch, originals);
         // Write phase: conditional batches of bounded size, in seq order. Each is all-or-nothing; if one is
         // refused, what earlier ones wrote is a gap-free prefix that resends will find through dedupe.
         let new: Vec<&Message> = results

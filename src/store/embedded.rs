@@ -15,8 +15,8 @@ use redb::{
 };
 use serde::{Deserialize, Serialize};
 use switchboard_actors::store::{
-    Appended, ConvId, ConversationInfo, ConversationKind, HistoryQuery, Membership, Message,
-    MessageStore, NewMessage, Page, StoreError, UserId,
+    dm_pair, plan_append, Appended, ConvId, ConversationInfo, ConversationKind, HistoryQuery,
+    Membership, Message, MessageStore, NewMessage, Page, StoreError, UserId,
 };
 use tokio::sync::oneshot;
 
@@ -292,18 +292,6 @@ fn create(
     Ok(WriteOutcome::Created(info.clone(), true))
 }
 
-fn dm_pair(members: &[UserId]) -> (&str, &str) {
-    let (a, b) = (
-        members[0].as_str(),
-        members.get(1).map_or(members[0].as_str(), String::as_str),
-    );
-    if a <= b {
-        (a, b)
-    } else {
-        (b, a)
-    }
-}
-
 fn append(
     txn: &WriteTransaction,
     conv: &str,
@@ -319,49 +307,32 @@ fn append(
         });
     }
     let mut dedupe = txn.open_table(DEDUPE).map_err(unavailable)?;
-    // Read phase: decide every message's fate (a corrupt original fails the job before anything is written).
-    let mut seq = first_seq;
-    let mut in_batch: std::collections::HashMap<(&str, &str), usize> =
-        std::collections::HashMap::new();
-    let mut results = Vec::with_capacity(batch.len());
-    for (i, m) in batch.iter().enumerate() {
-        if let Some(&first) = in_batch.get(&(m.from.as_str(), m.msg_id.as_str())) {
-            results.push(results_message(&results, first).map(Appended::Duplicate)?);
-            continue;
-        }
-        let original = dedupe
-            .get((conv, m.from.as_str(), m.msg_id.as_str()))
-            .map_err(unavailable)?
-            .map(|v| v.value());
-        if let Some(orig_seq) = original {
+    // Read phase: what is already stored (a corrupt original fails the job before anything is written).
+    let originals = batch
+        .iter()
+        .map(|m| {
+            let Some(seq) = dedupe
+                .get((conv, m.from.as_str(), m.msg_id.as_str()))
+                .map_err(unavailable)?
+                .map(|v| v.value())
+            else {
+                return Ok(None);
+            };
             let raw = messages
-                .get((conv, orig_seq))
+                .get((conv, seq))
                 .map_err(unavailable)?
                 .ok_or_else(|| corrupt("dedupe entry without message"))?;
             let record: Record = postcard::from_bytes(raw.value()).map_err(corrupt)?;
-            results.push(Appended::Duplicate(record.into_message(conv, orig_seq)));
-            continue;
-        }
-        in_batch.insert((m.from.as_str(), m.msg_id.as_str()), i);
-        let record = Record {
-            id: m.id.clone(),
-            msg_id: m.msg_id.clone(),
-            from: m.from.clone(),
-            body: m.body.clone(),
-            ts: m.ts,
-        };
-        results.push(Appended::New(record.into_message(conv, seq)));
-        seq += 1;
-    }
+            Ok(Some(record.into_message(conv, seq)))
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let results = plan_append(conv, first_seq, batch.to_vec(), originals);
     // Encode every new record before the first write, then write.
     let encoded: Vec<(&Message, Vec<u8>)> = results
         .iter()
-        .filter_map(|r| {
-            if let Appended::New(m) = r {
-                Some(m)
-            } else {
-                None
-            }
+        .filter_map(|r| match r {
+            Appended::New(m) => Some(m),
+            Appended::Duplicate(_) => None,
         })
         .map(|m| {
             let record = Record {
@@ -387,12 +358,21 @@ fn append(
     Ok(WriteOutcome::Appended(results))
 }
 
-/// The message a previous entry of this batch stored.
-fn results_message(results: &[Appended], index: usize) -> Result<Message, StoreError> {
-    results
-        .get(index)
-        .map(|a| a.message().clone())
-        .ok_or_else(|| corrupt("batch index"))
+/// The second halves of the `(first, second)` keys that start with `first`, in order.
+fn second_keys<V: redb::Value + 'static>(
+    table: &impl ReadableTable<(&'static str, &'static str), V>,
+    first: &str,
+) -> Result<Vec<String>, StoreError> {
+    let mut out = Vec::new();
+    for entry in table.range((first, "")..).map_err(unavailable)? {
+        let (key, _) = entry.map_err(unavailable)?;
+        let (f, second) = key.value();
+        if f != first {
+            break;
+        }
+        out.push(second.to_owned());
+    }
+    Ok(out)
 }
 
 fn last_seq_in(
@@ -460,17 +440,8 @@ impl MessageStore for EmbeddedStore {
     async fn members(&self, conv: &str) -> Result<Vec<UserId>, StoreError> {
         let conv = conv.to_owned();
         self.read(move |txn| {
-            let members = txn.open_table(MEMBERS).map_err(unavailable)?;
-            let mut out = Vec::new();
-            for entry in members.range((conv.as_str(), "")..).map_err(unavailable)? {
-                let (key, _) = entry.map_err(unavailable)?;
-                let (c, user) = key.value();
-                if c != conv {
-                    break;
-                }
-                out.push(user.to_owned());
-            }
-            Ok(out)
+            let table = txn.open_table(MEMBERS).map_err(unavailable)?;
+            second_keys(&table, &conv)
         })
         .await
     }
@@ -526,17 +497,8 @@ impl MessageStore for EmbeddedStore {
     async fn user_conversations(&self, user: &str) -> Result<Vec<ConvId>, StoreError> {
         let user = user.to_owned();
         self.read(move |txn| {
-            let uc = txn.open_table(USER_CONVERSATIONS).map_err(unavailable)?;
-            let mut out = Vec::new();
-            for entry in uc.range((user.as_str(), "")..).map_err(unavailable)? {
-                let (key, _) = entry.map_err(unavailable)?;
-                let (u, conv) = key.value();
-                if u != user {
-                    break;
-                }
-                out.push(conv.to_owned());
-            }
-            Ok(out)
+            let table = txn.open_table(USER_CONVERSATIONS).map_err(unavailable)?;
+            second_keys(&table, &user)
         })
         .await
     }

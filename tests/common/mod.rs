@@ -19,17 +19,22 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 /// is run here.
 pub fn cassandra_url() -> String {
     let contact = std::env::var("SWITCHBOARD_TEST_CASSANDRA").unwrap_or_else(|_| {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cassandra");
-        let ok = std::process::Command::new(script)
-            .args(["start", "3"])
-            .status()
-            .expect("run scripts/cassandra")
-            .success();
-        assert!(ok, "scripts/cassandra start failed");
+        cassandra(&["start", "3"]);
         "127.0.0.1:9042".into()
     });
     let keyspace = format!("t_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
     format!("cassandra://{contact}/{keyspace}?timeout_ms=10000")
+}
+
+/// Run `scripts/cassandra ARGS…` (start, stop, …) and require success.
+pub fn cassandra(args: &[&str]) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cassandra");
+    let ok = std::process::Command::new(script)
+        .args(args)
+        .status()
+        .expect("run scripts/cassandra")
+        .success();
+    assert!(ok, "scripts/cassandra {args:?} failed");
 }
 
 /// How long a test waits for one expected frame.
