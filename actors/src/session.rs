@@ -216,21 +216,10 @@ impl SessionDirectory {
             .collect()
     }
 
-    /// Number of online users on this node.
-    pub fn len(&self) -> usize {
-        self.inner.read().expect("session directory lock").len()
-    }
-
-    /// Whether no user is online.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     pub(crate) fn insert(&self, user: UserId, session: ActorRef<SessionMsg>) {
-        self.inner
-            .write()
-            .expect("session directory lock")
-            .insert(user, session);
+        let mut dir = self.inner.write().expect("session directory lock");
+        dir.insert(user, session);
+        metrics::gauge!("switchboard_online_users").set(dir.len() as f64);
     }
 
     pub(crate) fn remove_if(&self, user: &str, session: ractor::ActorId) {
@@ -238,5 +227,6 @@ impl SessionDirectory {
         if dir.get(user).is_some_and(|s| s.get_id() == session) {
             dir.remove(user);
         }
+        metrics::gauge!("switchboard_online_users").set(dir.len() as f64);
     }
 }

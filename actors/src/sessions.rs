@@ -268,9 +268,4 @@ impl Sessions {
             .map(|s| s.call(SessionMsg::Drain, Some(Duration::from_secs(15))));
         futures_util::future::join_all(drains).await;
     }
-
-    /// The directory conversations deliver through.
-    pub fn directory(&self) -> &SessionDirectory {
-        &self.directory
-    }
 }
