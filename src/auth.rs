@@ -301,4 +301,51 @@ mod tests {
         // Tokens this node mints satisfy its own checks.
         assert_eq!(auth.verify(&auth.mint("bea", 60).unwrap()).unwrap(), "bea");
     }
+
+    /// RS256 and EdDSA verify with a public key from the configuration (test key pairs in
+    /// tests/fixtures/jwt), refuse any other algorithm, and cannot mint.
+    #[test]
+    fn public_key_algorithms_verify_and_stay_pinned() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/jwt");
+        let now = switchboard_actors::conversation::now_ms() / 1000;
+        let claims = serde_json::json!({"sub":"carol","exp":now+60});
+        for (algorithm, alg, private, public) in [
+            (
+                JwtAlgorithm::Rs256,
+                Algorithm::RS256,
+                "rsa-private.pem",
+                "rsa-public.pem",
+            ),
+            (
+                JwtAlgorithm::EdDsa,
+                Algorithm::EdDSA,
+                "ed25519-private.pem",
+                "ed25519-public.pem",
+            ),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut c = config(dir.path());
+            c.jwt_algorithm = algorithm;
+            c.jwt_public_key = Some(fixtures.join(public));
+            let auth = Auth::from_config(&c).unwrap();
+            let pem = std::fs::read(fixtures.join(private)).unwrap();
+            let key = match alg {
+                Algorithm::RS256 => EncodingKey::from_rsa_pem(&pem).unwrap(),
+                _ => EncodingKey::from_ed_pem(&pem).unwrap(),
+            };
+            let token = jsonwebtoken::encode(&Header::new(alg), &claims, &key).unwrap();
+            assert_eq!(auth.verify(&token).unwrap(), "carol", "{alg:?}");
+            // An HS256 token "signed" with the public key (the classic confusion attack) is refused.
+            let public_pem = std::fs::read(fixtures.join(public)).unwrap();
+            let confused = jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(&public_pem),
+            )
+            .unwrap();
+            assert!(auth.verify(&confused).is_err(), "{alg:?} must stay pinned");
+            assert!(!auth.can_mint());
+            assert!(auth.mint("carol", 60).is_err());
+        }
+    }
 }
