@@ -137,12 +137,50 @@ impl Outbound {
     }
 }
 
+/// Frames a connection's read loop may have handed over and the actor not yet handled.
+pub const INBOUND_WINDOW: usize = 256;
+
+/// Bounds the frames in flight from a connection's read loop to its actor (the actor's mailbox itself is
+/// unbounded). The read loop takes a permit before it reads a frame and the permit travels with the frame;
+/// when the actor falls behind, the read loop stops reading and TCP pushes back on the client.
+#[derive(Clone)]
+pub struct InboundWindow(Arc<tokio::sync::Semaphore>);
+
+/// A slot in the [`InboundWindow`], released when the frame carrying it has been handled.
+pub struct InboundPermit {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl InboundWindow {
+    /// A window of [`INBOUND_WINDOW`] frames.
+    pub fn new() -> Self {
+        Self(Arc::new(tokio::sync::Semaphore::new(INBOUND_WINDOW)))
+    }
+
+    /// Wait for a free slot.
+    pub async fn acquire(&self) -> InboundPermit {
+        let slot = self
+            .0
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the window is never closed");
+        InboundPermit { _slot: slot }
+    }
+}
+
+impl Default for InboundWindow {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Messages of a [`ConnectionActor`].
 pub enum ConnectionMsg {
     /// A text frame from the client.
-    Inbound(String),
+    Inbound(String, InboundPermit),
     /// A binary frame from the client (not part of the protocol).
-    Binary,
+    Binary(InboundPermit),
     /// The outbound queue overflowed: close as a slow consumer.
     Overflow,
     /// Close with this code after the queued frames (heartbeat timeout, oversized frame, protocol error).
@@ -378,14 +416,14 @@ impl Actor for ConnectionActor {
         state: &mut ConnectionState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            ConnectionMsg::Inbound(text) if !state.closing => state.inbound(&text).await,
-            ConnectionMsg::Binary if !state.closing => {
+            ConnectionMsg::Inbound(text, _permit) if !state.closing => state.inbound(&text).await,
+            ConnectionMsg::Binary(_permit) if !state.closing => {
                 state.reply(&ServerFrame::error(&ProtocolError::new(
                     ErrorCode::InvalidJson,
                     "binary frames are not part of the protocol; send JSON text frames",
                 )))
             }
-            ConnectionMsg::Inbound(_) | ConnectionMsg::Binary => {}
+            ConnectionMsg::Inbound(..) | ConnectionMsg::Binary(_) => {}
             ConnectionMsg::Overflow => {
                 if !state.closing {
                     info!(conn_id = state.id, user_id = %state.user, "slow consumer: outbound queue full, closing");

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use bytestring::ByteString;
 use futures_util::SinkExt;
-use switchboard_actors::connection::{ConnectionMsg, FrameSink, SinkClosed};
+use switchboard_actors::connection::{ConnectionMsg, FrameSink, InboundWindow, SinkClosed};
 use switchboard_actors::protocol::{CloseCode, ErrorCode};
 use switchboard_actors::ractor::ActorRef;
 use tokio_util::sync::CancellationToken;
@@ -69,14 +69,20 @@ async fn read_loop(
     stop_reading: CancellationToken,
     hangup: CancellationToken,
 ) {
+    let window = InboundWindow::new();
     loop {
         let next = tokio::select! {
             // Draining: stop reading; the drain answers what was accepted and closes with 1012.
             _ = stop_reading.cancelled() => return,
             // The actor closed the connection (slow consumer, heartbeat, …): let go of the socket.
             _ = hangup.cancelled() => return,
-            next = tokio::time::timeout(heartbeat, stream.recv()) => next,
+            // Read only when the actor has room for one more frame (back-pressure on a flooding client).
+            next = async {
+                let permit = window.acquire().await;
+                (tokio::time::timeout(heartbeat, stream.recv()).await, permit)
+            } => next,
         };
+        let (next, permit) = next;
         let forwarded = match next {
             Err(_silent) => {
                 let _ = conn.send_message(ConnectionMsg::Close(CloseCode::IdleTimeout));
@@ -103,9 +109,9 @@ async fn read_loop(
             }
             Ok(Some(Ok(msg))) => match msg {
                 AggregatedMessage::Text(text) => {
-                    conn.send_message(ConnectionMsg::Inbound(text.to_string()))
+                    conn.send_message(ConnectionMsg::Inbound(text.to_string(), permit))
                 }
-                AggregatedMessage::Binary(_) => conn.send_message(ConnectionMsg::Binary),
+                AggregatedMessage::Binary(_) => conn.send_message(ConnectionMsg::Binary(permit)),
                 AggregatedMessage::Ping(payload) => {
                     let _ = session.pong(&payload).await;
                     Ok(())
