@@ -1,0 +1,243 @@
+//! `switchboard-load`: the load generator for Switchboard, and the baseline server it is compared with.
+//!
+//! ```text
+//! switchboard-load idle  --server 127.0.0.1:8080 --server-pid PID --clients 19000 --duration 30
+//! switchboard-load dm    --server 127.0.0.1:8080 --pairs 1000 --rate 10000 --duration 20
+//! switchboard-load group --server 127.0.0.1:8080 --members 5000 --rate 200 --duration 20
+//! switchboard-load storm --server 127.0.0.1:8080 --clients 10000
+//! switchboard-load baseline --listen 127.0.0.1:9090
+//! ```
+//!
+//! Every scenario runs its clients in worker processes (`switchboard-load worker`, started by the tool
+//! itself) because a process may hold only 20,000 open files here, binds them to source addresses
+//! 127.0.0.2, 127.0.0.3, … because one address has ~28,000 ports, refuses targets outside 127.0.0.0/8, and
+//! is bounded in connections and seconds. `--with-baseline` runs the same scenario against a baseline
+//! server it starts, and prints both with the ratio; `--json` prints the report for machines.
+
+mod baseline;
+mod coordinator;
+mod frame;
+mod net;
+mod report;
+mod setup;
+mod spec;
+mod stats;
+mod worker;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use coordinator::{Common, RunSpec};
+use spec::Scenario;
+
+/// Errors end the run with a message.
+pub(crate) type Error = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Parser)]
+#[command(
+    name = "switchboard-load",
+    about = "Load generator for Switchboard (loopback only), and a baseline server to compare with"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Open N authenticated connections, hold them, report server RSS per connection and accept rate.
+    Idle {
+        #[command(flatten)]
+        common: Common,
+        /// Connections to open.
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        /// Seconds to hold them open.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// Do not give the clients DMs to sync: bare authenticated connections.
+        #[arg(long)]
+        no_conv: bool,
+    },
+    /// Pairs of clients exchanging DMs at a total rate: send→ack and send→deliver latency.
+    Dm {
+        #[command(flatten)]
+        common: Common,
+        /// DM pairs (two connections each).
+        #[arg(long, default_value_t = 100)]
+        pairs: usize,
+        /// Total messages per second, over all senders.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// Seconds of sending.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+    },
+    /// One group: M messages per second to G members; deliveries per second and delivery latency.
+    Group {
+        #[command(flatten)]
+        common: Common,
+        /// Members (connections), the creator included.
+        #[arg(long, default_value_t = 100)]
+        members: usize,
+        /// Messages per second, over all senders.
+        #[arg(long, default_value_t = 10.0)]
+        rate: f64,
+        /// Members that send (round-robin).
+        #[arg(long, default_value_t = 10)]
+        senders: usize,
+        /// Seconds of sending.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+    },
+    /// N connected clients all drop and reconnect and sync at once: time until all are back and synced.
+    Storm {
+        #[command(flatten)]
+        common: Common,
+        /// Clients (in DM pairs).
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        /// Messages each DM holds before the storm (replayed by each client's sync).
+        #[arg(long, default_value_t = 20)]
+        history: u32,
+        /// Seconds a client keeps trying to get back.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Run the baseline server: tokio-tungstenite broadcast, no auth, no storage, no actors.
+    Baseline {
+        /// Address to listen on (loopback only; port 0 picks one). Prints `listening ADDR`.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        listen: String,
+    },
+    /// Print two `--json` reports side by side with the ratio of the first to the second.
+    Compare {
+        /// The first report (usually Switchboard's).
+        a: PathBuf,
+        /// The second report (usually the baseline's).
+        b: PathBuf,
+    },
+    /// Internal: a worker process started by the tool itself.
+    #[command(hide = true)]
+    Worker,
+}
+
+fn scenario(common: Common, spec: RunSpec) -> Result<(), Error> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(coordinator::main(common, spec))
+}
+
+fn run(cli: Cli) -> Result<(), Error> {
+    let base = |scenario, clients| RunSpec {
+        scenario,
+        clients,
+        rate: 0.0,
+        duration_s: 0,
+        senders: 0,
+        history: 0,
+        storm_timeout_s: 0,
+        conv: false,
+    };
+    match cli.command {
+        Cmd::Idle {
+            common,
+            clients,
+            duration,
+            no_conv,
+        } => scenario(
+            common,
+            RunSpec {
+                duration_s: duration,
+                conv: !no_conv,
+                ..base(Scenario::Idle, clients)
+            },
+        ),
+        Cmd::Dm {
+            common,
+            pairs,
+            rate,
+            duration,
+        } => scenario(
+            common,
+            RunSpec {
+                rate,
+                duration_s: duration,
+                ..base(Scenario::Dm, pairs.saturating_mul(2))
+            },
+        ),
+        Cmd::Group {
+            common,
+            members,
+            rate,
+            senders,
+            duration,
+        } => scenario(
+            common,
+            RunSpec {
+                rate,
+                duration_s: duration,
+                senders,
+                ..base(Scenario::Group, members)
+            },
+        ),
+        Cmd::Storm {
+            common,
+            clients,
+            history,
+            timeout,
+        } => scenario(
+            common,
+            RunSpec {
+                history,
+                storm_timeout_s: timeout,
+                ..base(Scenario::Storm, clients)
+            },
+        ),
+        Cmd::Baseline { listen } => baseline::main(&listen),
+        Cmd::Compare { a, b } => coordinator::compare(&a, &b),
+        Cmd::Worker => worker::main(),
+    }
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("switchboard-load: {e}");
+        std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_a_scenario_line() {
+        let cli = Cli::try_parse_from([
+            "switchboard-load",
+            "dm",
+            "--server",
+            "127.0.0.1:18080",
+            "--pairs",
+            "200",
+            "--rate",
+            "2000",
+            "--with-baseline",
+        ])
+        .unwrap();
+        let Cmd::Dm { common, pairs, .. } = cli.command else {
+            panic!("not dm")
+        };
+        assert_eq!(pairs, 200);
+        assert!(common.with_baseline);
+        assert!(Cli::try_parse_from(["switchboard-load", "idle", "--bogus"]).is_err());
+    }
+}
