@@ -79,7 +79,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let listener = std::net::TcpListener::bind(config.listen)?;
+    let listener = listen(config.listen)?;
     let server = Server::start(&config, listener).await?;
     info!(node = %server.node(), listen = %server.local_addr(), data_dir = %config.data_dir.display(), "switchboard ready");
     if config.dev_login {
@@ -88,6 +88,22 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         info!("dev login is off");
     }
     server.run_until(shutdown_signal()).await
+}
+
+/// Pending connections the kernel may queue before `accept` (capped by `net.core.somaxconn`). The standard
+/// library asks for 128, which a reconnect storm overflows: the kernel then drops connection attempts and
+/// clients wait a second to retry.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)?.into_std()
 }
 
 async fn shutdown_signal() {

@@ -339,8 +339,9 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 const WRITE_BATCH: usize = 64;
 
 async fn write_loop(mut sink: Box<dyn FrameSink>, mut queue: OutboundQueue, abort: Abort) {
-    let mut batch: Vec<Bytes> = Vec::with_capacity(WRITE_BATCH);
-    let mut items: Vec<OutFrame> = Vec::with_capacity(WRITE_BATCH);
+    // Allocated on first use: an idle connection holds no write buffers.
+    let mut batch: Vec<Bytes> = Vec::new();
+    let mut items: Vec<OutFrame> = Vec::new();
     let code = 'run: loop {
         tokio::select! {
             biased;
