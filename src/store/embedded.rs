@@ -181,10 +181,12 @@ fn write_loop(db: &Database, rx: &mpsc::Receiver<Job>) {
         }
         let started = std::time::Instant::now();
         let outcome = db.begin_write().map_err(unavailable).and_then(|txn| {
-            let results: Vec<_> = jobs
-                .iter()
-                .map(|j| apply(&txn, &j.op))
-                .collect::<Result<_, _>>()?;
+            let results: Vec<_> = {
+                let mut tables = Tables::open(&txn)?;
+                jobs.iter()
+                    .map(|j| apply(&mut tables, &j.op))
+                    .collect::<Result<_, _>>()?
+            };
             txn.commit().map_err(unavailable)?;
             Ok(results)
         });
@@ -206,35 +208,53 @@ fn write_loop(db: &Database, rx: &mpsc::Receiver<Job>) {
     }
 }
 
+/// Every table, opened once per group transaction (opening a table per job cost more than its writes).
+struct Tables<'t> {
+    conversations: redb::Table<'t, &'static str, &'static [u8]>,
+    members: redb::Table<'t, (&'static str, &'static str), u64>,
+    user_conversations: redb::Table<'t, (&'static str, &'static str), ()>,
+    dm_pairs: redb::Table<'t, (&'static str, &'static str), &'static str>,
+    messages: redb::Table<'t, (&'static str, u64), &'static [u8]>,
+    dedupe: redb::Table<'t, (&'static str, &'static str, &'static str), u64>,
+}
+
+impl<'t> Tables<'t> {
+    fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Self {
+            conversations: txn.open_table(CONVERSATIONS).map_err(unavailable)?,
+            members: txn.open_table(MEMBERS).map_err(unavailable)?,
+            user_conversations: txn.open_table(USER_CONVERSATIONS).map_err(unavailable)?,
+            dm_pairs: txn.open_table(DM_PAIRS).map_err(unavailable)?,
+            messages: txn.open_table(MESSAGES).map_err(unavailable)?,
+            dedupe: txn.open_table(DEDUPE).map_err(unavailable)?,
+        })
+    }
+}
+
 /// Apply one job inside the group's transaction. The outer `Result` aborts the whole group (an I/O
 /// failure); the inner one is this job's own answer (a fence conflict, a corrupt record). Every job reads
 /// what it needs before it writes, so a job that fails on its own has written nothing.
-fn apply(
-    txn: &WriteTransaction,
-    op: &WriteOp,
-) -> Result<Result<WriteOutcome, StoreError>, StoreError> {
+fn apply(t: &mut Tables<'_>, op: &WriteOp) -> Result<Result<WriteOutcome, StoreError>, StoreError> {
     let result = match op {
-        WriteOp::Create { info, members } => create(txn, info, members),
+        WriteOp::Create { info, members } => create(t, info, members),
         WriteOp::AddMember { conv, user } => (|| {
-            let mut m = txn.open_table(MEMBERS).map_err(unavailable)?;
-            let added = m
+            let added = t
+                .members
                 .insert((conv.as_str(), user.as_str()), now_ms())
                 .map_err(unavailable)?
                 .is_none();
-            txn.open_table(USER_CONVERSATIONS)
-                .map_err(unavailable)?
+            t.user_conversations
                 .insert((user.as_str(), conv.as_str()), ())
                 .map_err(unavailable)?;
             Ok(WriteOutcome::Changed(added))
         })(),
         WriteOp::RemoveMember { conv, user } => (|| {
-            let mut m = txn.open_table(MEMBERS).map_err(unavailable)?;
-            let removed = m
+            let removed = t
+                .members
                 .remove((conv.as_str(), user.as_str()))
                 .map_err(unavailable)?
                 .is_some();
-            txn.open_table(USER_CONVERSATIONS)
-                .map_err(unavailable)?
+            t.user_conversations
                 .remove((user.as_str(), conv.as_str()))
                 .map_err(unavailable)?;
             Ok(WriteOutcome::Changed(removed))
@@ -243,7 +263,7 @@ fn apply(
             conv,
             first_seq,
             batch,
-        } => append(txn, conv, *first_seq, batch),
+        } => append(t, conv, *first_seq, batch),
     };
     match result {
         Err(e @ StoreError::Unavailable(_)) => Err(e),
@@ -252,61 +272,62 @@ fn apply(
 }
 
 fn create(
-    txn: &WriteTransaction,
+    t: &mut Tables<'_>,
     info: &ConversationInfo,
     members: &[UserId],
 ) -> Result<WriteOutcome, StoreError> {
     // Encode before writing anything: a job that fails on its own must leave no partial write.
     let raw = postcard::to_stdvec(info).map_err(corrupt)?;
-    let mut convs = txn.open_table(CONVERSATIONS).map_err(unavailable)?;
     if info.kind == ConversationKind::Dm {
         let (a, b) = dm_pair(members);
-        let mut pairs = txn.open_table(DM_PAIRS).map_err(unavailable)?;
-        let existing = pairs
+        let existing = t
+            .dm_pairs
             .get((a, b))
             .map_err(unavailable)?
             .map(|v| v.value().to_owned());
         if let Some(id) = existing {
-            let raw = convs
+            let raw = t
+                .conversations
                 .get(id.as_str())
                 .map_err(unavailable)?
                 .ok_or_else(|| corrupt("dm pair without conversation"))?;
             let info = postcard::from_bytes(raw.value()).map_err(corrupt)?;
             return Ok(WriteOutcome::Created(info, false));
         }
-        pairs
+        t.dm_pairs
             .insert((a, b), info.id.as_str())
             .map_err(unavailable)?;
     }
-    convs
+    t.conversations
         .insert(info.id.as_str(), raw.as_slice())
         .map_err(unavailable)?;
-    let mut m = txn.open_table(MEMBERS).map_err(unavailable)?;
-    let mut uc = txn.open_table(USER_CONVERSATIONS).map_err(unavailable)?;
     for user in members {
-        m.insert((info.id.as_str(), user.as_str()), info.created_at)
+        t.members
+            .insert((info.id.as_str(), user.as_str()), info.created_at)
             .map_err(unavailable)?;
-        uc.insert((user.as_str(), info.id.as_str()), ())
+        t.user_conversations
+            .insert((user.as_str(), info.id.as_str()), ())
             .map_err(unavailable)?;
     }
     Ok(WriteOutcome::Created(info.clone(), true))
 }
 
 fn append(
-    txn: &WriteTransaction,
+    t: &mut Tables<'_>,
     conv: &str,
     first_seq: u64,
     batch: &[NewMessage],
 ) -> Result<WriteOutcome, StoreError> {
-    let mut messages = txn.open_table(MESSAGES).map_err(unavailable)?;
-    let found = last_seq_in(&messages, conv)?;
+    let Tables {
+        messages, dedupe, ..
+    } = t;
+    let found = last_seq_in(messages, conv)?;
     if found + 1 != first_seq {
         return Err(StoreError::SeqConflict {
             expected: first_seq,
             found,
         });
     }
-    let mut dedupe = txn.open_table(DEDUPE).map_err(unavailable)?;
     // Read phase: what is already stored (a corrupt original fails the job before anything is written).
     let originals = batch
         .iter()
