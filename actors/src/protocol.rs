@@ -178,16 +178,10 @@ pub fn decode_client_frame(text: &str, max_body: usize) -> Result<ClientFrame, P
     match op {
         "send" => {
             let fail = |e: ProtocolError| e.for_msg(msg_id);
-            let msg_id = id_field(&obj, "msg_id").map_err(fail)?;
+            let msg_id = required_str(&obj, "msg_id").map_err(fail)?.to_owned();
             let conv = id_field(&obj, "conv").map_err(fail)?;
             let body = required_str(&obj, "body").map_err(fail)?;
-            if body.len() > max_body {
-                return Err(ProtocolError::new(
-                    ErrorCode::BodyTooLarge,
-                    format!("body is {} bytes; the limit is {max_body}", body.len()),
-                )
-                .for_msg(Some(&msg_id)));
-            }
+            check_send(&msg_id, body, max_body)?;
             Ok(ClientFrame::Send {
                 msg_id,
                 conv,
@@ -234,13 +228,33 @@ fn required_str<'a>(obj: &'a Map<String, Value>, field: &str) -> Result<&'a str,
 /// An identifier field: a non-empty string of at most [`MAX_ID_LEN`] bytes.
 fn id_field(obj: &Map<String, Value>, field: &str) -> Result<String, ProtocolError> {
     let s = required_str(obj, field)?;
+    check_id(field, s)?;
+    Ok(s.to_owned())
+}
+
+/// An identifier is 1 to [`MAX_ID_LEN`] bytes.
+fn check_id(field: &str, s: &str) -> Result<(), ProtocolError> {
     if s.is_empty() || s.len() > MAX_ID_LEN {
         return Err(ProtocolError::new(
             ErrorCode::InvalidField,
             format!("`{field}` must be 1 to {MAX_ID_LEN} bytes"),
         ));
     }
-    Ok(s.to_owned())
+    Ok(())
+}
+
+/// The checks every send passes, over the socket or REST: a valid `msg_id` and a body of at most
+/// `max_body` UTF-8 bytes. Errors carry the `msg_id`.
+pub fn check_send(msg_id: &str, body: &str, max_body: usize) -> Result<(), ProtocolError> {
+    check_id("msg_id", msg_id).map_err(|e| e.for_msg(Some(msg_id)))?;
+    if body.len() > max_body {
+        return Err(ProtocolError::new(
+            ErrorCode::BodyTooLarge,
+            format!("body is {} bytes; the limit is {max_body}", body.len()),
+        )
+        .for_msg(Some(msg_id)));
+    }
+    Ok(())
 }
 
 fn truncate(s: &str, max: usize) -> &str {

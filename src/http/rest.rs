@@ -7,9 +7,9 @@ use std::sync::atomic::Ordering;
 use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 use serde_json::json;
-use switchboard_actors::conversation::{now_ms, SendRequest};
+use switchboard_actors::conversation::{now_ms, store_error, SendRequest};
 use switchboard_actors::history;
-use switchboard_actors::protocol::{ErrorCode, MAX_ID_LEN};
+use switchboard_actors::protocol::{check_send, ErrorCode};
 use switchboard_actors::store::{
     ConversationInfo, ConversationKind, HistoryQuery, Message, MAX_MEMBERS,
 };
@@ -115,6 +115,20 @@ fn conversation_json(
     v
 }
 
+/// The conversation object with its members and newest message (create and get answer with it).
+async fn full_view(
+    state: &AppState,
+    info: &ConversationInfo,
+) -> Result<serde_json::Value, ApiError> {
+    let members = state.store.members(&info.id).await.map_err(store_error)?;
+    let last = state
+        .store
+        .last_message(&info.id)
+        .await
+        .map_err(store_error)?;
+    Ok(conversation_json(info, Some(&members), last.as_ref()))
+}
+
 async fn create_conversation(
     AuthUser(me): AuthUser,
     state: State,
@@ -169,18 +183,8 @@ async fn create_conversation(
         .store
         .create_conversation(info, members)
         .await
-        .map_err(switchboard_actors::conversation::store_error)?;
-    let members = state
-        .store
-        .members(&info.id)
-        .await
-        .map_err(switchboard_actors::conversation::store_error)?;
-    let last = state
-        .store
-        .last_message(&info.id)
-        .await
-        .map_err(switchboard_actors::conversation::store_error)?;
-    let body = conversation_json(&info, Some(&members), last.as_ref());
+        .map_err(store_error)?;
+    let body = full_view(&state, &info).await?;
     Ok(if created {
         HttpResponse::Created().json(body)
     } else {
@@ -207,16 +211,13 @@ async fn get_conversation(
 ) -> Result<HttpResponse, ApiError> {
     let conv = path.into_inner();
     history::authorize(&*state.store, &conv, &me).await?;
-    let err = switchboard_actors::conversation::store_error;
     let info = state
         .store
         .conversation(&conv)
         .await
-        .map_err(err)?
+        .map_err(store_error)?
         .ok_or_else(|| ApiError::new(ErrorCode::UnknownConversation, "no such conversation"))?;
-    let members = state.store.members(&conv).await.map_err(err)?;
-    let last = state.store.last_message(&conv).await.map_err(err)?;
-    Ok(HttpResponse::Ok().json(conversation_json(&info, Some(&members), last.as_ref())))
+    Ok(HttpResponse::Ok().json(full_view(&state, &info).await?))
 }
 
 #[derive(Deserialize)]
@@ -254,22 +255,7 @@ async fn send_message(
     body: web::Json<SendBody>,
 ) -> Result<HttpResponse, ApiError> {
     let SendBody { msg_id, body } = body.into_inner();
-    if msg_id.is_empty() || msg_id.len() > MAX_ID_LEN {
-        return Err(ApiError::new(
-            ErrorCode::InvalidField,
-            format!("msg_id must be 1 to {MAX_ID_LEN} bytes"),
-        ));
-    }
-    if body.len() > state.max_body_bytes {
-        return Err(ApiError::new(
-            ErrorCode::BodyTooLarge,
-            format!(
-                "body is {} bytes; the limit is {}",
-                body.len(),
-                state.max_body_bytes
-            ),
-        ));
-    }
+    check_send(&msg_id, &body, state.max_body_bytes)?;
     let request = SendRequest {
         from: me,
         msg_id,
