@@ -1,18 +1,16 @@
 //! `ConnectionActor`: one per WebSocket, a child of its user's `SessionActor`.
 //!
-//! The transport's read loop (in the `switchboard` crate) forwards each frame here; writes go through a
-//! bounded [`Outbound`] queue drained by a writer task into a [`FrameSink`]. The actor decodes client frames,
+//! The transport's read loop (in the `switchboard` crate) forwards each frame here; everything the client
+//! receives goes through the connection's bounded [`Outbound`] queue, which the transport drains into the
+//! socket (see [`crate::outbound`]). The actor decodes client frames,
 //! hands sends to conversations in arrival order, and answers with `ack`/`error` frames from tasks it
 //! tracks, so a drain can wait until every accepted send has been answered.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use bytes::Bytes;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
@@ -20,23 +18,10 @@ use tracing::{debug, info};
 use crate::conversation::SendRequest;
 use crate::conversations::{Conversations, PendingReply};
 use crate::history;
+use crate::outbound::{Outbound, PushError};
 use crate::protocol::{self, ClientFrame, CloseCode, ErrorCode, ProtocolError, ServerFrame};
 use crate::session::ConnId;
 use crate::store::{SharedStore, UserId};
-
-/// The sink was closed by the peer or the transport.
-#[derive(Debug, Clone, Copy, thiserror::Error)]
-#[error("connection closed")]
-pub struct SinkClosed;
-
-/// Where a connection's frames are written: the transport's half of a WebSocket.
-#[async_trait]
-pub trait FrameSink: Send + 'static {
-    /// Write text frames, in order, as one batch where the transport allows.
-    async fn send(&mut self, frames: &[Bytes]) -> Result<(), SinkClosed>;
-    /// Send a close frame with `code`; nothing is written after it.
-    async fn close(&mut self, code: CloseCode) -> Result<(), SinkClosed>;
-}
 
 /// Limits of every connection.
 #[derive(Debug, Clone)]
@@ -59,25 +44,6 @@ impl Default for ConnectionLimits {
     }
 }
 
-/// Asks the writer to stop at once with a close code (a slow consumer's queue cannot carry the close).
-#[derive(Clone, Default)]
-struct Abort {
-    token: CancellationToken,
-    code: Arc<std::sync::OnceLock<CloseCode>>,
-}
-
-impl Abort {
-    fn fire(&self, code: CloseCode) {
-        let _ = self.code.set(code);
-        self.token.cancel();
-    }
-
-    async fn fired(&self) -> CloseCode {
-        self.token.cancelled().await;
-        self.code.get().copied().unwrap_or(CloseCode::Internal)
-    }
-}
-
 /// What every connection shares.
 pub struct ConnectionContext {
     /// The conversation family.
@@ -86,55 +52,6 @@ pub struct ConnectionContext {
     pub store: SharedStore,
     /// Limits.
     pub limits: ConnectionLimits,
-}
-
-enum OutFrame {
-    Text(Bytes),
-    Close(CloseCode),
-}
-
-/// Why a frame was not queued.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PushError {
-    /// The queue is full: the client is not reading.
-    Full,
-    /// The connection is closing or closed.
-    Closed,
-}
-
-/// The sending side of a connection's bounded outbound queue.
-#[derive(Clone)]
-pub struct Outbound {
-    tx: mpsc::Sender<OutFrame>,
-}
-
-/// The receiving side, owned by the writer task.
-pub struct OutboundQueue {
-    rx: mpsc::Receiver<OutFrame>,
-}
-
-impl Outbound {
-    /// A queue of `capacity` frames.
-    pub fn channel(capacity: usize) -> (Outbound, OutboundQueue) {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
-        (Outbound { tx }, OutboundQueue { rx })
-    }
-
-    /// Queue a text frame without waiting.
-    pub fn push_frame(&self, frame: Bytes) -> Result<(), PushError> {
-        self.tx
-            .try_send(OutFrame::Text(frame))
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => PushError::Full,
-                mpsc::error::TrySendError::Closed(_) => PushError::Closed,
-            })
-    }
-
-    fn push_close(&self, code: CloseCode) -> Result<(), PushError> {
-        self.tx
-            .try_send(OutFrame::Close(code))
-            .map_err(|_| PushError::Full)
-    }
 }
 
 /// Frames a connection's read loop may have handed over and the actor not yet handled.
@@ -200,11 +117,7 @@ pub struct ConnectionArgs {
     pub user: UserId,
     /// Connection id.
     pub id: ConnId,
-    /// The transport's writer.
-    pub sink: Box<dyn FrameSink>,
-    /// The queue the writer drains.
-    pub queue: OutboundQueue,
-    /// The queue's sending side.
+    /// The pushing side of the queue the transport drains.
     pub outbound: Outbound,
     /// Shared dependencies.
     pub ctx: Arc<ConnectionContext>,
@@ -222,8 +135,6 @@ pub struct ConnectionState {
     /// Sends awaiting their answer, in arrival order; one task answers them in that order.
     unacked: Option<mpsc::Sender<PendingReply>>,
     tasks: TaskTracker,
-    abort: Abort,
-    writer: Option<JoinHandle<()>>,
     hangup: CancellationToken,
     closing: bool,
 }
@@ -308,17 +219,16 @@ impl ConnectionState {
         }
     }
 
-    /// Close after what is queued; if the queue is full, close at once.
+    /// Close after what is queued.
     fn close(&mut self, code: CloseCode) {
         self.closing = true;
-        if self.outbound.push_close(code).is_err() {
-            self.abort(code);
-        }
+        self.outbound.close(code);
     }
 
+    /// Close now, dropping what is queued.
     fn abort(&mut self, code: CloseCode) {
         self.closing = true;
-        self.abort.fire(code);
+        self.outbound.abort(code);
     }
 }
 
@@ -332,47 +242,8 @@ async fn ack_loop(mut unacked: mpsc::Receiver<PendingReply>, replier: Replier) {
     }
 }
 
-/// How long the writer keeps trying to hand a close frame to a socket that does not drain (a slow consumer
-/// that resumes reading within this time still learns why it was cut off).
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Frames written to the transport in one batch.
-const WRITE_BATCH: usize = 64;
-
-async fn write_loop(mut sink: Box<dyn FrameSink>, mut queue: OutboundQueue, abort: Abort) {
-    // Allocated on first use: an idle connection holds no write buffers.
-    let mut batch: Vec<Bytes> = Vec::new();
-    let mut items: Vec<OutFrame> = Vec::new();
-    let code = 'run: loop {
-        tokio::select! {
-            biased;
-            code = abort.fired() => break 'run code,
-            n = queue.rx.recv_many(&mut items, WRITE_BATCH) => {
-                if n == 0 {
-                    break 'run CloseCode::Normal;
-                }
-                let mut close = None;
-                for item in items.drain(..) {
-                    match item {
-                        OutFrame::Text(b) => batch.push(b),
-                        OutFrame::Close(c) => { close = Some(c); break; }
-                    }
-                }
-                if !batch.is_empty() {
-                    tokio::select! {
-                        biased;
-                        code = abort.fired() => break 'run code,
-                        sent = sink.send(&batch) => if sent.is_err() { return },
-                    }
-                    batch.clear();
-                }
-                if let Some(c) = close {
-                    break 'run c;
-                }
-            }
-        }
-    };
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.close(code)).await;
-}
+/// How long a drain waits for the transport to take a connection's last frames.
+const DRAIN_FLUSH: Duration = Duration::from_secs(5);
 
 impl Actor for ConnectionActor {
     type Msg = ConnectionMsg;
@@ -384,8 +255,6 @@ impl Actor for ConnectionActor {
         myself: ActorRef<ConnectionMsg>,
         args: ConnectionArgs,
     ) -> Result<ConnectionState, ActorProcessingErr> {
-        let abort = Abort::default();
-        let writer = tokio::spawn(write_loop(args.sink, args.queue, abort.clone()));
         let tasks = TaskTracker::new();
         let (unacked, unacked_rx) = mpsc::channel(args.ctx.limits.max_unacked.max(1));
         let replier = Replier {
@@ -403,8 +272,6 @@ impl Actor for ConnectionActor {
             replier,
             unacked: Some(unacked),
             tasks,
-            abort,
-            writer: Some(writer),
             hangup: args.hangup,
             closing: false,
         })
@@ -448,9 +315,8 @@ impl Actor for ConnectionActor {
                 state.tasks.close();
                 state.tasks.wait().await;
                 state.close(CloseCode::ServiceRestart);
-                if let Some(writer) = state.writer.take() {
-                    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
-                }
+                // Until the transport has taken everything up to the close frame.
+                let _ = tokio::time::timeout(DRAIN_FLUSH, state.outbound.finished()).await;
                 let _ = reply.send(());
                 myself.stop(Some("drained".into()));
             }

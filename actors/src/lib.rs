@@ -4,18 +4,20 @@
 //! - [`system`]: the root of the supervision tree and the handle the edge holds.
 //! - [`conversations`] / [`conversation`]: one single-writer actor per active conversation.
 //! - [`sessions`] / [`session`]: one actor per online user, parent of its connections.
-//! - [`connection`]: one actor per WebSocket with a bounded outbound queue.
+//! - [`connection`]: one actor per WebSocket.
+//! - [`outbound`]: a connection's bounded outbound queue, pushed by actors and pulled by the transport.
 //! - [`supervisor`]: Erlang restart intensity, used by every supervisor.
 //! - [`protocol`]: the JSON wire protocol, decoded into enums here and nowhere deeper.
 //! - [`store`] / [`history`]: the `MessageStore` trait and the reads shared by socket and REST.
 //!
-//! This crate knows no transport and no database driver: the edge implements [`connection::FrameSink`],
-//! the back ends implement [`store::MessageStore`].
+//! This crate knows no transport and no database driver: the edge drains [`outbound::OutboundQueue`]
+//! into its sockets, the back ends implement [`store::MessageStore`].
 
 pub mod connection;
 pub mod conversation;
 pub mod conversations;
 pub mod history;
+pub mod outbound;
 pub mod protocol;
 pub mod session;
 pub mod sessions;

@@ -1,9 +1,11 @@
 //! `SessionActor`: one per online user on this node, a child of the `SessionSupervisor` and the parent of
 //! that user's connection actors (one per device).
 //!
-//! It delivers each message frame to every connection of the user by pushing the shared bytes onto each
-//! connection's bounded outbound queue — never waiting: a full queue marks that connection a slow consumer,
-//! which is closed (and resyncs on reconnect) without slowing the conversation or the other devices.
+//! The session owns its user's entry in the [`SessionDirectory`]: it adds each connection it attaches and
+//! removes each that ends. Conversations deliver through that entry, pushing the shared bytes of a frame
+//! straight onto every connection's bounded outbound queue — one push per device, no hop through this
+//! actor's mailbox, never waiting: a full queue marks that connection a slow consumer, which is closed (and
+//! resyncs on reconnect) without slowing the conversation or the other devices.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
@@ -14,7 +16,8 @@ use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, ActorStatus, RpcReplyPort, SupervisionEvent};
 use tracing::debug;
 
-use crate::connection::{ConnectionMsg, Outbound, PushError};
+use crate::connection::ConnectionMsg;
+use crate::outbound::{Outbound, PushError};
 use crate::sessions::SessionsMsg;
 use crate::store::UserId;
 
@@ -36,13 +39,6 @@ pub struct ConnHandle {
 pub enum SessionMsg {
     /// A new connection of this user (already linked to this session).
     Attach(ConnHandle),
-    /// Deliver a frame to every connection but `except`.
-    Deliver {
-        /// The encoded frame, shared by every recipient.
-        frame: Bytes,
-        /// The connection that sent the message (it gets an `ack` instead).
-        except: Option<ConnId>,
-    },
     /// Stop if no connection is left; answers whether it stops.
     StopIfEmpty(RpcReplyPort<bool>),
     /// Drain every connection (server shutdown); answered when all are closed.
@@ -52,27 +48,26 @@ pub enum SessionMsg {
 /// The session actor.
 pub struct SessionActor;
 
+/// Arguments of a session actor.
+pub struct SessionArgs {
+    /// Its user.
+    pub user: UserId,
+    /// Where it publishes its connections.
+    pub directory: SessionDirectory,
+}
+
 /// The state of one user's session.
 pub struct SessionState {
     user: UserId,
     conns: Vec<ConnHandle>,
+    directory: SessionDirectory,
 }
 
 impl SessionState {
-    fn deliver(&self, frame: &Bytes, except: Option<ConnId>) {
-        for conn in self.conns.iter().filter(|c| Some(c.id) != except) {
-            match conn.outbound.push_frame(frame.clone()) {
-                Ok(()) => metrics::counter!("switchboard_deliveries_total").increment(1),
-                Err(PushError::Full) => {
-                    let _ = conn.actor.send_message(ConnectionMsg::Overflow);
-                }
-                Err(PushError::Closed) => {}
-            }
-        }
-    }
-
-    fn detach(&mut self, actor: ractor::ActorId) {
+    fn detach(&mut self, myself: &ActorRef<SessionMsg>, actor: ractor::ActorId) {
         self.conns.retain(|c| c.actor.get_id() != actor);
+        self.directory
+            .publish(&self.user, myself.get_id(), self.conns.clone());
     }
 }
 
@@ -82,16 +77,17 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 impl Actor for SessionActor {
     type Msg = SessionMsg;
     type State = SessionState;
-    type Arguments = UserId;
+    type Arguments = SessionArgs;
 
     async fn pre_start(
         &self,
         _myself: ActorRef<SessionMsg>,
-        user: UserId,
+        args: SessionArgs,
     ) -> Result<SessionState, ActorProcessingErr> {
         Ok(SessionState {
-            user,
+            user: args.user,
             conns: Vec::new(),
+            directory: args.directory,
         })
     }
 
@@ -108,11 +104,13 @@ impl Actor for SessionActor {
                     ActorStatus::Running | ActorStatus::Starting
                 ) {
                     state.conns.push(handle);
+                    state
+                        .directory
+                        .publish(&state.user, myself.get_id(), state.conns.clone());
                 } else if state.conns.is_empty() {
                     report_empty(&myself, &state.user);
                 }
             }
-            SessionMsg::Deliver { frame, except } => state.deliver(&frame, except),
             SessionMsg::StopIfEmpty(reply) => {
                 let empty = state.conns.is_empty();
                 let _ = reply.send(empty);
@@ -150,7 +148,7 @@ impl Actor for SessionActor {
         if let SupervisionEvent::ActorTerminated(cell, ..)
         | SupervisionEvent::ActorFailed(cell, _) = event
         {
-            state.detach(cell.get_id());
+            state.detach(&myself, cell.get_id());
             if state.conns.is_empty() {
                 report_empty(&myself, &state.user);
             }
@@ -168,32 +166,48 @@ fn report_empty(myself: &ActorRef<SessionMsg>, user: &str) {
     }
 }
 
-/// Online users' sessions on this node, read by conversations for fan-out; written by the supervisor.
+/// An online user on this node: its session and the connections that session has published.
+struct Online {
+    session: ActorRef<SessionMsg>,
+    conns: Vec<ConnHandle>,
+}
+
+impl Online {
+    fn deliver(&self, frame: &Bytes, except: Option<ConnId>) {
+        for conn in self.conns.iter().filter(|c| Some(c.id) != except) {
+            match conn.outbound.push_frame(frame.clone()) {
+                Ok(()) => metrics::counter!("switchboard_deliveries_total").increment(1),
+                Err(PushError::Full) => {
+                    let _ = conn.actor.send_message(ConnectionMsg::Overflow);
+                }
+                Err(PushError::Closed) => {}
+            }
+        }
+    }
+}
+
+/// Online users' sessions on this node and their connections' queues: read by conversations for fan-out;
+/// an entry is added and removed by the supervisor, and its connections are published by its session.
 #[derive(Clone, Default)]
 pub struct SessionDirectory {
-    inner: Arc<RwLock<HashMap<UserId, ActorRef<SessionMsg>>>>,
+    inner: Arc<RwLock<HashMap<UserId, Online>>>,
 }
 
 impl SessionDirectory {
-    /// Send `frame` to the session of every online member (one lock, one pass over the smaller side).
+    /// Push `frame` onto the queue of every connection of every online member but `except` (one lock, one
+    /// pass over the smaller side).
     pub fn deliver(&self, members: &HashSet<UserId>, frame: Bytes, except: Option<ConnId>) {
         let online = self.inner.read().expect("session directory lock");
-        let mut send = |session: &ActorRef<SessionMsg>| {
-            let _ = session.send_message(SessionMsg::Deliver {
-                frame: frame.clone(),
-                except,
-            });
-        };
         if members.len() <= online.len() {
             members
                 .iter()
                 .filter_map(|m| online.get(m))
-                .for_each(&mut send);
+                .for_each(|o| o.deliver(&frame, except));
         } else {
             online
                 .iter()
                 .filter(|(u, _)| members.contains(*u))
-                .for_each(|(_, s)| send(s));
+                .for_each(|(_, o)| o.deliver(&frame, except));
         }
     }
 
@@ -203,7 +217,7 @@ impl SessionDirectory {
             .read()
             .expect("session directory lock")
             .get(user)
-            .cloned()
+            .map(|o| o.session.clone())
     }
 
     /// Every session.
@@ -212,19 +226,33 @@ impl SessionDirectory {
             .read()
             .expect("session directory lock")
             .values()
-            .cloned()
+            .map(|o| o.session.clone())
             .collect()
     }
 
     pub(crate) fn insert(&self, user: UserId, session: ActorRef<SessionMsg>) {
         let mut dir = self.inner.write().expect("session directory lock");
-        dir.insert(user, session);
+        dir.insert(
+            user,
+            Online {
+                session,
+                conns: Vec::new(),
+            },
+        );
         metrics::gauge!("switchboard_online_users").set(dir.len() as f64);
+    }
+
+    /// Replace the connections of `user`'s entry, if `session` still owns it.
+    fn publish(&self, user: &str, session: ractor::ActorId, conns: Vec<ConnHandle>) {
+        let mut dir = self.inner.write().expect("session directory lock");
+        if let Some(o) = dir.get_mut(user).filter(|o| o.session.get_id() == session) {
+            o.conns = conns;
+        }
     }
 
     pub(crate) fn remove_if(&self, user: &str, session: ractor::ActorId) {
         let mut dir = self.inner.write().expect("session directory lock");
-        if dir.get(user).is_some_and(|s| s.get_id() == session) {
+        if dir.get(user).is_some_and(|o| o.session.get_id() == session) {
             dir.remove(user);
         }
         metrics::gauge!("switchboard_online_users").set(dir.len() as f64);

@@ -16,25 +16,22 @@ use ractor::{
 };
 use tracing::{error, warn};
 
-use crate::connection::{
-    ConnectionActor, ConnectionArgs, ConnectionContext, ConnectionMsg, FrameSink, Outbound,
-};
-use crate::session::{ConnHandle, SessionActor, SessionDirectory, SessionMsg};
+use crate::connection::{ConnectionActor, ConnectionArgs, ConnectionContext, ConnectionMsg};
+use crate::outbound::{outbound, OutboundQueue};
+use crate::session::{ConnHandle, SessionActor, SessionArgs, SessionDirectory, SessionMsg};
 use crate::store::UserId;
 use crate::supervisor::{Decision, Escalation, RestartBudget, RestartIntensity};
 
 /// Messages of the session supervisor.
 pub enum SessionsMsg {
-    /// Open a connection for `user` writing to `sink`.
+    /// Open a connection for `user`.
     Connect {
         /// The authenticated user.
         user: UserId,
-        /// Where the connection's frames are written.
-        sink: Box<dyn FrameSink>,
         /// Cancelled when the connection's actor stops.
         hangup: tokio_util::sync::CancellationToken,
-        /// The connection's actor and id.
-        reply: RpcReplyPort<Result<(ActorRef<ConnectionMsg>, u64), String>>,
+        /// The new connection.
+        reply: RpcReplyPort<Result<Opened, String>>,
     },
     /// A session has no connection left.
     Empty {
@@ -43,6 +40,18 @@ pub enum SessionsMsg {
         /// The session that reported (it may have been replaced).
         session: ActorId,
     },
+}
+
+/// A connection just opened: what its transport needs.
+pub struct Opened {
+    /// The connection's actor, where the transport forwards what the client sends.
+    pub actor: ActorRef<ConnectionMsg>,
+    /// Its id.
+    pub id: u64,
+    /// Where it pushes pongs (everything else is pushed by actors).
+    pub outbound: crate::outbound::Outbound,
+    /// The queue the transport drains into the socket.
+    pub queue: OutboundQueue,
 }
 
 /// Supervises the sessions of this node.
@@ -75,8 +84,11 @@ impl SessionSupervisorState {
         if let Some(s) = self.directory.get(user) {
             return Ok(s);
         }
-        let (session, _) =
-            Actor::spawn_linked(None, SessionActor, user.to_owned(), myself.get_cell()).await?;
+        let args = SessionArgs {
+            user: user.to_owned(),
+            directory: self.directory.clone(),
+        };
+        let (session, _) = Actor::spawn_linked(None, SessionActor, args, myself.get_cell()).await?;
         self.sessions.insert(session.get_id(), user.to_owned());
         self.directory.insert(user.to_owned(), session.clone());
         Ok(session)
@@ -86,17 +98,14 @@ impl SessionSupervisorState {
         &mut self,
         myself: &ActorRef<SessionsMsg>,
         user: UserId,
-        sink: Box<dyn FrameSink>,
         hangup: tokio_util::sync::CancellationToken,
-    ) -> Result<(ActorRef<ConnectionMsg>, u64), SpawnErr> {
+    ) -> Result<Opened, SpawnErr> {
         let session = self.session(myself, &user).await?;
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let (outbound, queue) = Outbound::channel(self.ctx.limits.outbound_queue);
+        let (outbound, queue) = outbound(self.ctx.limits.outbound_queue);
         let args = ConnectionArgs {
             user,
             id,
-            sink,
-            queue,
             outbound: outbound.clone(),
             ctx: self.ctx.clone(),
             hangup,
@@ -105,10 +114,15 @@ impl SessionSupervisorState {
             Actor::spawn_linked(None, ConnectionActor, args, session.get_cell()).await?;
         let _ = session.send_message(SessionMsg::Attach(ConnHandle {
             id,
-            outbound,
+            outbound: outbound.clone(),
             actor: actor.clone(),
         }));
-        Ok((actor, id))
+        Ok(Opened {
+            actor,
+            id,
+            outbound,
+            queue,
+        })
     }
 }
 
@@ -141,17 +155,13 @@ impl Actor for SessionSupervisor {
         match message {
             SessionsMsg::Connect {
                 user,
-                sink,
                 hangup,
                 reply,
             } => {
-                let result = state
-                    .connect(&myself, user, sink, hangup)
-                    .await
-                    .map_err(|e| {
-                        warn!(error = %e, "connection could not start");
-                        e.to_string()
-                    });
+                let result = state.connect(&myself, user, hangup).await.map_err(|e| {
+                    warn!(error = %e, "connection could not start");
+                    e.to_string()
+                });
                 let _ = reply.send(result);
             }
             SessionsMsg::Empty { user, session } => {
@@ -234,19 +244,17 @@ impl Sessions {
         })
     }
 
-    /// Open a connection actor for `user`; frames go to `sink`; `hangup` is cancelled when the actor stops.
+    /// Open a connection actor for `user`; `hangup` is cancelled when the actor stops.
     pub async fn connect(
         &self,
         user: UserId,
-        sink: Box<dyn FrameSink>,
         hangup: tokio_util::sync::CancellationToken,
-    ) -> Result<(ActorRef<ConnectionMsg>, u64), String> {
+    ) -> Result<Opened, String> {
         match self
             .supervisor
             .call(
                 |reply| SessionsMsg::Connect {
                     user,
-                    sink,
                     hangup,
                     reply,
                 },

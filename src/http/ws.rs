@@ -1,18 +1,25 @@
 //! `GET /v1/ws`: authenticate, upgrade, and run the read loop that feeds the connection's actor.
 //!
 //! The read loop stays on the actix worker (actix-ws's stream is not `Send`); it forwards frames into the
-//! `ConnectionActor`, answers WebSocket pings, enforces the heartbeat timeout and the frame limit. Writes go
-//! through the actor's bounded queue into [`ActixSink`].
+//! `ConnectionActor`, answers WebSocket pings, enforces the heartbeat timeout and the frame limit.
+//!
+//! Writes do not go through actix-ws's `Session` (a channel and a task hop per frame, and one encoding per
+//! recipient): the response body is [`SocketBody`], which actix's HTTP dispatcher polls whenever the socket
+//! can take more. It pulls whatever the connection's outbound queue holds, frames it (a 2–10 byte header in
+//! front of the shared JSON) into one buffer, and the dispatcher writes that in one go.
 
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use actix_http::ws::{CloseReason, OpCode, Parser};
+use actix_web::body::{BodySize, BoxBody, MessageBody};
 use actix_web::{web, HttpRequest, HttpResponse};
-use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseReason};
-use async_trait::async_trait;
-use bytes::Bytes;
-use bytestring::ByteString;
-use futures_util::SinkExt;
-use switchboard_actors::connection::{ConnectionMsg, FrameSink, InboundWindow, SinkClosed};
+use actix_ws::{AggregatedMessage, AggregatedMessageStream};
+use bytes::{Bytes, BytesMut};
+use switchboard_actors::connection::{ConnectionMsg, InboundWindow};
+use switchboard_actors::outbound::{OutFrame, Outbound, OutboundQueue};
 use switchboard_actors::protocol::{CloseCode, ErrorCode};
 use switchboard_actors::ractor::ActorRef;
 use tokio_util::sync::CancellationToken;
@@ -34,36 +41,39 @@ pub async fn upgrade(
         ));
     }
     let user = state.auth.verify(&bearer_token(&req)?)?;
-    let (response, session, stream) = actix_ws::handle(&req, body)
+    // actix-ws does the handshake and decodes what the client sends; its write side is not used.
+    let (response, _session, stream) = actix_ws::handle(&req, body)
         .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.to_string()))?;
     let stream = stream
         .max_frame_size(state.max_frame_bytes)
         .aggregate_continuations()
         .max_continuation_size(state.max_frame_bytes);
-    let sink = Box::new(ActixSink {
-        session: Some(session.clone()),
-    });
     let hangup = CancellationToken::new();
-    let (conn, conn_id) = state
+    let opened = state
         .sessions
-        .connect(user.clone(), sink, hangup.clone())
+        .connect(user.clone(), hangup.clone())
         .await
         .map_err(|e| ApiError::new(ErrorCode::Internal, e))?;
-    debug!(conn_id, user_id = %user, "websocket upgraded");
+    debug!(conn_id = opened.id, user_id = %user, "websocket upgraded");
     actix_web::rt::spawn(read_loop(
         stream,
-        session,
-        conn,
+        opened.outbound,
+        opened.actor,
         state.heartbeat_timeout,
         state.stop_reading.clone(),
         hangup,
     ));
-    Ok(response)
+    let (response, read_side) = response.into_parts();
+    Ok(response.set_body(BoxBody::new(SocketBody {
+        queue: opened.queue,
+        _read_side: read_side,
+        done: false,
+    })))
 }
 
 async fn read_loop(
     mut stream: AggregatedMessageStream,
-    mut session: actix_ws::Session,
+    outbound: Outbound,
     conn: ActorRef<ConnectionMsg>,
     heartbeat: Duration,
     stop_reading: CancellationToken,
@@ -113,7 +123,7 @@ async fn read_loop(
                 }
                 AggregatedMessage::Binary(_) => conn.send_message(ConnectionMsg::Binary(permit)),
                 AggregatedMessage::Ping(payload) => {
-                    let _ = session.pong(&payload).await;
+                    let _ = outbound.push_pong(payload);
                     Ok(())
                 }
                 AggregatedMessage::Pong(_) => Ok(()),
@@ -122,7 +132,7 @@ async fn read_loop(
         };
         if forwarded.is_err() {
             // The connection's actor is gone (it failed): close the socket as an internal error.
-            let _ = session.close(Some(close_reason(CloseCode::Internal))).await;
+            outbound.abort(CloseCode::Internal);
             return;
         }
     }
@@ -130,35 +140,69 @@ async fn read_loop(
 
 fn close_reason(code: CloseCode) -> CloseReason {
     CloseReason {
-        code: actix_ws::CloseCode::from(code.code()),
+        code: actix_http::ws::CloseCode::from(code.code()),
         description: Some(code.reason().to_owned()),
     }
 }
 
-/// The write half of an actix-ws socket.
-pub struct ActixSink {
-    session: Option<actix_ws::Session>,
+/// Frames (or bytes) put in one buffer per poll; the dispatcher writes it and polls again for more.
+const WRITE_BATCH_FRAMES: usize = 256;
+const WRITE_BATCH_BYTES: usize = 64 * 1024;
+
+/// The body of a WebSocket response: the connection's outbound queue, framed as the socket takes it.
+struct SocketBody {
+    queue: OutboundQueue,
+    /// actix-ws's own response body, never polled: dropping it tells actix-ws's reader that the connection
+    /// is gone, so it is kept exactly as long as this body.
+    _read_side: BoxBody,
+    done: bool,
 }
 
-#[async_trait]
-impl FrameSink for ActixSink {
-    async fn send(&mut self, frames: &[Bytes]) -> Result<(), SinkClosed> {
-        let session = self.session.as_mut().ok_or(SinkClosed)?;
-        for frame in frames {
-            let text = ByteString::try_from(frame.clone()).map_err(|_| SinkClosed)?;
-            session
-                .feed(actix_ws::Message::Text(text))
-                .await
-                .map_err(|_| SinkClosed)?;
-        }
-        session.flush().await.map_err(|_| SinkClosed)
+impl MessageBody for SocketBody {
+    type Error = Infallible;
+
+    fn size(&self) -> BodySize {
+        BodySize::Stream
     }
 
-    async fn close(&mut self, code: CloseCode) -> Result<(), SinkClosed> {
-        let session = self.session.take().ok_or(SinkClosed)?;
-        session
-            .close(Some(close_reason(code)))
-            .await
-            .map_err(|_| SinkClosed)
+    fn poll_next(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, Infallible>>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        let mut buf = BytesMut::new();
+        for _ in 0..WRITE_BATCH_FRAMES {
+            match this.queue.poll_next(cx) {
+                Poll::Ready(Some(OutFrame::Text(json))) => {
+                    Parser::write_message(&mut buf, &json, OpCode::Text, true, false)
+                }
+                Poll::Ready(Some(OutFrame::Pong(payload))) => {
+                    Parser::write_message(&mut buf, &payload, OpCode::Pong, true, false)
+                }
+                Poll::Ready(Some(OutFrame::Close(code))) => {
+                    Parser::write_close(&mut buf, Some(close_reason(code)), false);
+                    this.done = true;
+                    break;
+                }
+                Poll::Ready(None) => {
+                    this.done = true;
+                    break;
+                }
+                Poll::Pending => break,
+            }
+            if buf.len() >= WRITE_BATCH_BYTES {
+                break;
+            }
+        }
+        if !buf.is_empty() {
+            Poll::Ready(Some(Ok(buf.freeze())))
+        } else if this.done {
+            Poll::Ready(None)
+        } else {
+            Poll::Pending
+        }
     }
 }
