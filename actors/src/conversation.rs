@@ -19,7 +19,7 @@ use tracing::{debug, warn};
 
 use crate::conversations::ConversationsMsg;
 use crate::protocol::{self, ErrorCode, ProtocolError, ServerFrame};
-use crate::session::{ConnId, SessionDirectory};
+use crate::session::{ConnId, Recipients, SessionDirectory};
 use crate::store::{
     Appended, ConvId, ConversationKind, Message, NewMessage, SharedStore, StoreError, UserId,
     MAX_MEMBERS,
@@ -145,6 +145,10 @@ pub struct ConversationState {
     ctx: Arc<ConversationContext>,
     kind: ConversationKind,
     members: Arc<HashSet<UserId>>,
+    /// Bumped whenever `members` changes.
+    members_version: u64,
+    /// The members' connections, resolved for fan-out; used by one write job at a time.
+    recipients: Arc<std::sync::Mutex<Recipients>>,
     /// The seq the next new message takes; `None` after a failed write, until reloaded from the store.
     next_seq: Option<u64>,
     writing: bool,
@@ -207,6 +211,8 @@ impl ConversationState {
             conv: self.id.clone(),
             ctx: self.ctx.clone(),
             members: self.members.clone(),
+            members_version: self.members_version,
+            recipients: self.recipients.clone(),
             next_seq: self.next_seq,
             batch,
         };
@@ -266,6 +272,7 @@ impl ConversationState {
             .await
             .map_err(store_error)?;
         Arc::make_mut(&mut self.members).insert(user);
+        self.members_version += 1;
         Ok(added)
     }
 
@@ -283,36 +290,49 @@ impl ConversationState {
             .await
             .map_err(store_error)?;
         Arc::make_mut(&mut self.members).remove(&user);
+        self.members_version += 1;
         Ok(removed)
     }
 }
 
-/// One batch on its way to the store, then to its senders and the members' sessions.
+/// One batch on its way to the store, then to its senders and the members' connections.
 struct WriteJob {
     conv: ConvId,
     ctx: Arc<ConversationContext>,
     members: Arc<HashSet<UserId>>,
+    members_version: u64,
+    recipients: Arc<std::sync::Mutex<Recipients>>,
     next_seq: Option<u64>,
     batch: Vec<PendingSend>,
 }
 
 impl WriteJob {
     /// Write, ack, fan out; return the next seq (`None` when the write failed).
+    ///
+    /// Each new message is serialised once; the whole batch then goes to each recipient connection in one
+    /// push (one lock, one wake-up), in seq order. The next batch starts only after this fan-out, so every
+    /// connection sees the conversation in order.
     async fn run(self) -> Option<u64> {
         let messages: Vec<NewMessage> = self.batch.iter().map(|p| p.message.clone()).collect();
         match self.append(messages).await {
             Ok((results, next)) => {
+                let mut frames = Vec::with_capacity(results.len());
                 for (pending, outcome) in self.batch.into_iter().zip(results) {
                     if let Appended::New(m) = &outcome {
-                        let frame = protocol::encode(&ServerFrame::Msg(m));
-                        self.ctx
-                            .sessions
-                            .deliver(&self.members, frame, pending.origin);
-                        metrics::counter!("switchboard_messages_stored_total").increment(1);
+                        frames.push((protocol::encode(&ServerFrame::Msg(m)), pending.origin));
                     }
                     for reply in pending.replies {
                         let _ = reply.send(Ok(outcome.message().clone()));
                     }
+                }
+                if !frames.is_empty() {
+                    metrics::counter!("switchboard_messages_stored_total")
+                        .increment(frames.len() as u64);
+                    let mut recipients = self.recipients.lock().unwrap_or_else(|e| e.into_inner());
+                    self.ctx
+                        .sessions
+                        .resolve(&self.members, self.members_version, &mut recipients);
+                    recipients.deliver(&frames);
                 }
                 Some(next)
             }
@@ -402,6 +422,8 @@ impl Actor for ConversationActor {
             id: args.id,
             kind: info.kind,
             members: Arc::new(members.into_iter().collect()),
+            members_version: 0,
+            recipients: Arc::default(),
             next_seq: Some(last_seq + 1),
             writing: false,
             queued: Vec::new(),

@@ -19,6 +19,9 @@ use tokio::sync::Notify;
 
 use crate::protocol::CloseCode;
 
+/// Most frames the transport takes from the shared queue under one lock.
+pub const TAKE_AT_ONCE: usize = 256;
+
 /// What the transport writes next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OutFrame {
@@ -69,7 +72,11 @@ impl Shared {
 pub struct Outbound(Arc<Shared>);
 
 /// The pulling side, owned by the transport. Dropping it marks the connection gone.
-pub struct OutboundQueue(Arc<Shared>);
+pub struct OutboundQueue {
+    shared: Arc<Shared>,
+    /// Frames taken from the shared queue in one go, not yet handed to the transport.
+    taken: VecDeque<OutFrame>,
+}
 
 /// A queue of at most `capacity` frames.
 pub fn outbound(capacity: usize) -> (Outbound, OutboundQueue) {
@@ -78,7 +85,13 @@ pub fn outbound(capacity: usize) -> (Outbound, OutboundQueue) {
         capacity: capacity.max(1),
         finished: Notify::new(),
     });
-    (Outbound(shared.clone()), OutboundQueue(shared))
+    (
+        Outbound(shared.clone()),
+        OutboundQueue {
+            shared,
+            taken: VecDeque::new(),
+        },
+    )
 }
 
 impl Outbound {
@@ -90,6 +103,35 @@ impl Outbound {
     /// Queue the answer to a ping. Pongs do not count against the bound: the read loop's window bounds them.
     pub fn push_pong(&self, payload: Bytes) -> Result<(), PushError> {
         self.push(OutFrame::Pong(payload), false)
+    }
+
+    /// Queue several frames under one lock, with at most one wake-up; returns how many were queued. On
+    /// `Full` the ones that fitted stay queued.
+    pub fn push_frames<'a>(
+        &self,
+        frames: impl IntoIterator<Item = &'a Bytes>,
+    ) -> Result<usize, PushError> {
+        let mut queued = 0;
+        let (waker, result) = {
+            let mut s = self.0.lock();
+            if s.close.is_some() || s.abort.is_some() || s.finished {
+                return Err(PushError::Closed);
+            }
+            let mut result = Ok(());
+            for frame in frames {
+                if s.frames.len() >= self.0.capacity {
+                    result = Err(PushError::Full);
+                    break;
+                }
+                s.frames.push_back(OutFrame::Text(frame.clone()));
+                queued += 1;
+            }
+            (if queued > 0 { s.waker.take() } else { None }, result)
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+        result.map(|()| queued)
     }
 
     fn push(&self, frame: OutFrame, bounded: bool) -> Result<(), PushError> {
@@ -166,15 +208,28 @@ impl Outbound {
 impl OutboundQueue {
     /// The next frame to write; `Pending` (and a wake-up later) when there is none. After
     /// [`OutFrame::Close`] it yields `None` for ever.
+    ///
+    /// Frames are taken from the shared queue all at once (at most [`TAKE_AT_ONCE`]), so a transport that
+    /// writes a batch takes the lock once per batch.
     pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<OutFrame>> {
-        let mut s = self.0.lock();
+        let mut s = self.shared.lock();
         if s.finished {
             return Poll::Ready(None);
         }
+        if s.abort.is_some() {
+            self.taken = VecDeque::new();
+        } else if let Some(frame) = self.taken.pop_front() {
+            return Poll::Ready(Some(frame));
+        }
         let next = if let Some(code) = s.abort {
             OutFrame::Close(code)
-        } else if let Some(frame) = s.frames.pop_front() {
-            return Poll::Ready(Some(frame));
+        } else if !s.frames.is_empty() {
+            if s.frames.len() <= TAKE_AT_ONCE {
+                self.taken = std::mem::take(&mut s.frames);
+            } else {
+                self.taken.extend(s.frames.drain(..TAKE_AT_ONCE));
+            }
+            return Poll::Ready(self.taken.pop_front());
         } else if let Some(code) = s.close {
             OutFrame::Close(code)
         } else {
@@ -182,9 +237,11 @@ impl OutboundQueue {
                 Some(w) if w.will_wake(cx.waker()) => {}
                 _ => s.waker = Some(cx.waker().clone()),
             }
+            // Idle: hold no buffer.
+            self.taken = VecDeque::new();
             return Poll::Pending;
         };
-        Self::finish(&mut s, &self.0);
+        Self::finish(&mut s, &self.shared);
         Poll::Ready(Some(next))
     }
 
@@ -198,9 +255,9 @@ impl OutboundQueue {
 
 impl Drop for OutboundQueue {
     fn drop(&mut self) {
-        let mut s = self.0.lock();
+        let mut s = self.shared.lock();
         if !s.finished {
-            Self::finish(&mut s, &self.0);
+            Self::finish(&mut s, &self.shared);
         }
     }
 }

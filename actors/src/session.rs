@@ -172,43 +172,90 @@ struct Online {
     conns: Vec<ConnHandle>,
 }
 
-impl Online {
-    fn deliver(&self, frame: &Bytes, except: Option<ConnId>) {
-        for conn in self.conns.iter().filter(|c| Some(c.id) != except) {
-            match conn.outbound.push_frame(frame.clone()) {
-                Ok(()) => metrics::counter!("switchboard_deliveries_total").increment(1),
+/// A message frame on its way to members, and the connection that sent it (which gets an `ack` instead).
+pub type Outgoing = (Bytes, Option<ConnId>);
+
+/// The connections of a conversation's online members, resolved once and reused until a session or the
+/// member list changes: fan-out then costs no lookup per member.
+#[derive(Default)]
+pub struct Recipients {
+    /// Directory generation and member-list version this was resolved at; `None` until resolved.
+    resolved_at: Option<(u64, u64)>,
+    conns: Vec<ConnHandle>,
+}
+
+impl Recipients {
+    /// Push `frames` onto every recipient connection's queue — all of them in one push per connection,
+    /// skipping each frame's own sender. A connection whose queue is full is told it overflowed.
+    pub fn deliver(&self, frames: &[Outgoing]) {
+        let mut delivered = 0u64;
+        for conn in &self.conns {
+            let mine = frames
+                .iter()
+                .filter(|(_, origin)| *origin != Some(conn.id))
+                .map(|(frame, _)| frame);
+            match conn.outbound.push_frames(mine) {
+                Ok(n) => delivered += n as u64,
                 Err(PushError::Full) => {
                     let _ = conn.actor.send_message(ConnectionMsg::Overflow);
                 }
                 Err(PushError::Closed) => {}
             }
         }
+        metrics::counter!("switchboard_deliveries_total").increment(delivered);
+    }
+
+    /// Connections resolved.
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Whether no member is online.
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
     }
 }
 
 /// Online users' sessions on this node and their connections' queues: read by conversations for fan-out;
 /// an entry is added and removed by the supervisor, and its connections are published by its session.
+/// Every change bumps a generation, which tells conversations their [`Recipients`] are stale.
 #[derive(Clone, Default)]
 pub struct SessionDirectory {
-    inner: Arc<RwLock<HashMap<UserId, Online>>>,
+    inner: Arc<RwLock<Entries>>,
+}
+
+#[derive(Default)]
+struct Entries {
+    online: HashMap<UserId, Online>,
+    generation: u64,
 }
 
 impl SessionDirectory {
-    /// Push `frame` onto the queue of every connection of every online member but `except` (one lock, one
-    /// pass over the smaller side).
-    pub fn deliver(&self, members: &HashSet<UserId>, frame: Bytes, except: Option<ConnId>) {
-        let online = self.inner.read().expect("session directory lock");
-        if members.len() <= online.len() {
-            members
-                .iter()
-                .filter_map(|m| online.get(m))
-                .for_each(|o| o.deliver(&frame, except));
-        } else {
-            online
-                .iter()
-                .filter(|(u, _)| members.contains(*u))
-                .for_each(|(_, o)| o.deliver(&frame, except));
+    /// Bring `recipients` up to date for `members` (at `members_version`): a no-op unless a session
+    /// changed since, else one lookup per member (one pass over the smaller side).
+    pub fn resolve(
+        &self,
+        members: &HashSet<UserId>,
+        members_version: u64,
+        recipients: &mut Recipients,
+    ) {
+        let dir = self.inner.read().expect("session directory lock");
+        let now = (dir.generation, members_version);
+        if recipients.resolved_at == Some(now) {
+            return;
         }
+        recipients.conns.clear();
+        let online = &dir.online;
+        if members.len() <= online.len() {
+            for o in members.iter().filter_map(|m| online.get(m)) {
+                recipients.conns.extend(o.conns.iter().cloned());
+            }
+        } else {
+            for (_, o) in online.iter().filter(|(u, _)| members.contains(*u)) {
+                recipients.conns.extend(o.conns.iter().cloned());
+            }
+        }
+        recipients.resolved_at = Some(now);
     }
 
     /// The session of `user`, if online here.
@@ -216,6 +263,7 @@ impl SessionDirectory {
         self.inner
             .read()
             .expect("session directory lock")
+            .online
             .get(user)
             .map(|o| o.session.clone())
     }
@@ -225,6 +273,7 @@ impl SessionDirectory {
         self.inner
             .read()
             .expect("session directory lock")
+            .online
             .values()
             .map(|o| o.session.clone())
             .collect()
@@ -232,29 +281,41 @@ impl SessionDirectory {
 
     pub(crate) fn insert(&self, user: UserId, session: ActorRef<SessionMsg>) {
         let mut dir = self.inner.write().expect("session directory lock");
-        dir.insert(
+        dir.online.insert(
             user,
             Online {
                 session,
                 conns: Vec::new(),
             },
         );
-        metrics::gauge!("switchboard_online_users").set(dir.len() as f64);
+        dir.generation += 1;
+        metrics::gauge!("switchboard_online_users").set(dir.online.len() as f64);
     }
 
     /// Replace the connections of `user`'s entry, if `session` still owns it.
     fn publish(&self, user: &str, session: ractor::ActorId, conns: Vec<ConnHandle>) {
-        let mut dir = self.inner.write().expect("session directory lock");
-        if let Some(o) = dir.get_mut(user).filter(|o| o.session.get_id() == session) {
+        let mut guard = self.inner.write().expect("session directory lock");
+        let dir = &mut *guard;
+        if let Some(o) = dir
+            .online
+            .get_mut(user)
+            .filter(|o| o.session.get_id() == session)
+        {
             o.conns = conns;
+            dir.generation += 1;
         }
     }
 
     pub(crate) fn remove_if(&self, user: &str, session: ractor::ActorId) {
         let mut dir = self.inner.write().expect("session directory lock");
-        if dir.get(user).is_some_and(|o| o.session.get_id() == session) {
-            dir.remove(user);
+        if dir
+            .online
+            .get(user)
+            .is_some_and(|o| o.session.get_id() == session)
+        {
+            dir.online.remove(user);
+            dir.generation += 1;
         }
-        metrics::gauge!("switchboard_online_users").set(dir.len() as f64);
+        metrics::gauge!("switchboard_online_users").set(dir.online.len() as f64);
     }
 }
