@@ -1,7 +1,9 @@
 //! `ConversationSupervisor` and [`Conversations`], the handle the edge uses to reach conversation actors.
 //!
 //! The supervisor starts a conversation's actor on demand (its `pre_start` loads members and the last seq
-//! from the store), restarts one that fails while its [`RestartBudget`] allows — alone: no other
+//! from the store). Starts run concurrently, each in a task of its own that reports back: a burst of cold
+//! conversations (a restart, a reconnect storm) is not loaded one after another in this mailbox, and
+//! every request for a conversation that is starting waits for that one start. It restarts one that fails while its [`RestartBudget`] allows — alone: no other
 //! conversation notices — and drains one that reports itself idle. It writes the directory; the edge reads
 //! it without messaging the supervisor, so the supervisor is never on the hot path.
 //!
@@ -29,6 +31,7 @@ use crate::store::{ConvId, Message, UserId};
 use crate::supervisor::{Decision, Escalation, RestartBudget, RestartIntensity};
 
 type Directory = Arc<RwLock<HashMap<ConvId, ActorRef<ConversationMsg>>>>;
+type StartReply = RpcReplyPort<Result<ActorRef<ConversationMsg>, ProtocolError>>;
 
 /// How many times a send is resubmitted after its conversation actor went away without answering.
 const RESUBMITS: u32 = 3;
@@ -40,7 +43,14 @@ pub enum ConversationsMsg {
         /// Conversation id.
         conv: ConvId,
         /// The running actor, or why it cannot run.
-        reply: RpcReplyPort<Result<ActorRef<ConversationMsg>, ProtocolError>>,
+        reply: StartReply,
+    },
+    /// A start has finished.
+    Started {
+        /// Conversation id.
+        conv: ConvId,
+        /// The new actor, or why it did not start.
+        result: Result<ActorRef<ConversationMsg>, ProtocolError>,
     },
     /// A conversation actor has been idle for its idle time.
     Idle {
@@ -68,6 +78,8 @@ pub struct ConversationSupervisorState {
     ctx: Arc<ConversationContext>,
     directory: Directory,
     children: HashMap<ActorId, ConvId>,
+    /// Conversations being started, with who waits for each.
+    starting: HashMap<ConvId, Vec<StartReply>>,
     budget: RestartBudget,
     intensity: RestartIntensity,
 }
@@ -78,28 +90,50 @@ impl ConversationSupervisorState {
         dir.get(conv).filter(|a| is_live(a.get_status())).cloned()
     }
 
-    async fn spawn(
-        &mut self,
-        myself: &ActorRef<ConversationsMsg>,
-        conv: &str,
-    ) -> Result<ActorRef<ConversationMsg>, ProtocolError> {
+    /// Start `conv`'s actor unless a start is under way; `waiter` (if any) gets the outcome.
+    fn start(&mut self, myself: &ActorRef<ConversationsMsg>, conv: &str, waiter: Option<StartReply>) {
+        if let Some(waiters) = self.starting.get_mut(conv) {
+            waiters.extend(waiter);
+            return;
+        }
+        self.starting
+            .insert(conv.to_owned(), waiter.into_iter().collect());
         let args = ConversationArgs {
             id: conv.to_owned(),
             ctx: self.ctx.clone(),
         };
-        match Actor::spawn_linked(None, ConversationActor, args, myself.get_cell()).await {
-            Ok((actor, _)) => {
-                self.children.insert(actor.get_id(), conv.to_owned());
+        let (myself, conv) = (myself.clone(), conv.to_owned());
+        tokio::spawn(async move {
+            let result = Actor::spawn_linked(None, ConversationActor, args, myself.get_cell())
+                .await
+                .map(|(actor, _)| actor)
+                .map_err(start_error);
+            let _ = myself.send_message(ConversationsMsg::Started { conv, result });
+        });
+    }
+
+    /// Record the outcome of a start and answer everyone waiting for it.
+    fn started(&mut self, conv: ConvId, result: Result<ActorRef<ConversationMsg>, ProtocolError>) {
+        match &result {
+            Ok(actor) if is_live(actor.get_status()) => {
+                self.children.insert(actor.get_id(), conv.clone());
                 self.directory
                     .write()
                     .expect("directory lock")
-                    .insert(conv.to_owned(), actor.clone());
-                Ok(actor)
+                    .insert(conv.clone(), actor.clone());
             }
-            Err(e) => {
-                self.directory.write().expect("directory lock").remove(conv);
-                Err(start_error(e))
+            // Gone already (it failed at once): its waiters resubmit, which starts it afresh.
+            Ok(_) => {}
+            Err(_) => {
+                self.directory.write().expect("directory lock").remove(&conv);
             }
+        }
+        let waiters = self.starting.remove(&conv).unwrap_or_default();
+        if let (Err(e), true) = (&result, waiters.is_empty()) {
+            warn!(conv_id = %conv, error = %e.message, "restart deferred until next use");
+        }
+        for waiter in waiters {
+            let _ = waiter.send(result.clone());
         }
     }
 
@@ -148,6 +182,7 @@ impl Actor for ConversationSupervisor {
             ctx: args.ctx,
             directory: args.directory,
             children: HashMap::new(),
+            starting: HashMap::new(),
             budget: RestartBudget::new(args.intensity),
             intensity: args.intensity,
         })
@@ -160,13 +195,13 @@ impl Actor for ConversationSupervisor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            ConversationsMsg::Start { conv, reply } => {
-                let result = match state.live(&conv) {
-                    Some(actor) => Ok(actor),
-                    None => state.spawn(&myself, &conv).await,
-                };
-                let _ = reply.send(result);
-            }
+            ConversationsMsg::Start { conv, reply } => match state.live(&conv) {
+                Some(actor) => {
+                    let _ = reply.send(Ok(actor));
+                }
+                None => state.start(&myself, &conv, Some(reply)),
+            },
+            ConversationsMsg::Started { conv, result } => state.started(conv, result),
             ConversationsMsg::Idle { conv, actor } => {
                 let current = state
                     .directory
@@ -217,12 +252,10 @@ impl Actor for ConversationSupervisor {
                     Decision::Escalate => {
                         return Err(Escalation::new("conversation", state.intensity).into())
                     }
-                    Decision::Restart if was_current => match state.spawn(&myself, &conv).await {
-                        Ok(_) => info!(conv_id = %conv, "conversation actor restarted"),
-                        Err(e) => {
-                            warn!(conv_id = %conv, error = %e.message, "restart deferred until next use")
-                        }
-                    },
+                    Decision::Restart if was_current => {
+                        info!(conv_id = %conv, "restarting conversation actor");
+                        state.start(&myself, &conv, None);
+                    }
                     Decision::Restart => {}
                 }
             }
