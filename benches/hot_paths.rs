@@ -1,24 +1,30 @@
 #![allow(missing_docs)]
 //! Micro-benchmarks of the hot paths we own: client frame decode, `msg` frame encode (once per message,
-//! whatever the fan-out), and the embedded store's durable append alone and under group commit.
+//! whatever the fan-out), fan-out of one message to K connections (queue pushes plus the transport framing
+//! each connection's batch), and the embedded store's durable append alone and under group commit.
 //!
 //! Run: `cargo bench --bench hot_paths` (figures in docs/benchmarks.md).
 
+use std::collections::HashSet;
 use std::sync::Arc;
+use std::task::Context;
+use std::time::Duration;
 
+use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use switchboard::http::ws::frame_batch;
 use switchboard::store::embedded::EmbeddedStore;
+use switchboard_actors::outbound::OutboundQueue;
 use switchboard_actors::protocol::{decode_client_frame, encode, ServerFrame};
+use switchboard_actors::session::Recipients;
 use switchboard_actors::store::{
-    ConversationInfo, ConversationKind, Message, MessageStore, NewMessage,
+    ConversationInfo, ConversationKind, Message, MessageStore, NewMessage, UserId,
 };
+use switchboard_actors::system::{ActorSystem, SystemConfig};
+use tokio_util::sync::CancellationToken;
 
-fn frames(c: &mut Criterion) {
-    let send = r#"{"op":"send","msg_id":"0d6c5c1e-7f6a-4b1e-9a57-3d1f0d2b8a11","conv":"c_01a20cfef15170e09ad8630e26e47c0c","body":"Hey! Are we still on for lunch tomorrow at noon? I can book the usual place."}"#;
-    c.bench_function("decode send frame", |b| {
-        b.iter(|| decode_client_frame(std::hint::black_box(send), 4096).unwrap())
-    });
-    let m = Message {
+fn sample_message() -> Message {
+    Message {
         conv: "c_01a20cfef15170e09ad8630e26e47c0c".into(),
         seq: 123_456,
         id: "01a20cfef2177297b2f46ef14a3a82af".into(),
@@ -26,18 +32,95 @@ fn frames(c: &mut Criterion) {
         from: "alice".into(),
         body: "Hey! Are we still on for lunch tomorrow at noon? I can book the usual place.".into(),
         ts: 1_795_514_364_439,
-    };
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn frames(c: &mut Criterion) {
+    let send = r#"{"op":"send","msg_id":"0d6c5c1e-7f6a-4b1e-9a57-3d1f0d2b8a11","conv":"c_01a20cfef15170e09ad8630e26e47c0c","body":"Hey! Are we still on for lunch tomorrow at noon? I can book the usual place."}"#;
+    c.bench_function("decode send frame", |b| {
+        b.iter(|| decode_client_frame(std::hint::black_box(send), 4096).unwrap())
+    });
+    let m = sample_message();
     c.bench_function("encode msg frame", |b| {
         b.iter(|| encode(&ServerFrame::Msg(std::hint::black_box(&m))))
     });
 }
 
-fn store(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
+/// One message to K online members, each with one connection: the conversation's push onto every
+/// connection's queue (with recipients already resolved, as in steady state, and resolved afresh, as after
+/// a session change), then each connection's transport framing its batch — everything but the syscalls.
+fn fanout(c: &mut Criterion) {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+    let system = rt
+        .block_on(ActorSystem::start(SystemConfig::default(), store.clone()))
         .unwrap();
+    let frame = encode(&ServerFrame::Msg(&sample_message()));
+    let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+    let mut group = c.benchmark_group("fan-out one message");
+    for k in [1usize, 100, 5000] {
+        let members: HashSet<UserId> = (0..k).map(|i| format!("k{k}u{i}")).collect();
+        let mut queues: Vec<OutboundQueue> = rt.block_on(async {
+            let mut queues = Vec::with_capacity(k);
+            for user in &members {
+                let opened = system
+                    .sessions
+                    .connect(user.clone(), CancellationToken::new())
+                    .await
+                    .unwrap();
+                queues.push(opened.queue);
+            }
+            queues
+        });
+        // Sessions publish their connections asynchronously: wait until all K are resolvable.
+        let directory = system.sessions.directory().clone();
+        let mut resolved = Recipients::default();
+        for version in 0.. {
+            directory.resolve(&members, version, &mut resolved);
+            if resolved.len() == k {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut buf = BytesMut::new();
+        let mut drain = |queues: &mut Vec<OutboundQueue>| {
+            for q in queues.iter_mut() {
+                frame_batch(q, &mut cx, &mut buf);
+                buf.clear();
+            }
+        };
+        group.throughput(Throughput::Elements(k as u64));
+        group.bench_function(BenchmarkId::new("recipients resolved", k), |b| {
+            b.iter(|| {
+                resolved.deliver(&[(frame.clone(), None)]);
+                drain(&mut queues);
+            })
+        });
+        group.bench_function(BenchmarkId::new("recipients resolved afresh", k), |b| {
+            b.iter(|| {
+                let mut fresh = Recipients::default();
+                directory.resolve(&members, 0, &mut fresh);
+                fresh.deliver(&[(frame.clone(), None)]);
+                drain(&mut queues);
+            })
+        });
+    }
+    group.finish();
+    rt.block_on(system.stop());
+    store.close();
+}
+
+fn store(c: &mut Criterion) {
+    let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
     let convs = 64;
@@ -92,5 +175,5 @@ fn store(c: &mut Criterion) {
     store.close();
 }
 
-criterion_group!(benches, frames, store);
+criterion_group!(benches, frames, fanout, store);
 criterion_main!(benches);

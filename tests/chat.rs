@@ -71,6 +71,49 @@ async fn group_of_sixty_all_members_receive() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_conversations_start_side_by_side_each_once() {
+    let s = TestServer::start().await;
+    let api = s.api();
+    const CONVS: usize = 30;
+    let hub = api.token("hub").await;
+    let names: Vec<String> = (0..CONVS).map(|i| format!("cold{i}")).collect();
+    let tokens = join_all(names.iter().map(|n| api.token(n))).await;
+    let convs = join_all(tokens.iter().map(|t| api.dm(t, "hub"))).await;
+    let mut hub_client = Client::connect(s.addr, &hub).await;
+    assert_eq!(s.server().conversations().running(), 0);
+
+    // Every conversation gets its first two sends at once, from its own client: 30 starts side by side,
+    // and a second send that arrives while its conversation is still starting.
+    let senders = (0..CONVS).map(|i| {
+        let (addr, token, conv) = (s.addr, tokens[i].clone(), convs[i].clone());
+        tokio::spawn(async move {
+            let mut c = Client::connect(addr, &token).await;
+            c.send_msg(&conv, "first", "1").await;
+            c.send_msg(&conv, "second", "2").await;
+            let (a, b) = (c.expect_op("ack").await, c.expect_op("ack").await);
+            (a["seq"].as_u64().unwrap(), b["seq"].as_u64().unwrap())
+        })
+    });
+    for acked in join_all(senders).await {
+        assert_eq!(
+            acked.unwrap(),
+            (1, 2),
+            "one actor per conversation, in order"
+        );
+    }
+    let mut got = HashMap::<String, Vec<u64>>::new();
+    for _ in 0..2 * CONVS {
+        let m = hub_client.expect_op("msg").await;
+        got.entry(m["conv"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(m["seq"].as_u64().unwrap());
+    }
+    assert_eq!(got.len(), CONVS);
+    assert!(got.values().all(|seqs| seqs == &[1, 2]), "{got:?}");
+    assert_eq!(s.server().conversations().running(), CONVS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_conversation_order_under_concurrent_senders() {
     let s = TestServer::start().await;
     let api = s.api();

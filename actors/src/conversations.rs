@@ -91,7 +91,12 @@ impl ConversationSupervisorState {
     }
 
     /// Start `conv`'s actor unless a start is under way; `waiter` (if any) gets the outcome.
-    fn start(&mut self, myself: &ActorRef<ConversationsMsg>, conv: &str, waiter: Option<StartReply>) {
+    fn start(
+        &mut self,
+        myself: &ActorRef<ConversationsMsg>,
+        conv: &str,
+        waiter: Option<StartReply>,
+    ) {
         if let Some(waiters) = self.starting.get_mut(conv) {
             waiters.extend(waiter);
             return;
@@ -125,7 +130,10 @@ impl ConversationSupervisorState {
             // Gone already (it failed at once): its waiters resubmit, which starts it afresh.
             Ok(_) => {}
             Err(_) => {
-                self.directory.write().expect("directory lock").remove(&conv);
+                self.directory
+                    .write()
+                    .expect("directory lock")
+                    .remove(&conv);
             }
         }
         let waiters = self.starting.remove(&conv).unwrap_or_default();

@@ -267,6 +267,11 @@ impl Sessions {
         }
     }
 
+    /// The directory of online users and their connections (what conversations deliver through).
+    pub fn directory(&self) -> &SessionDirectory {
+        &self.directory
+    }
+
     /// Drain every connection on this node: each stops reading, gets the answers to the sends it accepted,
     /// and is closed with 1012.
     pub async fn drain_all(&self) {

@@ -174,29 +174,7 @@ impl MessageBody for SocketBody {
             return Poll::Ready(None);
         }
         let mut buf = BytesMut::new();
-        for _ in 0..WRITE_BATCH_FRAMES {
-            match this.queue.poll_next(cx) {
-                Poll::Ready(Some(OutFrame::Text(json))) => {
-                    Parser::write_message(&mut buf, &json, OpCode::Text, true, false)
-                }
-                Poll::Ready(Some(OutFrame::Pong(payload))) => {
-                    Parser::write_message(&mut buf, &payload, OpCode::Pong, true, false)
-                }
-                Poll::Ready(Some(OutFrame::Close(code))) => {
-                    Parser::write_close(&mut buf, Some(close_reason(code)), false);
-                    this.done = true;
-                    break;
-                }
-                Poll::Ready(None) => {
-                    this.done = true;
-                    break;
-                }
-                Poll::Pending => break,
-            }
-            if buf.len() >= WRITE_BATCH_BYTES {
-                break;
-            }
-        }
+        this.done = frame_batch(&mut this.queue, cx, &mut buf);
         if !buf.is_empty() {
             Poll::Ready(Some(Ok(buf.freeze())))
         } else if this.done {
@@ -205,4 +183,30 @@ impl MessageBody for SocketBody {
             Poll::Pending
         }
     }
+}
+
+/// Frame what `queue` holds into `buf` as WebSocket frames, up to one batch; returns whether the queue
+/// is finished (its close frame is in `buf`, or the connection is gone). With nothing queued, `cx` is
+/// woken when something is.
+pub fn frame_batch(queue: &mut OutboundQueue, cx: &mut Context<'_>, buf: &mut BytesMut) -> bool {
+    for _ in 0..WRITE_BATCH_FRAMES {
+        match queue.poll_next(cx) {
+            Poll::Ready(Some(OutFrame::Text(json))) => {
+                Parser::write_message(buf, &json, OpCode::Text, true, false)
+            }
+            Poll::Ready(Some(OutFrame::Pong(payload))) => {
+                Parser::write_message(buf, &payload, OpCode::Pong, true, false)
+            }
+            Poll::Ready(Some(OutFrame::Close(code))) => {
+                Parser::write_close(buf, Some(close_reason(code)), false);
+                return true;
+            }
+            Poll::Ready(None) => return true,
+            Poll::Pending => return false,
+        }
+        if buf.len() >= WRITE_BATCH_BYTES {
+            return false;
+        }
+    }
+    false
 }
