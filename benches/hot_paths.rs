@@ -14,6 +14,7 @@ use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use switchboard::http::ws::frame_batch;
 use switchboard::store::embedded::EmbeddedStore;
+use switchboard_actors::connection::Connection;
 use switchboard_actors::outbound::OutboundQueue;
 use switchboard_actors::protocol::{decode_client_frame, encode, ServerFrame};
 use switchboard_actors::session::Recipients;
@@ -21,7 +22,6 @@ use switchboard_actors::store::{
     ConversationInfo, ConversationKind, Message, MessageStore, NewMessage, UserId,
 };
 use switchboard_actors::system::{ActorSystem, SystemConfig};
-use tokio_util::sync::CancellationToken;
 
 fn sample_message() -> Message {
     Message {
@@ -69,18 +69,16 @@ fn fanout(c: &mut Criterion) {
     let mut group = c.benchmark_group("fan-out one message");
     for k in [1usize, 100, 5000] {
         let members: HashSet<UserId> = (0..k).map(|i| format!("k{k}u{i}")).collect();
-        let mut queues: Vec<OutboundQueue> = rt.block_on(async {
-            let mut queues = Vec::with_capacity(k);
-            for user in &members {
-                let opened = system
-                    .sessions
-                    .connect(user.clone(), CancellationToken::new())
-                    .await
-                    .unwrap();
-                queues.push(opened.queue);
-            }
-            queues
-        });
+        // The connections are kept (not run: nothing reads from them), their queues drained here.
+        let (_connections, mut queues): (Vec<Connection>, Vec<OutboundQueue>) =
+            rt.block_on(async {
+                let mut opened = Vec::with_capacity(k);
+                for user in &members {
+                    let o = system.sessions.connect(user.clone()).await.unwrap();
+                    opened.push((o.connection, o.queue));
+                }
+                opened.into_iter().unzip()
+            });
         // Sessions publish their connections asynchronously: wait until all K are resolvable.
         let directory = system.sessions.directory().clone();
         let mut resolved = Recipients::default();

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use actix_web::{web, App, HttpServer};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -15,7 +16,6 @@ use switchboard_actors::conversations::Conversations;
 use switchboard_actors::supervisor::RestartIntensity;
 use switchboard_actors::system::{ActorSystem, SystemConfig};
 use switchboard_cluster::NodeId;
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::auth::Auth;
@@ -92,7 +92,6 @@ impl Server {
             heartbeat_timeout: config.heartbeat_timeout,
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
-            stop_reading: CancellationToken::new(),
             metrics,
         });
         listener.set_nonblocking(true)?;
@@ -161,20 +160,42 @@ impl Server {
     /// get the answers to the sends they had made, and are closed with 1012; in-flight REST requests finish;
     /// the actors stop; the store flushes its last group commit.
     pub async fn shutdown(self) {
+        let Server {
+            state,
+            system,
+            http,
+            http_task,
+            store,
+            drain_timeout,
+            ..
+        } = self;
         info!("draining");
-        self.state.ready.store(false, Ordering::Release);
-        self.state.draining.store(true, Ordering::Release);
-        self.state.stop_reading.cancel();
-        if tokio::time::timeout(self.drain_timeout, self.system.drain())
+        state.ready.store(false, Ordering::Release);
+        state.draining.store(true, Ordering::Release);
+        if tokio::time::timeout(drain_timeout, system.drain())
             .await
             .is_err()
         {
-            warn!(timeout = ?self.drain_timeout, "drain timed out; closing what is left");
+            warn!(timeout = ?drain_timeout, "drain timed out; closing what is left");
         }
-        self.http.stop(true).await;
-        let _ = self.http_task.await;
-        self.system.stop().await;
-        self.store.close();
+        http.stop(true).await;
+        let _ = http_task.await;
+        system.stop().await;
+        store.close();
+        // What else holds the store (actix workers tearing down their apps, the last tasks) lets go shortly;
+        // wait for it, so the data directory is free when this returns (an in-process restart).
+        drop(state);
+        let released = async {
+            while Arc::strong_count(&store) > 1 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(5), released)
+            .await
+            .is_err()
+        {
+            warn!("the store is still held 5 s after stopping");
+        }
         info!("stopped");
     }
 }

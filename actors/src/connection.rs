@@ -1,16 +1,28 @@
-//! `ConnectionActor`: one per WebSocket, a child of its user's `SessionActor`.
+//! A connection: one per WebSocket, owned by its user's `SessionActor`.
 //!
-//! The transport's read loop (in the `switchboard` crate) forwards each frame here; everything the client
-//! receives goes through the connection's bounded [`Outbound`] queue, which the transport drains into the
-//! socket (see [`crate::outbound`]). The actor decodes client frames,
-//! hands sends to conversations in arrival order, and answers with `ack`/`error` frames from tasks it
-//! tracks, so a drain can wait until every accepted send has been answered.
+//! A connection is a process in the Erlang sense — its own state, one task, driven by what arrives — but not
+//! a ractor actor: it runs in the task that owns the socket's read side, so a frame from the client is
+//! decoded and handed to its conversation with no hop in between, and an idle connection costs one task.
+//! Everything the client receives goes through the connection's bounded [`Outbound`] queue, which the
+//! transport drains into the socket (see [`crate::outbound`]).
+//!
+//! The loop decodes client frames, hands sends to conversations in arrival order (so one connection's sends
+//! keep their order), and answers them with `ack`/`error` frames in that same order as their outcomes
+//! come back. It ends when the client closes, the transport refuses a frame, the heartbeat lapses, someone
+//! closes its queue (a slow consumer, a failed session), or the node drains — then it answers every send it
+//! accepted and closes with 1012. However it ends (a panic included), its session is told, and a connection
+//! that did not close on purpose is closed with 1011.
 
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use tokio::sync::mpsc;
+use bytes::Bytes;
+use futures_util::stream::{Stream, StreamExt};
+use ractor::ActorRef;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
@@ -20,8 +32,8 @@ use crate::conversations::{Conversations, PendingReply};
 use crate::history;
 use crate::outbound::{Outbound, PushError};
 use crate::protocol::{self, ClientFrame, CloseCode, ErrorCode, ProtocolError, ServerFrame};
-use crate::session::ConnId;
-use crate::store::{SharedStore, UserId};
+use crate::session::{ConnId, SessionMsg};
+use crate::store::{Message, SharedStore, UserId};
 
 /// Limits of every connection.
 #[derive(Debug, Clone)]
@@ -54,109 +66,214 @@ pub struct ConnectionContext {
     pub limits: ConnectionLimits,
 }
 
-/// Frames a connection's read loop may have handed over and the actor not yet handled.
-pub const INBOUND_WINDOW: usize = 256;
-
-/// Bounds the frames in flight from a connection's read loop to its actor (the actor's mailbox itself is
-/// unbounded). The read loop takes a permit before it reads a frame and the permit travels with the frame;
-/// when the actor falls behind, the read loop stops reading and TCP pushes back on the client.
-#[derive(Clone)]
-pub struct InboundWindow(Arc<tokio::sync::Semaphore>);
-
-/// A slot in the [`InboundWindow`], released when the frame carrying it has been handled.
-pub struct InboundPermit {
-    _slot: tokio::sync::OwnedSemaphorePermit,
+/// What the transport reads from the client, as the connection sees it.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A text frame.
+    Text(String),
+    /// A binary frame (not part of the protocol).
+    Binary,
+    /// A WebSocket ping, with its payload.
+    Ping(Bytes),
+    /// A WebSocket pong.
+    Pong,
+    /// The client closed, or the socket ended.
+    Closed,
+    /// The transport refused what the client sent: close with this code (1002, 1009).
+    Refused(CloseCode),
 }
 
-impl InboundWindow {
-    /// A window of [`INBOUND_WINDOW`] frames.
-    pub fn new() -> Self {
-        Self(Arc::new(tokio::sync::Semaphore::new(INBOUND_WINDOW)))
+type Answer = Pin<Box<dyn Future<Output = Result<Message, ProtocolError>> + Send>>;
+
+/// Answers to a connection's sends, awaited one at a time in send order. A send whose conversation
+/// restarted before answering is resubmitted only once every earlier send is answered, so it keeps its
+/// place in the conversation too.
+#[derive(Default)]
+struct Answers {
+    head: Option<Answer>,
+    rest: VecDeque<PendingReply>,
+}
+
+impl Answers {
+    fn push(&mut self, pending: PendingReply) {
+        if self.head.is_none() {
+            self.head = Some(Box::pin(pending.wait()));
+        } else {
+            self.rest.push_back(pending);
+        }
     }
 
-    /// Wait for a free slot.
-    pub async fn acquire(&self) -> InboundPermit {
-        let slot = self
-            .0
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the window is never closed");
-        InboundPermit { _slot: slot }
+    fn len(&self) -> usize {
+        usize::from(self.head.is_some()) + self.rest.len()
     }
-}
 
-impl Default for InboundWindow {
-    fn default() -> Self {
-        Self::new()
+    fn is_empty(&self) -> bool {
+        self.head.is_none()
     }
-}
 
-/// Messages of a [`ConnectionActor`].
-pub enum ConnectionMsg {
-    /// A text frame from the client.
-    Inbound(String, InboundPermit),
-    /// A binary frame from the client (not part of the protocol).
-    Binary(InboundPermit),
-    /// The outbound queue overflowed: close as a slow consumer.
-    Overflow,
-    /// Close with this code after the queued frames (heartbeat timeout, oversized frame, protocol error).
-    Close(CloseCode),
-    /// The client closed or the socket failed.
-    PeerGone,
-    /// Shutdown: stop reading, answer accepted sends, close with 1012; answered when closed.
-    Drain(RpcReplyPort<()>),
-}
-
-/// The connection actor.
-pub struct ConnectionActor;
-
-/// Arguments of a connection actor.
-pub struct ConnectionArgs {
-    /// Authenticated user.
-    pub user: UserId,
-    /// Connection id.
-    pub id: ConnId,
-    /// The pushing side of the queue the transport drains.
-    pub outbound: Outbound,
-    /// Shared dependencies.
-    pub ctx: Arc<ConnectionContext>,
-    /// Cancelled when the actor stops, so the transport's read loop lets go of the socket.
-    pub hangup: CancellationToken,
-}
-
-/// The state of one connection.
-pub struct ConnectionState {
-    user: UserId,
-    id: ConnId,
-    ctx: Arc<ConnectionContext>,
-    outbound: Outbound,
-    replier: Replier,
-    /// Sends awaiting their answer, in arrival order; one task answers them in that order.
-    unacked: Option<mpsc::Sender<PendingReply>>,
-    tasks: TaskTracker,
-    hangup: CancellationToken,
-    closing: bool,
+    /// The next answer; cancel-safe (the head stays in place if this is dropped).
+    async fn next(&mut self) -> Option<Result<Message, ProtocolError>> {
+        let answer = self.head.as_mut()?.await;
+        self.head = self.rest.pop_front().map(|p| Box::pin(p.wait()) as Answer);
+        Some(answer)
+    }
 }
 
 /// Queues answers for the client; a full queue makes the connection a slow consumer, whoever pushes.
 #[derive(Clone)]
 struct Replier {
     outbound: Outbound,
-    connection: ActorRef<ConnectionMsg>,
+    id: ConnId,
 }
 
 impl Replier {
     fn send(&self, frame: &ServerFrame<'_>) {
         if self.outbound.push_frame(protocol::encode(frame)) == Err(PushError::Full) {
-            let _ = self.connection.send_message(ConnectionMsg::Overflow);
+            slow_consumer(&self.outbound, self.id);
         }
     }
 }
 
-impl ConnectionState {
+/// Close a connection whose queue is full at once, dropping what it queued (it resyncs on reconnect).
+pub(crate) fn slow_consumer(outbound: &Outbound, id: ConnId) {
+    if !outbound.is_closing() {
+        info!(conn_id = id, "slow consumer: outbound queue full, closing");
+        metrics::counter!("switchboard_slow_consumers_total").increment(1);
+    }
+    outbound.abort(CloseCode::SlowConsumer);
+}
+
+/// Tells the session when the connection ends, however it ends; closes with 1011 if it was not closed on
+/// purpose (a panic in the loop).
+struct Link {
+    session: ActorRef<SessionMsg>,
+    id: ConnId,
+    outbound: Outbound,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        if !self.outbound.is_closing() {
+            self.outbound.abort(CloseCode::Internal);
+        }
+        let _ = self.session.send_message(SessionMsg::Detach(self.id));
+        metrics::gauge!("switchboard_connections").decrement(1.0);
+    }
+}
+
+/// One connection, ready to run.
+pub struct Connection {
+    user: UserId,
+    id: ConnId,
+    ctx: Arc<ConnectionContext>,
+    replier: Replier,
+    /// Answers to the sends handed to conversations, in the order they were made.
+    pending: Answers,
+    /// Syncs in progress (a drain waits for them).
+    syncs: TaskTracker,
+    drain: CancellationToken,
+    /// Held for its `Drop`.
+    _link: Link,
+}
+
+impl Connection {
+    pub(crate) fn new(
+        user: UserId,
+        id: ConnId,
+        ctx: Arc<ConnectionContext>,
+        outbound: Outbound,
+        session: ActorRef<SessionMsg>,
+        drain: CancellationToken,
+    ) -> Self {
+        metrics::gauge!("switchboard_connections").increment(1.0);
+        debug!(conn_id = id, user_id = %user, "connection open");
+        Self {
+            user,
+            id,
+            ctx,
+            replier: Replier {
+                outbound: outbound.clone(),
+                id,
+            },
+            pending: Answers::default(),
+            syncs: TaskTracker::new(),
+            drain,
+            _link: Link {
+                session,
+                id,
+                outbound,
+            },
+        }
+    }
+
+    /// This connection's id.
+    pub fn id(&self) -> ConnId {
+        self.id
+    }
+
+    /// Run until the connection ends. `frames` is what the transport reads; a connection that sends
+    /// nothing (not even a WebSocket ping) for `heartbeat` is closed with 4001.
+    pub async fn run<S>(mut self, mut frames: S, heartbeat: Duration)
+    where
+        S: Stream<Item = Inbound> + Unpin,
+    {
+        let silent = tokio::time::sleep(heartbeat);
+        tokio::pin!(silent);
+        let outbound = self.replier.outbound.clone();
+        let drain = self.drain.clone();
+        loop {
+            tokio::select! {
+                biased;
+                () = drain.cancelled() => return self.drain().await,
+                // Closed by someone else: a slow consumer, a failed session, the transport gone.
+                () = outbound.closing() => return,
+                Some(answer) = self.pending.next(), if !self.pending.is_empty() => self.answer(answer),
+                () = &mut silent => return self.close(CloseCode::IdleTimeout),
+                next = frames.next() => {
+                    silent.as_mut().reset(Instant::now() + heartbeat);
+                    match next.unwrap_or(Inbound::Closed) {
+                        Inbound::Text(text) => self.inbound(&text).await,
+                        Inbound::Binary => self.reply(&ServerFrame::error(&ProtocolError::new(
+                            ErrorCode::InvalidJson,
+                            "binary frames are not part of the protocol; send JSON text frames",
+                        ))),
+                        Inbound::Ping(payload) => {
+                            let _ = outbound.push_pong(payload);
+                        }
+                        Inbound::Pong => {}
+                        Inbound::Closed => return self.close(CloseCode::Normal),
+                        Inbound::Refused(code) => return self.close(code),
+                    }
+                }
+            }
+        }
+    }
+
     fn reply(&self, frame: &ServerFrame<'_>) {
         self.replier.send(frame);
+    }
+
+    fn answer(&self, answer: Result<Message, ProtocolError>) {
+        match answer {
+            Ok(m) => self.reply(&ServerFrame::ack(&m)),
+            Err(e) => self.reply(&ServerFrame::error(&e)),
+        }
+    }
+
+    /// Close after what is queued.
+    fn close(&self, code: CloseCode) {
+        debug!(conn_id = self.id, code = code.code(), "closing");
+        self.replier.outbound.close(code);
+    }
+
+    /// The node is draining: read nothing more, answer every accepted send, finish syncs, close with 1012.
+    async fn drain(mut self) {
+        while let Some(answer) = self.pending.next().await {
+            self.answer(answer);
+        }
+        self.syncs.close();
+        self.syncs.wait().await;
+        self.close(CloseCode::ServiceRestart);
     }
 
     async fn inbound(&mut self, text: &str) {
@@ -167,30 +284,24 @@ impl ConnectionState {
         match frame {
             ClientFrame::Ping => self.reply(&ServerFrame::Pong),
             ClientFrame::Send { msg_id, conv, body } => {
+                if self.pending.len() >= self.ctx.limits.max_unacked {
+                    let mut e = ProtocolError::new(
+                        ErrorCode::RateLimited,
+                        "too many sends awaiting their ack",
+                    );
+                    e.retry_after_ms = Some(100);
+                    return self.reply(&ServerFrame::error(&e.for_msg(Some(&msg_id))));
+                }
                 let request = SendRequest {
                     from: self.user.clone(),
                     msg_id,
                     body,
                     origin: Some(self.id),
                 };
-                let Some(unacked) = self
-                    .unacked
-                    .as_ref()
-                    .and_then(|u| u.clone().try_reserve_owned().ok())
-                else {
-                    let mut e = ProtocolError::new(
-                        ErrorCode::RateLimited,
-                        "too many sends awaiting their ack",
-                    );
-                    e.retry_after_ms = Some(100);
-                    return self.reply(&ServerFrame::error(&e.for_msg(Some(&request.msg_id))));
-                };
-                // Submitting here, in the handler, keeps one connection's sends in order.
+                // Submitting here, before reading the next frame, keeps one connection's sends in order.
                 match self.ctx.conversations.submit(&conv, request.clone()).await {
                     Err(e) => self.reply(&ServerFrame::error(&e.for_msg(Some(&request.msg_id)))),
-                    Ok(pending) => {
-                        unacked.send(pending);
-                    }
+                    Ok(pending) => self.pending.push(pending),
                 }
             }
             ClientFrame::Sync { conv, after_seq } => {
@@ -199,7 +310,7 @@ impl ConnectionState {
                     self.user.clone(),
                     self.replier.clone(),
                 );
-                self.tasks.spawn(async move {
+                self.syncs.spawn(async move {
                     match history::sync(&*store, &user, &conv, after_seq).await {
                         Ok(page) => {
                             for m in &page.messages {
@@ -217,134 +328,5 @@ impl ConnectionState {
                 });
             }
         }
-    }
-
-    /// Close after what is queued.
-    fn close(&mut self, code: CloseCode) {
-        self.closing = true;
-        self.outbound.close(code);
-    }
-
-    /// Close now, dropping what is queued.
-    fn abort(&mut self, code: CloseCode) {
-        self.closing = true;
-        self.outbound.abort(code);
-    }
-}
-
-/// Answer a connection's sends in the order they were made.
-async fn ack_loop(mut unacked: mpsc::Receiver<PendingReply>, replier: Replier) {
-    while let Some(pending) = unacked.recv().await {
-        match pending.wait().await {
-            Ok(m) => replier.send(&ServerFrame::ack(&m)),
-            Err(e) => replier.send(&ServerFrame::error(&e)),
-        }
-    }
-}
-
-/// How long a drain waits for the transport to take a connection's last frames.
-const DRAIN_FLUSH: Duration = Duration::from_secs(5);
-
-impl Actor for ConnectionActor {
-    type Msg = ConnectionMsg;
-    type State = ConnectionState;
-    type Arguments = ConnectionArgs;
-
-    async fn pre_start(
-        &self,
-        myself: ActorRef<ConnectionMsg>,
-        args: ConnectionArgs,
-    ) -> Result<ConnectionState, ActorProcessingErr> {
-        let tasks = TaskTracker::new();
-        let (unacked, unacked_rx) = mpsc::channel(args.ctx.limits.max_unacked.max(1));
-        let replier = Replier {
-            outbound: args.outbound.clone(),
-            connection: myself,
-        };
-        tasks.spawn(ack_loop(unacked_rx, replier.clone()));
-        debug!(conn_id = args.id, user_id = %args.user, "connection open");
-        metrics::gauge!("switchboard_connections").increment(1.0);
-        Ok(ConnectionState {
-            user: args.user,
-            id: args.id,
-            ctx: args.ctx,
-            outbound: args.outbound,
-            replier,
-            unacked: Some(unacked),
-            tasks,
-            hangup: args.hangup,
-            closing: false,
-        })
-    }
-
-    async fn handle(
-        &self,
-        myself: ActorRef<ConnectionMsg>,
-        message: ConnectionMsg,
-        state: &mut ConnectionState,
-    ) -> Result<(), ActorProcessingErr> {
-        match message {
-            ConnectionMsg::Inbound(text, _permit) if !state.closing => state.inbound(&text).await,
-            ConnectionMsg::Binary(_permit) if !state.closing => {
-                state.reply(&ServerFrame::error(&ProtocolError::new(
-                    ErrorCode::InvalidJson,
-                    "binary frames are not part of the protocol; send JSON text frames",
-                )))
-            }
-            ConnectionMsg::Inbound(..) | ConnectionMsg::Binary(_) => {}
-            ConnectionMsg::Overflow => {
-                if !state.closing {
-                    info!(conn_id = state.id, user_id = %state.user, "slow consumer: outbound queue full, closing");
-                    metrics::counter!("switchboard_slow_consumers_total").increment(1);
-                    state.abort(CloseCode::SlowConsumer);
-                    myself.stop(Some("slow consumer".into()));
-                }
-            }
-            ConnectionMsg::Close(code) => {
-                debug!(conn_id = state.id, code = code.code(), "closing");
-                state.close(code);
-                myself.stop(None);
-            }
-            ConnectionMsg::PeerGone => {
-                state.close(CloseCode::Normal);
-                myself.stop(None);
-            }
-            ConnectionMsg::Drain(reply) => {
-                state.closing = true;
-                state.unacked = None;
-                state.tasks.close();
-                state.tasks.wait().await;
-                state.close(CloseCode::ServiceRestart);
-                // Until the transport has taken everything up to the close frame.
-                let _ = tokio::time::timeout(DRAIN_FLUSH, state.outbound.finished()).await;
-                let _ = reply.send(());
-                myself.stop(Some("drained".into()));
-            }
-        }
-        Ok(())
-    }
-
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<ConnectionMsg>,
-        state: &mut ConnectionState,
-    ) -> Result<(), ActorProcessingErr> {
-        if !state.closing {
-            state.close(CloseCode::Normal);
-        }
-        Ok(())
-    }
-}
-
-/// Runs however the actor ends: ractor skips `post_stop` when an actor fails, or is killed along with its
-/// failed session.
-impl Drop for ConnectionState {
-    fn drop(&mut self) {
-        if !self.closing {
-            // Not closed on purpose: the actor failed. Say so (1011); the client reconnects and syncs.
-            self.abort(CloseCode::Internal);
-        }
-        self.hangup.cancel();
-        metrics::gauge!("switchboard_connections").decrement(1.0);
     }
 }

@@ -57,7 +57,8 @@ struct State {
 struct Shared {
     state: Mutex<State>,
     capacity: usize,
-    finished: Notify,
+    /// Notified when a close is asked for and when the queue finishes.
+    changed: Notify,
 }
 
 impl Shared {
@@ -83,7 +84,7 @@ pub fn outbound(capacity: usize) -> (Outbound, OutboundQueue) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State::default()),
         capacity: capacity.max(1),
-        finished: Notify::new(),
+        changed: Notify::new(),
     });
     (
         Outbound(shared.clone()),
@@ -181,6 +182,19 @@ impl Outbound {
         if let Some(w) = waker {
             w.wake();
         }
+        self.0.changed.notify_waiters();
+    }
+
+    /// Whether a close was asked for (or the transport let go): nothing more will be queued.
+    pub fn is_closing(&self) -> bool {
+        let s = self.0.lock();
+        s.close.is_some() || s.abort.is_some() || s.finished
+    }
+
+    /// Wait until a close is asked for or the transport lets go.
+    pub async fn closing(&self) {
+        self.wait_for(|s| s.close.is_some() || s.abort.is_some() || s.finished)
+            .await
     }
 
     /// Frames waiting for the transport.
@@ -195,9 +209,13 @@ impl Outbound {
 
     /// Wait until the transport has taken the close frame or let go of the queue.
     pub async fn finished(&self) {
+        self.wait_for(|s| s.finished).await
+    }
+
+    async fn wait_for(&self, done: impl Fn(&State) -> bool) {
         loop {
-            let notified = self.0.finished.notified();
-            if self.0.lock().finished {
+            let notified = self.0.changed.notified();
+            if done(&self.0.lock()) {
                 return;
             }
             notified.await;
@@ -249,7 +267,7 @@ impl OutboundQueue {
         s.finished = true;
         s.frames = VecDeque::new();
         s.waker = None;
-        shared.finished.notify_waiters();
+        shared.changed.notify_waiters();
     }
 }
 

@@ -1,5 +1,6 @@
-//! `SessionActor`: one per online user on this node, a child of the `SessionSupervisor` and the parent of
-//! that user's connection actors (one per device).
+//! `SessionActor`: one per online user on this node, a child of the `SessionSupervisor` and the owner of
+//! that user's connections (one per device): each tells it when it ends, and a session that fails closes
+//! them.
 //!
 //! The session owns its user's entry in the [`SessionDirectory`]: it adds each connection it attaches and
 //! removes each that ends. Conversations deliver through that entry, pushing the shared bytes of a frame
@@ -9,15 +10,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use bytes::Bytes;
-use ractor::rpc::CallResult;
-use ractor::{Actor, ActorProcessingErr, ActorRef, ActorStatus, RpcReplyPort, SupervisionEvent};
-use tracing::debug;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use crate::connection::ConnectionMsg;
+use crate::connection::slow_consumer;
 use crate::outbound::{Outbound, PushError};
+use crate::protocol::CloseCode;
 use crate::sessions::SessionsMsg;
 use crate::store::UserId;
 
@@ -31,18 +30,16 @@ pub struct ConnHandle {
     pub id: ConnId,
     /// Its bounded outbound queue.
     pub outbound: Outbound,
-    /// Its actor.
-    pub actor: ActorRef<ConnectionMsg>,
 }
 
 /// Messages of a [`SessionActor`].
 pub enum SessionMsg {
-    /// A new connection of this user (already linked to this session).
+    /// A new connection of this user.
     Attach(ConnHandle),
+    /// A connection ended (sent by the connection itself, however it ended).
+    Detach(ConnId),
     /// Stop if no connection is left; answers whether it stops.
     StopIfEmpty(RpcReplyPort<bool>),
-    /// Drain every connection (server shutdown); answered when all are closed.
-    Drain(RpcReplyPort<()>),
 }
 
 /// The session actor.
@@ -64,15 +61,21 @@ pub struct SessionState {
 }
 
 impl SessionState {
-    fn detach(&mut self, myself: &ActorRef<SessionMsg>, actor: ractor::ActorId) {
-        self.conns.retain(|c| c.actor.get_id() != actor);
+    fn publish(&self, myself: &ActorRef<SessionMsg>) {
         self.directory
             .publish(&self.user, myself.get_id(), self.conns.clone());
     }
 }
 
-/// How long a session waits for one connection to drain at shutdown.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// However the session ends — a failure included — its connections are closed: with 1011 unless they were
+/// closing already. Their clients reconnect into a fresh session and resync.
+impl Drop for SessionState {
+    fn drop(&mut self) {
+        for conn in &self.conns {
+            conn.outbound.abort(CloseCode::Internal);
+        }
+    }
+}
 
 impl Actor for SessionActor {
     type Msg = SessionMsg;
@@ -99,15 +102,15 @@ impl Actor for SessionActor {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             SessionMsg::Attach(handle) => {
-                if matches!(
-                    handle.actor.get_status(),
-                    ActorStatus::Running | ActorStatus::Starting
-                ) {
-                    state.conns.push(handle);
-                    state
-                        .directory
-                        .publish(&state.user, myself.get_id(), state.conns.clone());
-                } else if state.conns.is_empty() {
+                state.conns.push(handle);
+                state.publish(&myself);
+            }
+            // Connections are temporary: one that ends is forgotten, never restarted (its client
+            // reconnects and syncs).
+            SessionMsg::Detach(id) => {
+                state.conns.retain(|c| c.id != id);
+                state.publish(&myself);
+                if state.conns.is_empty() {
                     report_empty(&myself, &state.user);
                 }
             }
@@ -117,40 +120,6 @@ impl Actor for SessionActor {
                 if empty {
                     myself.stop(None);
                 }
-            }
-            SessionMsg::Drain(reply) => {
-                let drains = state
-                    .conns
-                    .iter()
-                    .map(|c| c.actor.call(ConnectionMsg::Drain, Some(DRAIN_TIMEOUT)));
-                let results = futures_util::future::join_all(drains).await;
-                let stuck = results
-                    .iter()
-                    .filter(|r| !matches!(r, Ok(CallResult::Success(()))))
-                    .count();
-                if stuck > 0 {
-                    debug!(user_id = %state.user, stuck, "connections did not drain in time");
-                }
-                let _ = reply.send(());
-            }
-        }
-        Ok(())
-    }
-
-    async fn handle_supervisor_evt(
-        &self,
-        myself: ActorRef<SessionMsg>,
-        event: SupervisionEvent,
-        state: &mut SessionState,
-    ) -> Result<(), ActorProcessingErr> {
-        // Connections are temporary children: one that ends or fails is forgotten, never restarted (its
-        // client reconnects and syncs).
-        if let SupervisionEvent::ActorTerminated(cell, ..)
-        | SupervisionEvent::ActorFailed(cell, _) = event
-        {
-            state.detach(&myself, cell.get_id());
-            if state.conns.is_empty() {
-                report_empty(&myself, &state.user);
             }
         }
         Ok(())
@@ -196,9 +165,7 @@ impl Recipients {
                 .map(|(frame, _)| frame);
             match conn.outbound.push_frames(mine) {
                 Ok(n) => delivered += n as u64,
-                Err(PushError::Full) => {
-                    let _ = conn.actor.send_message(ConnectionMsg::Overflow);
-                }
+                Err(PushError::Full) => slow_consumer(&conn.outbound, conn.id),
                 Err(PushError::Closed) => {}
             }
         }
@@ -268,14 +235,14 @@ impl SessionDirectory {
             .map(|o| o.session.clone())
     }
 
-    /// Every session.
-    pub fn all(&self) -> Vec<ActorRef<SessionMsg>> {
+    /// Every connection on this node.
+    pub fn connections(&self) -> Vec<ConnHandle> {
         self.inner
             .read()
             .expect("session directory lock")
             .online
             .values()
-            .map(|o| o.session.clone())
+            .flat_map(|o| o.conns.iter().cloned())
             .collect()
     }
 

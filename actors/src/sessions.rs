@@ -14,9 +14,13 @@ use ractor::{
     Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SpawnErr,
     SupervisionEvent,
 };
+use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
-use crate::connection::{ConnectionActor, ConnectionArgs, ConnectionContext, ConnectionMsg};
+/// How long a drain waits for one connection to answer its sends and take its close frame.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
+
+use crate::connection::{Connection, ConnectionContext};
 use crate::outbound::{outbound, OutboundQueue};
 use crate::session::{ConnHandle, SessionActor, SessionArgs, SessionDirectory, SessionMsg};
 use crate::store::UserId;
@@ -28,8 +32,6 @@ pub enum SessionsMsg {
     Connect {
         /// The authenticated user.
         user: UserId,
-        /// Cancelled when the connection's actor stops.
-        hangup: tokio_util::sync::CancellationToken,
         /// The new connection.
         reply: RpcReplyPort<Result<Opened, String>>,
     },
@@ -42,14 +44,10 @@ pub enum SessionsMsg {
     },
 }
 
-/// A connection just opened: what its transport needs.
+/// A connection just opened, attached to its session: the transport runs it and drains its queue.
 pub struct Opened {
-    /// The connection's actor, where the transport forwards what the client sends.
-    pub actor: ActorRef<ConnectionMsg>,
-    /// Its id.
-    pub id: u64,
-    /// Where it pushes pongs (everything else is pushed by actors).
-    pub outbound: crate::outbound::Outbound,
+    /// The connection, to run with what the transport reads.
+    pub connection: Connection,
     /// The queue the transport drains into the socket.
     pub queue: OutboundQueue,
 }
@@ -63,6 +61,7 @@ pub struct SessionSupervisorArgs {
     ctx: Arc<ConnectionContext>,
     intensity: RestartIntensity,
     next_conn: Arc<AtomicU64>,
+    drain: CancellationToken,
 }
 
 /// The supervisor's state.
@@ -73,6 +72,8 @@ pub struct SessionSupervisorState {
     budget: RestartBudget,
     intensity: RestartIntensity,
     next_conn: Arc<AtomicU64>,
+    /// Cancelled when the node drains: every connection then answers its sends and closes with 1012.
+    drain: CancellationToken,
 }
 
 impl SessionSupervisorState {
@@ -98,31 +99,23 @@ impl SessionSupervisorState {
         &mut self,
         myself: &ActorRef<SessionsMsg>,
         user: UserId,
-        hangup: tokio_util::sync::CancellationToken,
     ) -> Result<Opened, SpawnErr> {
         let session = self.session(myself, &user).await?;
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (outbound, queue) = outbound(self.ctx.limits.outbound_queue);
-        let args = ConnectionArgs {
-            user,
-            id,
-            outbound: outbound.clone(),
-            ctx: self.ctx.clone(),
-            hangup,
-        };
-        let (actor, _) =
-            Actor::spawn_linked(None, ConnectionActor, args, session.get_cell()).await?;
         let _ = session.send_message(SessionMsg::Attach(ConnHandle {
             id,
             outbound: outbound.clone(),
-            actor: actor.clone(),
         }));
-        Ok(Opened {
-            actor,
+        let connection = Connection::new(
+            user,
             id,
+            self.ctx.clone(),
             outbound,
-            queue,
-        })
+            session,
+            self.drain.clone(),
+        );
+        Ok(Opened { connection, queue })
     }
 }
 
@@ -143,6 +136,7 @@ impl Actor for SessionSupervisor {
             budget: RestartBudget::new(args.intensity),
             intensity: args.intensity,
             next_conn: args.next_conn,
+            drain: args.drain,
         })
     }
 
@@ -153,12 +147,8 @@ impl Actor for SessionSupervisor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            SessionsMsg::Connect {
-                user,
-                hangup,
-                reply,
-            } => {
-                let result = state.connect(&myself, user, hangup).await.map_err(|e| {
+            SessionsMsg::Connect { user, reply } => {
+                let result = state.connect(&myself, user).await.map_err(|e| {
                     warn!(error = %e, "connection could not start");
                     e.to_string()
                 });
@@ -221,6 +211,7 @@ impl Actor for SessionSupervisor {
 pub struct Sessions {
     directory: SessionDirectory,
     supervisor: ActorRef<SessionsMsg>,
+    drain: CancellationToken,
 }
 
 impl Sessions {
@@ -231,33 +222,28 @@ impl Sessions {
         intensity: RestartIntensity,
         parent: ActorCell,
     ) -> Result<Self, SpawnErr> {
+        let drain = CancellationToken::new();
         let args = SessionSupervisorArgs {
             directory: directory.clone(),
             ctx,
             intensity,
             next_conn: Arc::new(AtomicU64::new(1)),
+            drain: drain.clone(),
         };
         let (supervisor, _) = Actor::spawn_linked(None, SessionSupervisor, args, parent).await?;
         Ok(Self {
             directory,
             supervisor,
+            drain,
         })
     }
 
-    /// Open a connection actor for `user`; `hangup` is cancelled when the actor stops.
-    pub async fn connect(
-        &self,
-        user: UserId,
-        hangup: tokio_util::sync::CancellationToken,
-    ) -> Result<Opened, String> {
+    /// Open a connection for `user`, attached to the user's session (started if need be).
+    pub async fn connect(&self, user: UserId) -> Result<Opened, String> {
         match self
             .supervisor
             .call(
-                |reply| SessionsMsg::Connect {
-                    user,
-                    hangup,
-                    reply,
-                },
+                |reply| SessionsMsg::Connect { user, reply },
                 Some(Duration::from_secs(10)),
             )
             .await
@@ -275,10 +261,23 @@ impl Sessions {
     /// Drain every connection on this node: each stops reading, gets the answers to the sends it accepted,
     /// and is closed with 1012.
     pub async fn drain_all(&self) {
-        let sessions = self.directory.all();
-        let drains = sessions
-            .iter()
-            .map(|s| s.call(SessionMsg::Drain, Some(Duration::from_secs(15))));
-        futures_util::future::join_all(drains).await;
+        self.drain.cancel();
+        let drains = self
+            .directory
+            .connections()
+            .into_iter()
+            .map(|c| async move {
+                tokio::time::timeout(DRAIN_TIMEOUT, c.outbound.finished())
+                    .await
+                    .is_err()
+            });
+        let stuck = futures_util::future::join_all(drains)
+            .await
+            .into_iter()
+            .filter(|&stuck| stuck)
+            .count();
+        if stuck > 0 {
+            warn!(stuck, "connections did not drain in time");
+        }
     }
 }

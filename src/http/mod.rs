@@ -15,7 +15,6 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use switchboard_actors::conversations::Conversations;
 use switchboard_actors::sessions::Sessions;
 use switchboard_actors::store::SharedStore;
-use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Auth, AuthError};
 
@@ -41,8 +40,6 @@ pub struct AppState {
     pub ready: AtomicBool,
     /// Draining: refuse new connections.
     pub draining: AtomicBool,
-    /// Cancelled when connections must stop reading (drain).
-    pub stop_reading: CancellationToken,
     /// Prometheus rendering.
     pub metrics: PrometheusHandle,
 }

@@ -1,7 +1,7 @@
-//! `GET /v1/ws`: authenticate, upgrade, and run the read loop that feeds the connection's actor.
+//! `GET /v1/ws`: authenticate, upgrade, and run the connection on the actix worker that owns the socket.
 //!
-//! The read loop stays on the actix worker (actix-ws's stream is not `Send`); it forwards frames into the
-//! `ConnectionActor`, answers WebSocket pings, enforces the heartbeat timeout and the frame limit.
+//! actix-ws does the handshake and decodes what the client sends (its stream is not `Send`, so the
+//! connection's loop runs on this worker); the frame and fragment limits are enforced there.
 //!
 //! Writes do not go through actix-ws's `Session` (a channel and a task hop per frame, and one encoding per
 //! recipient): the response body is [`SocketBody`], which actix's HTTP dispatcher polls whenever the socket
@@ -11,18 +11,16 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use actix_http::ws::{CloseReason, OpCode, Parser};
 use actix_web::body::{BodySize, BoxBody, MessageBody};
 use actix_web::{web, HttpRequest, HttpResponse};
-use actix_ws::{AggregatedMessage, AggregatedMessageStream};
+use actix_ws::{AggregatedMessage, ProtocolError};
 use bytes::{Bytes, BytesMut};
-use switchboard_actors::connection::{ConnectionMsg, InboundWindow};
-use switchboard_actors::outbound::{OutFrame, Outbound, OutboundQueue};
+use futures_util::StreamExt;
+use switchboard_actors::connection::Inbound;
+use switchboard_actors::outbound::{OutFrame, OutboundQueue};
 use switchboard_actors::protocol::{CloseCode, ErrorCode};
-use switchboard_actors::ractor::ActorRef;
-use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::error::ApiError;
@@ -44,25 +42,18 @@ pub async fn upgrade(
     // actix-ws does the handshake and decodes what the client sends; its write side is not used.
     let (response, _session, stream) = actix_ws::handle(&req, body)
         .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.to_string()))?;
-    let stream = stream
+    let frames = stream
         .max_frame_size(state.max_frame_bytes)
         .aggregate_continuations()
-        .max_continuation_size(state.max_frame_bytes);
-    let hangup = CancellationToken::new();
+        .max_continuation_size(state.max_frame_bytes)
+        .map(inbound);
     let opened = state
         .sessions
-        .connect(user.clone(), hangup.clone())
+        .connect(user.clone())
         .await
         .map_err(|e| ApiError::new(ErrorCode::Internal, e))?;
-    debug!(conn_id = opened.id, user_id = %user, "websocket upgraded");
-    actix_web::rt::spawn(read_loop(
-        stream,
-        opened.outbound,
-        opened.actor,
-        state.heartbeat_timeout,
-        state.stop_reading.clone(),
-        hangup,
-    ));
+    debug!(conn_id = opened.connection.id(), user_id = %user, "websocket upgraded");
+    actix_web::rt::spawn(opened.connection.run(frames, state.heartbeat_timeout));
     let (response, read_side) = response.into_parts();
     Ok(response.set_body(BoxBody::new(SocketBody {
         queue: opened.queue,
@@ -71,69 +62,24 @@ pub async fn upgrade(
     })))
 }
 
-async fn read_loop(
-    mut stream: AggregatedMessageStream,
-    outbound: Outbound,
-    conn: ActorRef<ConnectionMsg>,
-    heartbeat: Duration,
-    stop_reading: CancellationToken,
-    hangup: CancellationToken,
-) {
-    let window = InboundWindow::new();
-    loop {
-        let next = tokio::select! {
-            // Draining: stop reading; the drain answers what was accepted and closes with 1012.
-            _ = stop_reading.cancelled() => return,
-            // The actor closed the connection (slow consumer, heartbeat, …): let go of the socket.
-            _ = hangup.cancelled() => return,
-            // Read only when the actor has room for one more frame (back-pressure on a flooding client).
-            next = async {
-                let permit = window.acquire().await;
-                (tokio::time::timeout(heartbeat, stream.recv()).await, permit)
-            } => next,
-        };
-        let (next, permit) = next;
-        let forwarded = match next {
-            Err(_silent) => {
-                let _ = conn.send_message(ConnectionMsg::Close(CloseCode::IdleTimeout));
-                return;
-            }
-            Ok(None) | Ok(Some(Ok(AggregatedMessage::Close(_)))) => {
-                let _ = conn.send_message(ConnectionMsg::PeerGone);
-                return;
-            }
-            Ok(Some(Err(e))) => {
-                let code = match &e {
-                    actix_ws::ProtocolError::Overflow => CloseCode::TooBig,
-                    // actix-ws reports a fragmented message over the limit only as this I/O error.
-                    actix_ws::ProtocolError::Io(io)
-                        if io.to_string().contains("maximum continuation size") =>
-                    {
-                        CloseCode::TooBig
-                    }
-                    _ => CloseCode::ProtocolError,
-                };
-                debug!(error = %e, "websocket protocol error");
-                let _ = conn.send_message(ConnectionMsg::Close(code));
-                return;
-            }
-            Ok(Some(Ok(msg))) => match msg {
-                AggregatedMessage::Text(text) => {
-                    conn.send_message(ConnectionMsg::Inbound(text.to_string(), permit))
+/// What actix-ws decoded, as the connection sees it.
+fn inbound(item: Result<AggregatedMessage, ProtocolError>) -> Inbound {
+    match item {
+        Ok(AggregatedMessage::Text(text)) => Inbound::Text(text.to_string()),
+        Ok(AggregatedMessage::Binary(_)) => Inbound::Binary,
+        Ok(AggregatedMessage::Ping(payload)) => Inbound::Ping(payload),
+        Ok(AggregatedMessage::Pong(_)) => Inbound::Pong,
+        Ok(AggregatedMessage::Close(_)) => Inbound::Closed,
+        Err(e) => {
+            debug!(error = %e, "websocket protocol error");
+            Inbound::Refused(match &e {
+                ProtocolError::Overflow => CloseCode::TooBig,
+                // actix-ws reports a fragmented message over the limit only as this I/O error.
+                ProtocolError::Io(io) if io.to_string().contains("maximum continuation size") => {
+                    CloseCode::TooBig
                 }
-                AggregatedMessage::Binary(_) => conn.send_message(ConnectionMsg::Binary(permit)),
-                AggregatedMessage::Ping(payload) => {
-                    let _ = outbound.push_pong(payload);
-                    Ok(())
-                }
-                AggregatedMessage::Pong(_) => Ok(()),
-                AggregatedMessage::Close(_) => unreachable!("handled above"),
-            },
-        };
-        if forwarded.is_err() {
-            // The connection's actor is gone (it failed): close the socket as an internal error.
-            outbound.abort(CloseCode::Internal);
-            return;
+                _ => CloseCode::ProtocolError,
+            })
         }
     }
 }
