@@ -64,6 +64,9 @@ pub struct ConnectionContext {
     pub store: SharedStore,
     /// Limits.
     pub limits: ConnectionLimits,
+    /// Where syncs run: the actors' runtime, not the transport's thread, so a reconnect storm's history
+    /// reads and replays do not hold up the sockets' reading and writing.
+    pub runtime: tokio::runtime::Handle,
 }
 
 /// What the transport reads from the client, as the connection sees it.
@@ -238,7 +241,9 @@ impl Connection {
                             "binary frames are not part of the protocol; send JSON text frames",
                         ))),
                         Inbound::Ping(payload) => {
-                            let _ = outbound.push_pong(payload);
+                            if outbound.push_pong(payload) == Err(PushError::Full) {
+                                slow_consumer(&outbound, self.id);
+                            }
                         }
                         Inbound::Pong => {}
                         Inbound::Closed => return self.close(CloseCode::Normal),
@@ -310,22 +315,25 @@ impl Connection {
                     self.user.clone(),
                     self.replier.clone(),
                 );
-                self.syncs.spawn(async move {
-                    match history::sync(&*store, &user, &conv, after_seq).await {
-                        Ok(page) => {
-                            for m in &page.messages {
-                                replier.send(&ServerFrame::Msg(m));
+                self.syncs.spawn_on(
+                    async move {
+                        match history::sync(&*store, &user, &conv, after_seq).await {
+                            Ok(page) => {
+                                for m in &page.messages {
+                                    replier.send(&ServerFrame::Msg(m));
+                                }
+                                let last_seq = page.messages.last().map_or(after_seq, |m| m.seq);
+                                replier.send(&ServerFrame::Synced {
+                                    conv: &conv,
+                                    last_seq,
+                                    has_more: page.has_more,
+                                });
                             }
-                            let last_seq = page.messages.last().map_or(after_seq, |m| m.seq);
-                            replier.send(&ServerFrame::Synced {
-                                conv: &conv,
-                                last_seq,
-                                has_more: page.has_more,
-                            });
+                            Err(e) => replier.send(&ServerFrame::error(&e)),
                         }
-                        Err(e) => replier.send(&ServerFrame::error(&e)),
-                    }
-                });
+                    },
+                    &self.ctx.runtime,
+                );
             }
         }
     }

@@ -1,6 +1,6 @@
 //! A connection's outbound queue: the only way frames reach a client.
 //!
-//! Producers (the connection's actor, its ack task, every conversation the user is in) push shared,
+//! Producers (the connection's loop, its syncs, every conversation the user is in) push shared,
 //! already-serialised frames and never wait; the transport *pulls* them when its socket can take more, so a
 //! delivery costs a push and, at most, one wake-up of the task that owns the socket — no writer task and no
 //! second channel in between. Whatever piled up since the last pull goes out in one write.
@@ -98,12 +98,13 @@ pub fn outbound(capacity: usize) -> (Outbound, OutboundQueue) {
 impl Outbound {
     /// Queue a protocol frame without waiting.
     pub fn push_frame(&self, frame: Bytes) -> Result<(), PushError> {
-        self.push(OutFrame::Text(frame), true)
+        self.push(OutFrame::Text(frame))
     }
 
-    /// Queue the answer to a ping. Pongs do not count against the bound: the read loop's window bounds them.
+    /// Queue the answer to a ping. Pongs count against the bound like any frame: a client that pings
+    /// without reading is a slow consumer too.
     pub fn push_pong(&self, payload: Bytes) -> Result<(), PushError> {
-        self.push(OutFrame::Pong(payload), false)
+        self.push(OutFrame::Pong(payload))
     }
 
     /// Queue several frames under one lock, with at most one wake-up; returns how many were queued. On
@@ -135,13 +136,13 @@ impl Outbound {
         result.map(|()| queued)
     }
 
-    fn push(&self, frame: OutFrame, bounded: bool) -> Result<(), PushError> {
+    fn push(&self, frame: OutFrame) -> Result<(), PushError> {
         let waker = {
             let mut s = self.0.lock();
             if s.close.is_some() || s.abort.is_some() || s.finished {
                 return Err(PushError::Closed);
             }
-            if bounded && s.frames.len() >= self.0.capacity {
+            if s.frames.len() >= self.0.capacity {
                 return Err(PushError::Full);
             }
             s.frames.push_back(frame);
@@ -322,8 +323,7 @@ mod tests {
         out.push_frame(text("a")).unwrap();
         out.push_frame(text("b")).unwrap();
         assert_eq!(out.push_frame(text("c")), Err(PushError::Full));
-        // Pongs are bounded by the read window, not by the queue.
-        out.push_pong(text("p")).unwrap();
+        assert_eq!(out.push_pong(text("p")), Err(PushError::Full));
         out.close(CloseCode::Normal);
         out.abort(CloseCode::SlowConsumer);
         assert_eq!(

@@ -1,8 +1,9 @@
 //! `SessionSupervisor` and [`Sessions`], the edge's handle for opening connections.
 //!
-//! Every new connection goes through the supervisor, which finds or starts the user's session and spawns the
-//! connection actor linked to it. Because attaching and stopping an empty session are both decided here, in
-//! one mailbox, a session never stops under a connection that is being attached to it.
+//! Every new connection goes through the supervisor, which finds or starts the user's session, attaches the
+//! connection to it and hands the edge a [`Connection`] to run. Because attaching and stopping an empty
+//! session are both decided here, in one mailbox, a session never stops under a connection that is being
+//! attached to it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -190,8 +191,8 @@ impl Actor for SessionSupervisor {
                 let Some(user) = state.sessions.remove(&cell.get_id()) else {
                     return Ok(());
                 };
-                // ractor kills a failed actor's children with it: the user's connections close with
-                // 1011, and their devices reconnect (and resync) into a fresh session on demand.
+                // The failed session's state, dropped, closed the user's connections with 1011; their
+                // devices reconnect (and resync) into a fresh session on demand.
                 error!(user_id = %user, error = %err, "session failed; its connections were closed");
                 metrics::counter!("switchboard_actor_restarts_total", "family" => "session")
                     .increment(1);

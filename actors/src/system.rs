@@ -3,7 +3,7 @@
 //! ```text
 //! RootSupervisor
 //! ├── ConversationSupervisor ── ConversationActor (one per active conversation)
-//! └── SessionSupervisor ─────── SessionActor (one per online user) ── ConnectionActor (one per socket)
+//! └── SessionSupervisor ─────── SessionActor (one per online user) ── Connection loops (one per socket)
 //! ```
 //!
 //! A family supervisor that exceeds its restart intensity fails; the root then stops and reports the
@@ -111,6 +111,7 @@ impl ActorSystem {
             conversations: conversations.clone(),
             store,
             limits: config.limits,
+            runtime: tokio::runtime::Handle::current(),
         });
         let sessions =
             Sessions::start(directory, conn_ctx, config.intensity, root.get_cell()).await?;
