@@ -49,7 +49,7 @@ pub struct SessionActor;
 pub struct SessionArgs {
     /// Its user.
     pub user: UserId,
-    /// Where it publishes its connections.
+    /// Where its connections are listed for delivery.
     pub directory: SessionDirectory,
 }
 
@@ -60,12 +60,7 @@ pub struct SessionState {
     directory: SessionDirectory,
 }
 
-impl SessionState {
-    fn publish(&self, myself: &ActorRef<SessionMsg>) {
-        self.directory
-            .publish(&self.user, myself.get_id(), self.conns.clone());
-    }
-}
+impl SessionState {}
 
 /// However the session ends — a failure included — its connections are closed: with 1011 unless they were
 /// closing already. Their clients reconnect into a fresh session and resync.
@@ -101,15 +96,13 @@ impl Actor for SessionActor {
         state: &mut SessionState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            SessionMsg::Attach(handle) => {
-                state.conns.push(handle);
-                state.publish(&myself);
-            }
+            // Already listed in the directory by the supervisor.
+            SessionMsg::Attach(handle) => state.conns.push(handle),
             // Connections are temporary: one that ends is forgotten, never restarted (its client
             // reconnects and syncs).
             SessionMsg::Detach(id) => {
                 state.conns.retain(|c| c.id != id);
-                state.publish(&myself);
+                state.directory.detach(&state.user, myself.get_id(), id);
                 if state.conns.is_empty() {
                     report_empty(&myself, &state.user);
                 }
@@ -135,7 +128,7 @@ fn report_empty(myself: &ActorRef<SessionMsg>, user: &str) {
     }
 }
 
-/// An online user on this node: its session and the connections that session has published.
+/// An online user on this node: its session and its connections.
 struct Online {
     session: ActorRef<SessionMsg>,
     conns: Vec<ConnHandle>,
@@ -184,7 +177,9 @@ impl Recipients {
 }
 
 /// Online users' sessions on this node and their connections' queues: read by conversations for fan-out;
-/// an entry is added and removed by the supervisor, and its connections are published by its session.
+/// an entry and each new connection are added by the supervisor — before the connection reads anything, so
+/// a `sync` never reads the store before its connection is listed for what is committed after — and a
+/// connection is removed by its session when it ends.
 /// Every change bumps a generation, which tells conversations their [`Recipients`] are stale.
 #[derive(Clone, Default)]
 pub struct SessionDirectory {
@@ -259,8 +254,17 @@ impl SessionDirectory {
         metrics::gauge!("switchboard_online_users").set(dir.online.len() as f64);
     }
 
-    /// Replace the connections of `user`'s entry, if `session` still owns it.
-    fn publish(&self, user: &str, session: ractor::ActorId, conns: Vec<ConnHandle>) {
+    /// List `conn` under `user`'s entry, if `session` still owns it.
+    pub(crate) fn attach(&self, user: &str, session: ractor::ActorId, conn: ConnHandle) {
+        self.change(user, session, |conns| conns.push(conn));
+    }
+
+    /// Remove connection `id` from `user`'s entry, if `session` still owns it.
+    fn detach(&self, user: &str, session: ractor::ActorId, id: ConnId) {
+        self.change(user, session, |conns| conns.retain(|c| c.id != id));
+    }
+
+    fn change(&self, user: &str, session: ractor::ActorId, f: impl FnOnce(&mut Vec<ConnHandle>)) {
         let mut guard = self.inner.write().expect("session directory lock");
         let dir = &mut *guard;
         if let Some(o) = dir
@@ -268,7 +272,7 @@ impl SessionDirectory {
             .get_mut(user)
             .filter(|o| o.session.get_id() == session)
         {
-            o.conns = conns;
+            f(&mut o.conns);
             dir.generation += 1;
         }
     }

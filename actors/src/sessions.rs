@@ -104,10 +104,14 @@ impl SessionSupervisorState {
         let session = self.session(myself, &user).await?;
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (outbound, queue) = outbound(self.ctx.limits.outbound_queue);
-        let _ = session.send_message(SessionMsg::Attach(ConnHandle {
+        let handle = ConnHandle {
             id,
             outbound: outbound.clone(),
-        }));
+        };
+        // Listed for delivery now, before the edge reads anything from the client.
+        self.directory
+            .attach(&user, session.get_id(), handle.clone());
+        let _ = session.send_message(SessionMsg::Attach(handle));
         let connection = Connection::new(
             user,
             id,
