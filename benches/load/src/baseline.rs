@@ -9,7 +9,7 @@
 //!   once, is queued to every other subscribed connection;
 //! - `ping` gets `pong`.
 //!
-//! Like Switchboard, each connection has a bounded outbound queue (1,024 frames) drained by a writer task
+//! Each connection has a bounded outbound queue (1,024 frames, as in Switchboard) drained by a writer task
 //! that batches what is queued into one flush; a full queue closes the connection with 4002.
 
 use std::borrow::Cow;
