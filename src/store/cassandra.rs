@@ -342,7 +342,22 @@ impl CassandraStore {
         result
     }
 
+    /// Run a write; its answer carries nothing.
     async fn exec(
+        &self,
+        statement: fn(&Statements) -> &PreparedQuery,
+        values: QueryValues,
+    ) -> Result<(), StoreError> {
+        let c = self.conn();
+        let params = self.params(values);
+        self.bounded(c.session.exec_with_params(statement(&c.st), &params))
+            .await?;
+        Ok(())
+    }
+
+    /// Run a read or a conditional write: its answer must be rows (an empty result is an answer; anything
+    /// else is an error, never "no such row").
+    async fn fetch(
         &self,
         statement: fn(&Statements) -> &PreparedQuery,
         values: QueryValues,
@@ -357,7 +372,7 @@ impl CassandraStore {
 
     async fn message_at(&self, conv: &str, seq: u64) -> Result<Option<Message>, StoreError> {
         let rows = self
-            .exec(|s| &s.select_message, query_values!(conv, seq as i64))
+            .fetch(|s| &s.select_message, query_values!(conv, seq as i64))
             .await?;
         rows.first().map(message_from_row).transpose()
     }
@@ -366,7 +381,7 @@ impl CassandraStore {
     /// and is only believed when the message at its seq is really that message.
     async fn original(&self, conv: &str, m: &NewMessage) -> Result<Option<Message>, StoreError> {
         let rows = self
-            .exec(
+            .fetch(
                 |s| &s.select_dedupe,
                 query_values!(conv, m.from.as_str(), m.msg_id.as_str()),
             )
@@ -515,12 +530,14 @@ fn serial(c: Consistency) -> Consistency {
     }
 }
 
+/// The rows of an answer that must carry rows. Anything else (seen right after a whole cluster restarted)
+/// is an error: read as "no rows", it told a member they were not one.
 fn rows(envelope: Envelope) -> Result<Vec<Row>, StoreError> {
-    Ok(envelope
+    envelope
         .response_body()
         .map_err(corrupt)?
         .into_rows()
-        .unwrap_or_default())
+        .ok_or_else(|| StoreError::Unavailable("Cassandra answered a read without rows".into()))
 }
 
 /// The `[applied]` column of a conditional statement's answer.
@@ -567,11 +584,11 @@ impl MessageStore for CassandraStore {
         if info.kind == ConversationKind::Dm {
             let (a, b) = dm_pair(&members);
             let rows = self
-                .exec(|s| &s.insert_dm_pair, query_values!(a, b, info.id.as_str()))
+                .fetch(|s| &s.insert_dm_pair, query_values!(a, b, info.id.as_str()))
                 .await?;
             if !applied(&rows)? {
                 let rows = self
-                    .exec(|s| &s.select_dm_pair, query_values!(a, b))
+                    .fetch(|s| &s.select_dm_pair, query_values!(a, b))
                     .await?;
                 let id: String = rows
                     .first()
@@ -614,7 +631,7 @@ impl MessageStore for CassandraStore {
 
     async fn conversation(&self, conv: &str) -> Result<Option<ConversationInfo>, StoreError> {
         let rows = self
-            .exec(|s| &s.select_conversation, query_values!(conv))
+            .fetch(|s| &s.select_conversation, query_values!(conv))
             .await?;
         let Some(row) = rows.first() else {
             return Ok(None);
@@ -627,7 +644,7 @@ impl MessageStore for CassandraStore {
 
     async fn members(&self, conv: &str) -> Result<Vec<UserId>, StoreError> {
         let rows = self
-            .exec(|s| &s.select_members, query_values!(conv))
+            .fetch(|s| &s.select_members, query_values!(conv))
             .await?;
         rows.iter()
             .map(|r| IntoRustByName::<String>::get_r_by_name(r, "member").map_err(corrupt))
@@ -636,7 +653,7 @@ impl MessageStore for CassandraStore {
 
     async fn membership(&self, conv: &str, user: &str) -> Result<Membership, StoreError> {
         if !self
-            .exec(|s| &s.select_member, query_values!(conv, user))
+            .fetch(|s| &s.select_member, query_values!(conv, user))
             .await?
             .is_empty()
         {
@@ -651,7 +668,7 @@ impl MessageStore for CassandraStore {
 
     async fn add_member(&self, conv: &str, user: &str) -> Result<bool, StoreError> {
         let existed = !self
-            .exec(|s| &s.select_member, query_values!(conv, user))
+            .fetch(|s| &s.select_member, query_values!(conv, user))
             .await?
             .is_empty();
         let now = switchboard_actors::conversation::now_ms() as i64;
@@ -664,7 +681,7 @@ impl MessageStore for CassandraStore {
 
     async fn remove_member(&self, conv: &str, user: &str) -> Result<bool, StoreError> {
         let existed = !self
-            .exec(|s| &s.select_member, query_values!(conv, user))
+            .fetch(|s| &s.select_member, query_values!(conv, user))
             .await?
             .is_empty();
         self.exec(|s| &s.delete_member, query_values!(conv, user))
@@ -676,7 +693,7 @@ impl MessageStore for CassandraStore {
 
     async fn user_conversations(&self, user: &str) -> Result<Vec<ConvId>, StoreError> {
         let rows = self
-            .exec(|s| &s.select_user_conversations, query_values!(user))
+            .fetch(|s| &s.select_user_conversations, query_values!(user))
             .await?;
         rows.iter()
             .map(|r| IntoRustByName::<String>::get_r_by_name(r, "conv").map_err(corrupt))
@@ -684,7 +701,9 @@ impl MessageStore for CassandraStore {
     }
 
     async fn last_message(&self, conv: &str) -> Result<Option<Message>, StoreError> {
-        let rows = self.exec(|s| &s.select_newest, query_values!(conv)).await?;
+        let rows = self
+            .fetch(|s| &s.select_newest, query_values!(conv))
+            .await?;
         rows.first().map(message_from_row).transpose()
     }
 
@@ -748,7 +767,7 @@ impl MessageStore for CassandraStore {
             |s| &s.select_backward
         };
         let rows = self
-            .exec(statement, query_values!(conv, low, high, limit))
+            .fetch(statement, query_values!(conv, low, high, limit))
             .await?;
         let mut messages: Vec<Message> = rows
             .iter()
