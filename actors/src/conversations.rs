@@ -3,7 +3,8 @@
 //! The supervisor starts a conversation's actor on demand (its `pre_start` loads members and the last seq
 //! from the store). Starts run concurrently, each in a task of its own that reports back: a burst of cold
 //! conversations (a restart, a reconnect storm) is not loaded one after another in this mailbox, and
-//! every request for a conversation that is starting waits for that one start. It restarts one that fails while its [`RestartBudget`] allows — alone: no other
+//! every request for a conversation that is starting waits for that one start. It restarts one that fails
+//! while its [`RestartBudget`] allows — alone: no other
 //! conversation notices — and drains one that reports itself idle. It writes the directory; the edge reads
 //! it without messaging the supervisor, so the supervisor is never on the hot path.
 //!

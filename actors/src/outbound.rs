@@ -198,16 +198,6 @@ impl Outbound {
             .await
     }
 
-    /// Frames waiting for the transport.
-    pub fn len(&self) -> usize {
-        self.0.lock().frames.len()
-    }
-
-    /// Whether no frame is waiting.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Wait until the transport has taken the close frame or let go of the queue.
     pub async fn finished(&self) {
         self.wait_for(|s| s.finished).await

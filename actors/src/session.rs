@@ -2,8 +2,9 @@
 //! that user's connections (one per device): each tells it when it ends, and a session that fails closes
 //! them.
 //!
-//! The session owns its user's entry in the [`SessionDirectory`]: it adds each connection it attaches and
-//! removes each that ends. Conversations deliver through that entry, pushing the shared bytes of a frame
+//! The user's entry in the [`SessionDirectory`] lists the session's connections: the supervisor adds each
+//! new one before handing it to the edge, the session removes each that ends. Conversations deliver through
+//! that entry, pushing the shared bytes of a frame
 //! straight onto every connection's bounded outbound queue — one push per device, no hop through this
 //! actor's mailbox, never waiting: a full queue marks that connection a slow consumer, which is closed (and
 //! resyncs on reconnect) without slowing the conversation or the other devices.
@@ -59,8 +60,6 @@ pub struct SessionState {
     conns: Vec<ConnHandle>,
     directory: SessionDirectory,
 }
-
-impl SessionState {}
 
 /// However the session ends — a failure included — its connections are closed: with 1011 unless they were
 /// closing already. Their clients reconnect into a fresh session and resync.

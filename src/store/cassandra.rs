@@ -342,17 +342,25 @@ impl CassandraStore {
         result
     }
 
+    /// Run a prepared statement at the configured consistency, within the timeout.
+    async fn send(
+        &self,
+        statement: fn(&Statements) -> &PreparedQuery,
+        values: QueryValues,
+    ) -> Result<Envelope, StoreError> {
+        let c = self.conn();
+        let params = self.params(values);
+        self.bounded(c.session.exec_with_params(statement(&c.st), &params))
+            .await
+    }
+
     /// Run a write; its answer carries nothing.
     async fn exec(
         &self,
         statement: fn(&Statements) -> &PreparedQuery,
         values: QueryValues,
     ) -> Result<(), StoreError> {
-        let c = self.conn();
-        let params = self.params(values);
-        self.bounded(c.session.exec_with_params(statement(&c.st), &params))
-            .await?;
-        Ok(())
+        self.send(statement, values).await.map(drop)
     }
 
     /// Run a read or a conditional write: its answer must be rows (an empty result is an answer; anything
@@ -362,12 +370,7 @@ impl CassandraStore {
         statement: fn(&Statements) -> &PreparedQuery,
         values: QueryValues,
     ) -> Result<Vec<Row>, StoreError> {
-        let c = self.conn();
-        let params = self.params(values);
-        rows(
-            self.bounded(c.session.exec_with_params(statement(&c.st), &params))
-                .await?,
-        )
+        rows(self.send(statement, values).await?)
     }
 
     async fn message_at(&self, conv: &str, seq: u64) -> Result<Option<Message>, StoreError> {

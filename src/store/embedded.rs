@@ -2,7 +2,8 @@
 //!
 //! Writes from every conversation go to one writer thread, which takes all the jobs waiting (when it is busy,
 //! also those that arrive within 250 µs of the first), applies them in one write transaction and commits
-//! once — one fsync for the lot (group commit) — before answering any of them. Reads run on Tokio's blocking pool against redb's MVCC snapshots and never wait for the writer.
+//! once — one fsync for the lot (group commit) — before answering any of them. Reads run on Tokio's blocking
+//! pool against redb's MVCC snapshots and never wait for the writer.
 //! See `docs/decisions/0003-embedded-store.md` for why redb.
 
 use std::path::Path;
