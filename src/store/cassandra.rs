@@ -15,11 +15,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use cdrs_tokio::authenticators::NoneAuthenticatorProvider;
 use cdrs_tokio::cluster::session::{Session, SessionBuilder, TcpSessionBuilder};
+use cdrs_tokio::cluster::send_envelope::send_envelope;
 use cdrs_tokio::cluster::{NodeTcpConfigBuilder, TcpConnectionManager};
 use cdrs_tokio::consistency::Consistency;
-use cdrs_tokio::frame::Envelope;
-use cdrs_tokio::load_balancing::RoundRobinLoadBalancingStrategy;
-use cdrs_tokio::query::{BatchQueryBuilder, PreparedQuery, QueryValues};
+use cdrs_tokio::frame::message_query::BodyReqQuery;
+use cdrs_tokio::frame::{Envelope, Flags, Version};
+use cdrs_tokio::load_balancing::{QueryPlan, RoundRobinLoadBalancingStrategy};
+use cdrs_tokio::query::{BatchQueryBuilder, PreparedQuery, QueryParams, QueryValues};
 use cdrs_tokio::query_values;
 use cdrs_tokio::statement::StatementParamsBuilder;
 use cdrs_tokio::transport::TransportTcp;
@@ -31,7 +33,7 @@ use switchboard_actors::store::{
     dm_pair, plan_append, Appended, ConvId, ConversationInfo, ConversationKind, HistoryQuery,
     Membership, Message, MessageStore, NewMessage, Page, StoreError, UserId,
 };
-use tracing::info;
+use tracing::{debug, info, warn};
 
 type CurrentSession = Session<
     TransportTcp,
@@ -245,6 +247,7 @@ impl CassandraStore {
             .await
             .map_err(|e| unavailable(format!("{statement}: {e}")))?;
         }
+        await_schema_agreement(&session, timeout).await;
         let st = prepare_all(&session, ks, timeout).await?;
         let store = Self {
             conn: std::sync::RwLock::new(Arc::new(Conn { session, st })),
@@ -290,7 +293,7 @@ impl CassandraStore {
                 *self.conn.write().expect("conn lock") = Arc::new(conn);
                 info!("cassandra session rebuilt");
             }
-            Err(e) => tracing::warn!(error = %e, "cassandra still unreachable"),
+            Err(e) => warn!(error = %e, "cassandra still unreachable"),
         }
     }
 
@@ -464,20 +467,45 @@ async fn connect(
         .map_err(|_| unavailable("connect timed out"))?
 }
 
+/// Prepare every statement. Each is prepared through the load balancer (which must succeed), then on every
+/// other node the driver knows (best effort), as the Java driver does: Cassandra keeps prepared statements
+/// per node, and cdrs-tokio only re-prepares on the node that answers "unprepared" — which fails if that
+/// node restarted and has not caught up yet.
 async fn prepare_all(
     session: &CurrentSession,
     ks: &str,
     timeout: Duration,
 ) -> Result<Statements, StoreError> {
-    let prepare = |cql: String| async move {
-        until_schema_agrees(|| async {
-            tokio::time::timeout(timeout, session.prepare(cql.as_str()))
-                .await
-                .map_err(|_| "prepare timed out".to_owned())?
-                .map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|e| unavailable(format!("prepare {cql}: {e}")))
+    let nodes = session.cluster_metadata().unignored_nodes();
+    let prepare = |cql: String| {
+        let nodes = nodes.clone();
+        async move {
+            let prepared = until_schema_agrees(|| async {
+                tokio::time::timeout(timeout, session.prepare(cql.as_str()))
+                    .await
+                    .map_err(|_| "prepare timed out".to_owned())?
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| unavailable(format!("prepare {cql}: {e}")))?;
+            for node in nodes {
+                let addr = node.broadcast_rpc_address();
+                let on_node = session.prepare_raw_tw_with_query_plan(
+                    cql.as_str(),
+                    None,
+                    false,
+                    false,
+                    false,
+                    Some(QueryPlan::new(vec![node])),
+                );
+                match tokio::time::timeout(PER_NODE_TIMEOUT, on_node).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => debug!(%addr, error = %e, "statement not prepared on this node"),
+                    Err(_) => debug!(%addr, "preparing on this node timed out"),
+                }
+            }
+            Ok::<_, StoreError>(prepared)
+        }
     };
     let m = MESSAGE_COLUMNS;
     Ok(Statements {
@@ -503,6 +531,61 @@ async fn prepare_all(
         insert_dedupe: prepare(format!("INSERT INTO {ks}.dedupe (conv, sender, msg_id, seq) VALUES (?, ?, ?, ?)")).await?,
         select_dedupe: prepare(format!("SELECT seq FROM {ks}.dedupe WHERE conv = ? AND sender = ? AND msg_id = ?")).await?,
     })
+}
+
+/// How long one node may take to answer a per-node request (schema version, prepare).
+const PER_NODE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Wait, for up to `timeout`, until every node that answers reports the same schema version (what drivers
+/// call schema agreement). cdrs-tokio does not wait after a schema change, and a node that has not applied
+/// it yet cannot prepare statements on the new tables. A node that does not answer is down: it loads the
+/// schema when it comes back. Without agreement in time, go on: [`until_schema_agrees`] and the driver's
+/// re-prepare still cover a late node, and the wait is logged.
+async fn await_schema_agreement(session: &CurrentSession, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let query = Envelope::new_query(
+        BodyReqQuery {
+            query: "SELECT schema_version FROM system.local".into(),
+            query_params: QueryParams {
+                consistency: Consistency::One,
+                ..QueryParams::default()
+            },
+        },
+        Flags::empty(),
+        Version::V4,
+    );
+    loop {
+        let mut versions = Vec::new();
+        for node in session.cluster_metadata().unignored_nodes() {
+            let answer = tokio::time::timeout(
+                PER_NODE_TIMEOUT,
+                send_envelope(
+                    std::iter::once(node),
+                    &query,
+                    true,
+                    session.retry_policy().new_session(),
+                ),
+            )
+            .await;
+            let Ok(Some(Ok(envelope))) = answer else {
+                continue;
+            };
+            let version: Option<uuid::Uuid> = rows(envelope).ok().and_then(|rows| {
+                rows.first()
+                    .and_then(|r| r.get_r_by_name("schema_version").ok())
+            });
+            versions.extend(version);
+        }
+        versions.dedup();
+        if versions.len() == 1 {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            warn!(?versions, "no schema agreement among the nodes; going on");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Run a schema step until it succeeds, for up to ~15 s: right after a schema change, the node that
