@@ -8,7 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use actix_web::{web, App, HttpServer};
+use actix_http::HttpService;
+use actix_service::{map_config, IntoServiceFactory, ServiceFactoryExt};
+use actix_web::dev::AppConfig;
+use actix_web::{web, App};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use switchboard_actors::connection::ConnectionLimits;
 use switchboard_actors::conversation::ConversationConfig;
@@ -31,7 +34,9 @@ pub struct Server {
     addr: SocketAddr,
     state: web::Data<AppState>,
     system: ActorSystem,
-    http: actix_web::dev::ServerHandle,
+    http: actix_server::ServerHandle,
+    /// Tells idle keep-alive HTTP connections to close when the node stops.
+    stopping: Arc<tokio::sync::Notify>,
     http_task: tokio::task::JoinHandle<std::io::Result<()>>,
     store: SharedStore,
     drain_timeout: std::time::Duration,
@@ -98,22 +103,33 @@ impl Server {
         let addr = listener.local_addr()?;
         let app_state = state.clone();
         let dev_login = config.dev_login;
-        let server = HttpServer::new(move || {
-            App::new()
-                .app_data(app_state.clone())
-                .configure(|cfg| http::routes(cfg, dev_login))
-        })
-        .workers(config.http_workers)
-        .disable_signals()
-        .shutdown_timeout(5)
-        // Nagle plus delayed ACKs holds small frames for tens of milliseconds: send at once.
-        .on_connect(|conn, _| {
-            if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
-                let _ = tcp.set_nodelay(true);
-            }
-        })
-        .listen(listener)?
-        .run();
+        // actix-web's `HttpServer` cannot take an upgrade service, so the HTTP service is assembled here as
+        // it does: the app for requests, and `ws::upgrade_service` for the WebSocket upgrades (decision 0008).
+        let graceful = Arc::new(tokio::sync::Notify::new());
+        let stopping = graceful.clone();
+        let server = actix_server::Server::build()
+            .workers(config.http_workers)
+            .disable_signals()
+            .shutdown_timeout(5)
+            .listen("switchboard-http", listener, move || {
+                let app = App::new()
+                    .app_data(app_state.clone())
+                    .configure(|cfg| http::routes(cfg, dev_login))
+                    .into_factory()
+                    .map_err(|e: actix_web::Error| e.error_response());
+                let graceful = graceful.clone();
+                HttpService::build()
+                    // Nagle plus delayed ACKs holds small frames for tens of milliseconds: send at once.
+                    .tcp_nodelay(true)
+                    .graceful_shutdown_signal(move || {
+                        let graceful = graceful.clone();
+                        async move { graceful.notified().await }
+                    })
+                    .upgrade(http::ws::upgrade_service(app_state.clone()))
+                    .finish(map_config(app, |_| AppConfig::default()))
+                    .tcp()
+            })?
+            .run();
         let http = server.handle();
         let http_task = tokio::spawn(server);
         state.ready.store(true, Ordering::Release);
@@ -122,6 +138,7 @@ impl Server {
             state,
             system,
             http,
+            stopping,
             http_task,
             store,
             drain_timeout: config.drain_timeout,
@@ -164,6 +181,7 @@ impl Server {
             state,
             system,
             http,
+            stopping,
             http_task,
             store,
             drain_timeout,
@@ -178,9 +196,11 @@ impl Server {
         {
             warn!(timeout = ?drain_timeout, "drain timed out; closing what is left");
         }
+        stopping.notify_waiters();
         http.stop(true).await;
         let _ = http_task.await;
         system.stop().await;
+        drop(system);
         store.close();
         // What else holds the store (actix workers tearing down their apps, the last tasks) lets go shortly;
         // wait for it, so the data directory is free when this returns (an in-process restart).

@@ -1,8 +1,8 @@
-//! A connection: one per WebSocket, owned by its user's `SessionActor`.
+//! A connection: one per WebSocket, listed under its user's session in the [`SessionDirectory`].
 //!
 //! A connection is a process in the Erlang sense — its own state, one task, driven by what arrives — but not
-//! a ractor actor: it runs in the task that owns the socket's read side, so a frame from the client is
-//! decoded and handed to its conversation with no hop in between, and an idle connection costs one task.
+//! a ractor actor: it runs in the task that owns the socket, so a frame from the client is decoded and
+//! handed to its conversation with no hop in between, and an idle connection costs its share of that task.
 //! Everything the client receives goes through the connection's bounded [`Outbound`] queue, which the
 //! transport drains into the socket (see [`crate::outbound`]).
 //!
@@ -10,8 +10,8 @@
 //! keep their order), and answers them with `ack`/`error` frames in that same order as their outcomes
 //! come back. It ends when the client closes, the transport refuses a frame, the heartbeat lapses, someone
 //! closes its queue (a slow consumer, a failed session), or the node drains — then it answers every send it
-//! accepted and closes with 1012. However it ends (a panic included), its session is told, and a connection
-//! that did not close on purpose is closed with 1011.
+//! accepted and closes with 1012. However it ends (a panic included), it is unlisted from its session, and a
+//! connection that did not close on purpose is closed with 1011.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -21,7 +21,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream::{Stream, StreamExt};
-use ractor::ActorRef;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -32,7 +31,7 @@ use crate::conversations::{Conversations, PendingReply};
 use crate::history;
 use crate::outbound::{Outbound, PushError};
 use crate::protocol::{self, ClientFrame, CloseCode, ErrorCode, ProtocolError, ServerFrame};
-use crate::session::{ConnId, SessionMsg};
+use crate::session::{ConnId, SessionDirectory};
 use crate::store::{Message, SharedStore, UserId};
 
 /// Limits of every connection.
@@ -82,7 +81,7 @@ pub enum Inbound {
     Pong,
     /// The client closed, or the socket ended.
     Closed,
-    /// The transport refused what the client sent: close with this code (1002, 1009).
+    /// The transport refused what the client sent: close with this code (1002, 1007, 1009).
     Refused(CloseCode),
 }
 
@@ -146,10 +145,11 @@ pub(crate) fn slow_consumer(outbound: &Outbound, id: ConnId) {
     outbound.abort(CloseCode::SlowConsumer);
 }
 
-/// Tells the session when the connection ends, however it ends; closes with 1011 if it was not closed on
-/// purpose (a panic in the loop).
+/// Unlists the connection from its session when it ends, however it ends; closes with 1011 if it was not
+/// closed on purpose (a panic in the loop).
 struct Link {
-    session: ActorRef<SessionMsg>,
+    directory: SessionDirectory,
+    user: UserId,
     id: ConnId,
     outbound: Outbound,
 }
@@ -159,14 +159,13 @@ impl Drop for Link {
         if !self.outbound.is_closing() {
             self.outbound.abort(CloseCode::Internal);
         }
-        let _ = self.session.send_message(SessionMsg::Detach(self.id));
+        self.directory.detach(&self.user, self.id);
         metrics::gauge!("switchboard_connections").decrement(1.0);
     }
 }
 
 /// One connection, ready to run.
 pub struct Connection {
-    user: UserId,
     id: ConnId,
     ctx: Arc<ConnectionContext>,
     replier: Replier,
@@ -175,8 +174,8 @@ pub struct Connection {
     /// Syncs in progress (a drain waits for them).
     syncs: TaskTracker,
     drain: CancellationToken,
-    /// Held for its `Drop`.
-    _link: Link,
+    /// Its user, and its listing (unlisted on `Drop`).
+    link: Link,
 }
 
 impl Connection {
@@ -185,13 +184,12 @@ impl Connection {
         id: ConnId,
         ctx: Arc<ConnectionContext>,
         outbound: Outbound,
-        session: ActorRef<SessionMsg>,
+        directory: SessionDirectory,
         drain: CancellationToken,
     ) -> Self {
         metrics::gauge!("switchboard_connections").increment(1.0);
         debug!(conn_id = id, user_id = %user, "connection open");
         Self {
-            user,
             id,
             ctx,
             replier: Replier {
@@ -201,8 +199,9 @@ impl Connection {
             pending: Answers::default(),
             syncs: TaskTracker::new(),
             drain,
-            _link: Link {
-                session,
+            link: Link {
+                directory,
+                user,
                 id,
                 outbound,
             },
@@ -227,7 +226,7 @@ impl Connection {
         loop {
             tokio::select! {
                 biased;
-                () = drain.cancelled() => return self.drain().await,
+                () = drain.cancelled() => return Box::pin(self.drain()).await,
                 // Closed by someone else: a slow consumer, a failed session, the transport gone.
                 () = outbound.closing() => return,
                 Some(answer) = self.pending.next(), if !self.pending.is_empty() => self.answer(answer),
@@ -235,7 +234,8 @@ impl Connection {
                 next = frames.next() => {
                     silent.as_mut().reset(Instant::now() + heartbeat);
                     match next.unwrap_or(Inbound::Closed) {
-                        Inbound::Text(text) => self.inbound(&text).await,
+                        // Boxed: an idle connection's task does not carry room for a send in flight.
+                        Inbound::Text(text) => Box::pin(self.inbound(&text)).await,
                         Inbound::Binary => self.reply(&ServerFrame::error(&ProtocolError::new(
                             ErrorCode::InvalidJson,
                             "binary frames are not part of the protocol; send JSON text frames",
@@ -298,7 +298,7 @@ impl Connection {
                     return self.reply(&ServerFrame::error(&e.for_msg(Some(&msg_id))));
                 }
                 let request = SendRequest {
-                    from: self.user.clone(),
+                    from: self.link.user.clone(),
                     msg_id,
                     body,
                     origin: Some(self.id),
@@ -312,7 +312,7 @@ impl Connection {
             ClientFrame::Sync { conv, after_seq } => {
                 let (store, user, replier) = (
                     self.ctx.store.clone(),
-                    self.user.clone(),
+                    self.link.user.clone(),
                     self.replier.clone(),
                 );
                 self.syncs.spawn_on(

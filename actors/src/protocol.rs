@@ -123,6 +123,8 @@ pub enum CloseCode {
     Normal,
     /// 1002: the client broke the WebSocket protocol.
     ProtocolError,
+    /// 1007: a text message that is not UTF-8.
+    InvalidPayload,
     /// 1009: a frame over the frame limit.
     TooBig,
     /// 1011: an internal error (the connection's actor failed).
@@ -141,6 +143,7 @@ impl CloseCode {
         match self {
             Self::Normal => 1000,
             Self::ProtocolError => 1002,
+            Self::InvalidPayload => 1007,
             Self::TooBig => 1009,
             Self::Internal => 1011,
             Self::ServiceRestart => 1012,
@@ -154,6 +157,7 @@ impl CloseCode {
         match self {
             Self::Normal => "bye",
             Self::ProtocolError => "protocol_error",
+            Self::InvalidPayload => "invalid_utf8",
             Self::TooBig => "frame_too_large",
             Self::Internal => "internal",
             Self::ServiceRestart => "service_restart",

@@ -1,24 +1,20 @@
-//! `SessionActor`: one per online user on this node, a child of the `SessionSupervisor` and the owner of
-//! that user's connections (one per device): each tells it when it ends, and a session that fails closes
-//! them.
+//! A user's session on this node: the user's entry in the [`SessionDirectory`], listing the user's
+//! connections (one per device). It is a row in a table, not an actor (decision 0009): the supervisor family
+//! adds each new connection before handing it to the edge, and each connection removes itself when it ends,
+//! however it ends; the entry goes with its last connection.
 //!
-//! The user's entry in the [`SessionDirectory`] lists the session's connections: the supervisor adds each
-//! new one before handing it to the edge, the session removes each that ends. Conversations deliver through
-//! that entry, pushing the shared bytes of a frame
-//! straight onto every connection's bounded outbound queue — one push per device, no hop through this
-//! actor's mailbox, never waiting: a full queue marks that connection a slow consumer, which is closed (and
-//! resyncs on reconnect) without slowing the conversation or the other devices.
+//! Conversations deliver through the directory, pushing the shared bytes of a frame straight onto every
+//! connection's bounded outbound queue — one push per device, never waiting: a full queue marks that
+//! connection a slow consumer, which is closed (and resyncs on reconnect) without slowing the conversation
+//! or the other devices.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::connection::slow_consumer;
 use crate::outbound::{Outbound, PushError};
-use crate::protocol::CloseCode;
-use crate::sessions::SessionsMsg;
 use crate::store::UserId;
 
 /// A connection's id, unique within the node's lifetime.
@@ -31,106 +27,6 @@ pub struct ConnHandle {
     pub id: ConnId,
     /// Its bounded outbound queue.
     pub outbound: Outbound,
-}
-
-/// Messages of a [`SessionActor`].
-pub enum SessionMsg {
-    /// A new connection of this user.
-    Attach(ConnHandle),
-    /// A connection ended (sent by the connection itself, however it ended).
-    Detach(ConnId),
-    /// Stop if no connection is left; answers whether it stops.
-    StopIfEmpty(RpcReplyPort<bool>),
-}
-
-/// The session actor.
-pub struct SessionActor;
-
-/// Arguments of a session actor.
-pub struct SessionArgs {
-    /// Its user.
-    pub user: UserId,
-    /// Where its connections are listed for delivery.
-    pub directory: SessionDirectory,
-}
-
-/// The state of one user's session.
-pub struct SessionState {
-    user: UserId,
-    conns: Vec<ConnHandle>,
-    directory: SessionDirectory,
-}
-
-/// However the session ends — a failure included — its connections are closed: with 1011 unless they were
-/// closing already. Their clients reconnect into a fresh session and resync.
-impl Drop for SessionState {
-    fn drop(&mut self) {
-        for conn in &self.conns {
-            conn.outbound.abort(CloseCode::Internal);
-        }
-    }
-}
-
-impl Actor for SessionActor {
-    type Msg = SessionMsg;
-    type State = SessionState;
-    type Arguments = SessionArgs;
-
-    async fn pre_start(
-        &self,
-        _myself: ActorRef<SessionMsg>,
-        args: SessionArgs,
-    ) -> Result<SessionState, ActorProcessingErr> {
-        Ok(SessionState {
-            user: args.user,
-            conns: Vec::new(),
-            directory: args.directory,
-        })
-    }
-
-    async fn handle(
-        &self,
-        myself: ActorRef<SessionMsg>,
-        message: SessionMsg,
-        state: &mut SessionState,
-    ) -> Result<(), ActorProcessingErr> {
-        match message {
-            // Already listed in the directory by the supervisor.
-            SessionMsg::Attach(handle) => state.conns.push(handle),
-            // Connections are temporary: one that ends is forgotten, never restarted (its client
-            // reconnects and syncs).
-            SessionMsg::Detach(id) => {
-                state.conns.retain(|c| c.id != id);
-                state.directory.detach(&state.user, myself.get_id(), id);
-                if state.conns.is_empty() {
-                    report_empty(&myself, &state.user);
-                }
-            }
-            SessionMsg::StopIfEmpty(reply) => {
-                let empty = state.conns.is_empty();
-                let _ = reply.send(empty);
-                if empty {
-                    myself.stop(None);
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-fn report_empty(myself: &ActorRef<SessionMsg>, user: &str) {
-    if let Some(sup) = myself.try_get_supervisor() {
-        let _ = sup.send_message(SessionsMsg::Empty {
-            user: user.to_owned(),
-            session: myself.get_id(),
-        });
-    }
-}
-
-/// An online user on this node: its session and its connections.
-struct Online {
-    session: ActorRef<SessionMsg>,
-    conns: Vec<ConnHandle>,
 }
 
 /// A message frame on its way to members, and the connection that sent it (which gets an `ack` instead).
@@ -175,11 +71,11 @@ impl Recipients {
     }
 }
 
-/// Online users' sessions on this node and their connections' queues: read by conversations for fan-out;
-/// an entry and each new connection are added by the supervisor — before the connection reads anything, so
-/// a `sync` never reads the store before its connection is listed for what is committed after — and a
-/// connection is removed by its session when it ends.
-/// Every change bumps a generation, which tells conversations their [`Recipients`] are stale.
+/// Online users on this node and their connections' queues: read by conversations for fan-out. A
+/// connection is listed when it opens — before it reads anything, so a `sync` never reads the store before
+/// its connection is listed for what is committed after — and unlisted when it ends; a user with no
+/// connection left has no entry. Every change bumps a generation, which tells conversations their
+/// [`Recipients`] are stale.
 #[derive(Clone, Default)]
 pub struct SessionDirectory {
     inner: Arc<RwLock<Entries>>,
@@ -187,7 +83,7 @@ pub struct SessionDirectory {
 
 #[derive(Default)]
 struct Entries {
-    online: HashMap<UserId, Online>,
+    online: HashMap<UserId, Vec<ConnHandle>>,
     generation: u64,
 }
 
@@ -200,7 +96,7 @@ impl SessionDirectory {
         members_version: u64,
         recipients: &mut Recipients,
     ) {
-        let dir = self.inner.read().expect("session directory lock");
+        let dir = self.read();
         let now = (dir.generation, members_version);
         if recipients.resolved_at == Some(now) {
             return;
@@ -208,84 +104,53 @@ impl SessionDirectory {
         recipients.conns.clear();
         let online = &dir.online;
         if members.len() <= online.len() {
-            for o in members.iter().filter_map(|m| online.get(m)) {
-                recipients.conns.extend(o.conns.iter().cloned());
+            for conns in members.iter().filter_map(|m| online.get(m)) {
+                recipients.conns.extend(conns.iter().cloned());
             }
         } else {
-            for (_, o) in online.iter().filter(|(u, _)| members.contains(*u)) {
-                recipients.conns.extend(o.conns.iter().cloned());
+            for (_, conns) in online.iter().filter(|(u, _)| members.contains(*u)) {
+                recipients.conns.extend(conns.iter().cloned());
             }
         }
         recipients.resolved_at = Some(now);
     }
 
-    /// The session of `user`, if online here.
-    pub fn get(&self, user: &str) -> Option<ActorRef<SessionMsg>> {
-        self.inner
-            .read()
-            .expect("session directory lock")
-            .online
-            .get(user)
-            .map(|o| o.session.clone())
-    }
-
     /// Every connection on this node.
     pub fn connections(&self) -> Vec<ConnHandle> {
-        self.inner
-            .read()
-            .expect("session directory lock")
-            .online
-            .values()
-            .flat_map(|o| o.conns.iter().cloned())
-            .collect()
+        self.read().online.values().flatten().cloned().collect()
     }
 
-    pub(crate) fn insert(&self, user: UserId, session: ActorRef<SessionMsg>) {
-        let mut dir = self.inner.write().expect("session directory lock");
-        dir.online.insert(
-            user,
-            Online {
-                session,
-                conns: Vec::new(),
-            },
-        );
+    /// List `conn` under `user`, opening the user's entry if it is the first.
+    pub(crate) fn attach(&self, user: &str, conn: ConnHandle) {
+        self.change(|online| match online.get_mut(user) {
+            Some(conns) => conns.push(conn),
+            None => {
+                online.insert(user.to_owned(), vec![conn]);
+            }
+        });
+    }
+
+    /// Unlist connection `id` of `user`; the entry goes with its last connection.
+    pub(crate) fn detach(&self, user: &str, id: ConnId) {
+        self.change(|online| {
+            if let Some(conns) = online.get_mut(user) {
+                conns.retain(|c| c.id != id);
+                if conns.is_empty() {
+                    online.remove(user);
+                }
+            }
+        });
+    }
+
+    fn change(&self, f: impl FnOnce(&mut HashMap<UserId, Vec<ConnHandle>>)) {
+        let mut dir = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        f(&mut dir.online);
         dir.generation += 1;
         metrics::gauge!("switchboard_online_users").set(dir.online.len() as f64);
     }
 
-    /// List `conn` under `user`'s entry, if `session` still owns it.
-    pub(crate) fn attach(&self, user: &str, session: ractor::ActorId, conn: ConnHandle) {
-        self.change(user, session, |conns| conns.push(conn));
-    }
-
-    /// Remove connection `id` from `user`'s entry, if `session` still owns it.
-    fn detach(&self, user: &str, session: ractor::ActorId, id: ConnId) {
-        self.change(user, session, |conns| conns.retain(|c| c.id != id));
-    }
-
-    fn change(&self, user: &str, session: ractor::ActorId, f: impl FnOnce(&mut Vec<ConnHandle>)) {
-        let mut guard = self.inner.write().expect("session directory lock");
-        let dir = &mut *guard;
-        if let Some(o) = dir
-            .online
-            .get_mut(user)
-            .filter(|o| o.session.get_id() == session)
-        {
-            f(&mut o.conns);
-            dir.generation += 1;
-        }
-    }
-
-    pub(crate) fn remove_if(&self, user: &str, session: ractor::ActorId) {
-        let mut dir = self.inner.write().expect("session directory lock");
-        if dir
-            .online
-            .get(user)
-            .is_some_and(|o| o.session.get_id() == session)
-        {
-            dir.online.remove(user);
-            dir.generation += 1;
-        }
-        metrics::gauge!("switchboard_online_users").set(dir.online.len() as f64);
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Entries> {
+        // Plain data: a panic elsewhere while holding the lock leaves it usable.
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
     }
 }

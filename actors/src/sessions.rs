@@ -1,51 +1,26 @@
-//! `SessionSupervisor` and [`Sessions`], the edge's handle for opening connections.
+//! [`Sessions`], the edge's handle for opening connections, and the node's drain of them.
 //!
-//! Every new connection goes through the supervisor, which finds or starts the user's session, attaches the
-//! connection to it and hands the edge a [`Connection`] to run. Because attaching and stopping an empty
-//! session are both decided here, in one mailbox, a session never stops under a connection that is being
-//! attached to it.
+//! Opening a connection lists it in the user's entry of the [`SessionDirectory`] (opening the entry if it is
+//! the user's first) and hands the edge a [`Connection`] to run; the connection unlists itself when it ends.
+//! Both are changes under the directory's lock, so an entry never goes away under a connection being added
+//! to it. Sessions are rows of that table, not actors (decision 0009): an idle user costs its entry.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ractor::rpc::CallResult;
-use ractor::{
-    Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SpawnErr,
-    SupervisionEvent,
-};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, warn};
+use tracing::warn;
+
+use crate::connection::{Connection, ConnectionContext};
+use crate::outbound::{outbound, OutboundQueue};
+use crate::session::{ConnHandle, SessionDirectory};
+use crate::store::UserId;
 
 /// How long a drain waits for one connection to answer its sends and take its close frame.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 
-use crate::connection::{Connection, ConnectionContext};
-use crate::outbound::{outbound, OutboundQueue};
-use crate::session::{ConnHandle, SessionActor, SessionArgs, SessionDirectory, SessionMsg};
-use crate::store::UserId;
-use crate::supervisor::{Decision, Escalation, RestartBudget, RestartIntensity};
-
-/// Messages of the session supervisor.
-pub enum SessionsMsg {
-    /// Open a connection for `user`.
-    Connect {
-        /// The authenticated user.
-        user: UserId,
-        /// The new connection.
-        reply: RpcReplyPort<Result<Opened, String>>,
-    },
-    /// A session has no connection left.
-    Empty {
-        /// Its user.
-        user: UserId,
-        /// The session that reported (it may have been replaced).
-        session: ActorId,
-    },
-}
-
-/// A connection just opened, attached to its session: the transport runs it and drains its queue.
+/// A connection just opened and listed for delivery: the transport runs it and drains its queue.
 pub struct Opened {
     /// The connection, to run with what the transport reads.
     pub connection: Connection,
@@ -53,209 +28,47 @@ pub struct Opened {
     pub queue: OutboundQueue,
 }
 
-/// Supervises the sessions of this node.
-pub struct SessionSupervisor;
-
-/// Arguments of the session supervisor.
-pub struct SessionSupervisorArgs {
+/// The edge's handle on sessions: cheap to clone.
+#[derive(Clone)]
+pub struct Sessions {
     directory: SessionDirectory,
     ctx: Arc<ConnectionContext>,
-    intensity: RestartIntensity,
-    next_conn: Arc<AtomicU64>,
-    drain: CancellationToken,
-}
-
-/// The supervisor's state.
-pub struct SessionSupervisorState {
-    directory: SessionDirectory,
-    ctx: Arc<ConnectionContext>,
-    sessions: HashMap<ActorId, UserId>,
-    budget: RestartBudget,
-    intensity: RestartIntensity,
     next_conn: Arc<AtomicU64>,
     /// Cancelled when the node drains: every connection then answers its sends and closes with 1012.
     drain: CancellationToken,
 }
 
-impl SessionSupervisorState {
-    async fn session(
-        &mut self,
-        myself: &ActorRef<SessionsMsg>,
-        user: &str,
-    ) -> Result<ActorRef<SessionMsg>, SpawnErr> {
-        if let Some(s) = self.directory.get(user) {
-            return Ok(s);
+impl Sessions {
+    /// Sessions listed in `directory`, whose connections share `ctx`.
+    pub fn new(directory: SessionDirectory, ctx: Arc<ConnectionContext>) -> Self {
+        Self {
+            directory,
+            ctx,
+            next_conn: Arc::new(AtomicU64::new(1)),
+            drain: CancellationToken::new(),
         }
-        let args = SessionArgs {
-            user: user.to_owned(),
-            directory: self.directory.clone(),
-        };
-        let (session, _) = Actor::spawn_linked(None, SessionActor, args, myself.get_cell()).await?;
-        self.sessions.insert(session.get_id(), user.to_owned());
-        self.directory.insert(user.to_owned(), session.clone());
-        Ok(session)
     }
 
-    async fn connect(
-        &mut self,
-        myself: &ActorRef<SessionsMsg>,
-        user: UserId,
-    ) -> Result<Opened, SpawnErr> {
-        let session = self.session(myself, &user).await?;
+    /// Open a connection for `user`, listed for delivery before the edge reads anything from the client.
+    pub fn connect(&self, user: UserId) -> Opened {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (outbound, queue) = outbound(self.ctx.limits.outbound_queue);
-        let handle = ConnHandle {
-            id,
-            outbound: outbound.clone(),
-        };
-        // Listed for delivery now, before the edge reads anything from the client.
-        self.directory
-            .attach(&user, session.get_id(), handle.clone());
-        let _ = session.send_message(SessionMsg::Attach(handle));
+        self.directory.attach(
+            &user,
+            ConnHandle {
+                id,
+                outbound: outbound.clone(),
+            },
+        );
         let connection = Connection::new(
             user,
             id,
             self.ctx.clone(),
             outbound,
-            session,
+            self.directory.clone(),
             self.drain.clone(),
         );
-        Ok(Opened { connection, queue })
-    }
-}
-
-impl Actor for SessionSupervisor {
-    type Msg = SessionsMsg;
-    type State = SessionSupervisorState;
-    type Arguments = SessionSupervisorArgs;
-
-    async fn pre_start(
-        &self,
-        _myself: ActorRef<SessionsMsg>,
-        args: SessionSupervisorArgs,
-    ) -> Result<Self::State, ActorProcessingErr> {
-        Ok(SessionSupervisorState {
-            directory: args.directory,
-            ctx: args.ctx,
-            sessions: HashMap::new(),
-            budget: RestartBudget::new(args.intensity),
-            intensity: args.intensity,
-            next_conn: args.next_conn,
-            drain: args.drain,
-        })
-    }
-
-    async fn handle(
-        &self,
-        myself: ActorRef<SessionsMsg>,
-        message: SessionsMsg,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        match message {
-            SessionsMsg::Connect { user, reply } => {
-                let result = state.connect(&myself, user).await.map_err(|e| {
-                    warn!(error = %e, "connection could not start");
-                    e.to_string()
-                });
-                let _ = reply.send(result);
-            }
-            SessionsMsg::Empty { user, session } => {
-                let Some(current) = state.directory.get(&user).filter(|s| s.get_id() == session)
-                else {
-                    return Ok(());
-                };
-                // Asked here, after every Attach this supervisor already sent: the answer is final.
-                let stops = matches!(
-                    current
-                        .call(SessionMsg::StopIfEmpty, Some(Duration::from_secs(5)))
-                        .await,
-                    Ok(CallResult::Success(true))
-                );
-                if stops {
-                    state.directory.remove_if(&user, session);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    async fn handle_supervisor_evt(
-        &self,
-        _myself: ActorRef<SessionsMsg>,
-        event: SupervisionEvent,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        match event {
-            SupervisionEvent::ActorTerminated(cell, ..) => {
-                if let Some(user) = state.sessions.remove(&cell.get_id()) {
-                    state.directory.remove_if(&user, cell.get_id());
-                }
-            }
-            SupervisionEvent::ActorFailed(cell, err) => {
-                let Some(user) = state.sessions.remove(&cell.get_id()) else {
-                    return Ok(());
-                };
-                // The failed session's state, dropped, closed the user's connections with 1011; their
-                // devices reconnect (and resync) into a fresh session on demand.
-                error!(user_id = %user, error = %err, "session failed; its connections were closed");
-                metrics::counter!("switchboard_actor_restarts_total", "family" => "session")
-                    .increment(1);
-                state.directory.remove_if(&user, cell.get_id());
-                if state.budget.on_failure(Instant::now()) == Decision::Escalate {
-                    return Err(Escalation::new("session", state.intensity).into());
-                }
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-}
-
-/// The edge's handle on sessions: cheap to clone.
-#[derive(Clone)]
-pub struct Sessions {
-    directory: SessionDirectory,
-    supervisor: ActorRef<SessionsMsg>,
-    drain: CancellationToken,
-}
-
-impl Sessions {
-    /// Spawn the session supervisor linked to `parent`.
-    pub async fn start(
-        directory: SessionDirectory,
-        ctx: Arc<ConnectionContext>,
-        intensity: RestartIntensity,
-        parent: ActorCell,
-    ) -> Result<Self, SpawnErr> {
-        let drain = CancellationToken::new();
-        let args = SessionSupervisorArgs {
-            directory: directory.clone(),
-            ctx,
-            intensity,
-            next_conn: Arc::new(AtomicU64::new(1)),
-            drain: drain.clone(),
-        };
-        let (supervisor, _) = Actor::spawn_linked(None, SessionSupervisor, args, parent).await?;
-        Ok(Self {
-            directory,
-            supervisor,
-            drain,
-        })
-    }
-
-    /// Open a connection for `user`, attached to the user's session (started if need be).
-    pub async fn connect(&self, user: UserId) -> Result<Opened, String> {
-        match self
-            .supervisor
-            .call(
-                |reply| SessionsMsg::Connect { user, reply },
-                Some(Duration::from_secs(10)),
-            )
-            .await
-        {
-            Ok(CallResult::Success(r)) => r,
-            _ => Err("session supervisor unavailable".into()),
-        }
+        Opened { connection, queue }
     }
 
     /// The directory of online users and their connections (what conversations deliver through).

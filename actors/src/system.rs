@@ -3,8 +3,10 @@
 //! ```text
 //! RootSupervisor
 //! ├── ConversationSupervisor ── ConversationActor (one per active conversation)
-//! └── SessionSupervisor ─────── SessionActor (one per online user) ── Connection loops (one per socket)
 //! ```
+//!
+//! Sessions are not actors: each online user is an entry in the [`SessionDirectory`] listing the user's
+//! connections, and each connection is a loop in its socket's task (decisions 0007 and 0009).
 //!
 //! A family supervisor that exceeds its restart intensity fails; the root then stops and reports the
 //! escalation, and the server exits so that the operating system's supervisor restarts it.
@@ -113,8 +115,7 @@ impl ActorSystem {
             limits: config.limits,
             runtime: tokio::runtime::Handle::current(),
         });
-        let sessions =
-            Sessions::start(directory, conn_ctx, config.intensity, root.get_cell()).await?;
+        let sessions = Sessions::new(directory, conn_ctx);
         Ok(Self {
             conversations,
             sessions,

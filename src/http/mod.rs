@@ -1,4 +1,5 @@
-//! The actix-web edge: the WebSocket endpoint ([`ws`]), the REST API ([`rest`]) and their shared state.
+//! The actix-web edge: the WebSocket endpoint ([`ws`], served from actix-http's upgrade service), the REST API
+//! ([`rest`]) and their shared state.
 //!
 //! Handlers run on actix's per-thread workers and reach the actor system only through handles
 //! (`Conversations`, `Sessions`), whose messages are thread-safe; long-lived actors are never spawned here.
@@ -10,6 +11,7 @@ pub mod ws;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use actix_web::http::header::HeaderMap;
 use actix_web::{web, HttpRequest};
 use metrics_exporter_prometheus::PrometheusHandle;
 use switchboard_actors::conversations::Conversations;
@@ -54,8 +56,12 @@ impl AppState {
 /// The token of a request: `Authorization: Bearer …` (scheme case-insensitive), else `?token=` (browsers
 /// cannot set headers on a WebSocket).
 pub fn bearer_token(req: &HttpRequest) -> Result<String, AuthError> {
-    let header = req
-        .headers()
+    token_of(req.headers(), req.query_string())
+}
+
+/// [`bearer_token`] from a request's headers and query string.
+pub fn token_of(headers: &HeaderMap, query: &str) -> Result<String, AuthError> {
+    let header = headers
         .get(actix_web::http::header::AUTHORIZATION)
         .and_then(|h| h.to_str().ok());
     if let Some((scheme, token)) = header.and_then(|h| h.trim().split_once(' ')) {
@@ -63,7 +69,7 @@ pub fn bearer_token(req: &HttpRequest) -> Result<String, AuthError> {
             return Ok(token.trim().to_owned());
         }
     }
-    web::Query::<std::collections::HashMap<String, String>>::from_query(req.query_string())
+    web::Query::<std::collections::HashMap<String, String>>::from_query(query)
         .ok()
         .and_then(|q| q.get("token").cloned())
         .filter(|t| !t.is_empty())
@@ -100,7 +106,7 @@ pub fn routes(cfg: &mut web::ServiceConfig, dev_login: bool) {
             .error_handler(error::json_error),
     )
     .app_data(web::QueryConfig::default().error_handler(error::query_error))
-    .route("/v1/ws", web::get().to(ws::upgrade))
+    .route(ws::PATH, web::get().to(ws::not_upgraded))
     .configure(rest::routes);
     if dev_login {
         cfg.configure(rest::dev_routes);

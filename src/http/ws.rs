@@ -1,87 +1,347 @@
 //! `GET /v1/ws`: authenticate, upgrade, and run the connection on the actix worker that owns the socket.
 //!
-//! actix-ws does the handshake and decodes what the client sends (its stream is not `Send`, so the
-//! connection's loop runs on this worker); the frame and fragment limits are enforced there.
+//! The upgrade is taken out of actix's HTTP/1 dispatcher (actix-http's upgrade service, see
+//! [`upgrade_service`] and `docs/decisions/0008-own-websocket-loop.md`): once the `101` is written, the socket
+//! is this module's, and the dispatcher with its two buffers is gone. What is left per connection is the
+//! socket, one task, and buffers that exist only while bytes are in flight:
 //!
-//! Writes do not go through actix-ws's `Session` (a channel and a task hop per frame, and one encoding per
-//! recipient): the response body is [`SocketBody`], which actix's HTTP dispatcher polls whenever the socket
-//! can take more. It pulls whatever the connection's outbound queue holds, frames it (a 2–10 byte header in
-//! front of the shared JSON) into one buffer, and the dispatcher writes that in one go.
+//! - reading ([`Reader`]): bytes are read when the socket is readable into a buffer that is released as
+//!   soon as every complete frame in it is decoded; actix-http's frame parser checks masking, reserved bits,
+//!   control-frame rules and the frame limit, and fragmented messages are reassembled up to the same limit;
+//! - writing ([`write_queue`]): whatever the connection's outbound queue holds is framed (a 2–10 byte
+//!   header in front of the shared JSON) into one buffer and written in one go, then the buffer is released.
+//!
+//! When both sides are done, the socket is shut down for writing and read until the client closes it too
+//! (at most [`LINGER`]), so the client is never reset before it has read the close frame.
 
 use std::convert::Infallible;
+use std::future::poll_fn;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
-use actix_http::ws::{CloseReason, OpCode, Parser};
-use actix_web::body::{BodySize, BoxBody, MessageBody};
-use actix_web::{web, HttpRequest, HttpResponse};
-use actix_ws::{AggregatedMessage, ProtocolError};
-use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
+use actix_codec::{Framed, FramedParts};
+use actix_http::body::BodySize;
+use actix_http::ws::{CloseReason, OpCode, Parser, ProtocolError as WsError};
+use actix_http::{h1, Request, Response};
+use actix_service::{fn_service, ServiceFactory};
+use actix_web::rt::net::TcpStream;
+use actix_web::{web, HttpResponse, ResponseError};
+use bytes::{Buf, BytesMut};
+use futures_util::{SinkExt, Stream};
 use switchboard_actors::connection::Inbound;
 use switchboard_actors::outbound::{OutFrame, OutboundQueue};
 use switchboard_actors::protocol::{CloseCode, ErrorCode};
+use switchboard_actors::sessions::Opened;
+use tokio::io::AsyncWriteExt;
 use tracing::debug;
 
 use super::error::ApiError;
-use super::{bearer_token, AppState};
+use super::{token_of, AppState};
 
-/// Upgrade an authenticated request to a WebSocket.
-pub async fn upgrade(
-    req: HttpRequest,
-    body: web::Payload,
+/// The path of the WebSocket endpoint.
+pub const PATH: &str = "/v1/ws";
+
+/// How long a closed connection waits for its client to close the TCP connection too.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Bytes read from the socket at a time.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// The service actix-http hands every upgrade request to, with the socket (see the module doc).
+pub fn upgrade_service(
     state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    if state.is_draining() {
-        return Err(ApiError::new(
-            ErrorCode::Unavailable,
-            "the server is draining; connect to another node or retry",
-        ));
-    }
-    let user = state.auth.verify(&bearer_token(&req)?)?;
-    // actix-ws does the handshake and decodes what the client sends; its write side is not used.
-    let (response, _session, stream) = actix_ws::handle(&req, body)
-        .map_err(|e| ApiError::new(ErrorCode::InvalidField, e.to_string()))?;
-    let frames = stream
-        .max_frame_size(state.max_frame_bytes)
-        .aggregate_continuations()
-        .max_continuation_size(state.max_frame_bytes)
-        .map(inbound);
-    let opened = state
-        .sessions
-        .connect(user.clone())
-        .await
-        .map_err(|e| ApiError::new(ErrorCode::Internal, e))?;
-    debug!(conn_id = opened.connection.id(), user_id = %user, "websocket upgraded");
-    actix_web::rt::spawn(opened.connection.run(frames, state.heartbeat_timeout));
-    let (response, read_side) = response.into_parts();
-    Ok(response.set_body(BoxBody::new(SocketBody {
-        queue: opened.queue,
-        _read_side: read_side,
-        done: false,
-    })))
+) -> impl ServiceFactory<
+    (Request, Framed<TcpStream, h1::Codec>),
+    Config = (),
+    Response = (),
+    Error = Infallible,
+    InitError = (),
+> {
+    fn_service(
+        move |(req, framed): (Request, Framed<TcpStream, h1::Codec>)| {
+            let state = state.clone();
+            async move {
+                upgrade(state, req, framed).await;
+                Ok(())
+            }
+        },
+    )
 }
 
-/// What actix-ws decoded, as the connection sees it.
-fn inbound(item: Result<AggregatedMessage, ProtocolError>) -> Inbound {
-    match item {
-        Ok(AggregatedMessage::Text(text)) => Inbound::Text(text.to_string()),
-        Ok(AggregatedMessage::Binary(_)) => Inbound::Binary,
-        Ok(AggregatedMessage::Ping(payload)) => Inbound::Ping(payload),
-        Ok(AggregatedMessage::Pong(_)) => Inbound::Pong,
-        Ok(AggregatedMessage::Close(_)) => Inbound::Closed,
-        Err(e) => {
-            debug!(error = %e, "websocket protocol error");
-            Inbound::Refused(match &e {
-                ProtocolError::Overflow => CloseCode::TooBig,
-                // actix-ws reports a fragmented message over the limit only as this I/O error.
-                ProtocolError::Io(io) if io.to_string().contains("maximum continuation size") => {
-                    CloseCode::TooBig
+/// `GET /v1/ws` without an upgrade: the endpoint exists, but only for WebSocket clients.
+pub async fn not_upgraded() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::new(
+        ErrorCode::InvalidField,
+        "GET /v1/ws needs a WebSocket upgrade (Connection: Upgrade, Upgrade: websocket)",
+    ))
+}
+
+async fn upgrade(
+    state: web::Data<AppState>,
+    req: Request,
+    mut framed: Framed<TcpStream, h1::Codec>,
+) {
+    let accepted = accept(&state, &req);
+    // The request's head goes back to actix's pool now, not when the connection ends.
+    drop(req);
+    let accepted = match accepted {
+        Ok(accepted) => accepted,
+        Err(refusal) => return refuse(&mut framed, *refusal).await,
+    };
+    let (user, response) = accepted;
+    let opened = state.sessions.connect(user.clone());
+    if framed
+        .send((response, BodySize::None).into())
+        .await
+        .is_err()
+    {
+        // The client is gone; dropping the queue ends the connection.
+        return;
+    }
+    debug!(conn_id = opened.connection.id(), user_id = %user, "websocket upgraded");
+    // The connection gets a task of its own, holding only the socket and what the client already sent; the
+    // dispatcher's task — sized for any HTTP request, with its buffers and codec — ends here.
+    let FramedParts { io, read_buf, .. } = framed.into_parts();
+    actix_web::rt::spawn(serve(
+        io,
+        read_buf,
+        opened,
+        state.max_frame_bytes,
+        state.heartbeat_timeout,
+    ));
+}
+
+/// Run an upgraded connection: its loop reading the socket, and its queue written to it.
+async fn serve(
+    io: TcpStream,
+    read_buf: BytesMut,
+    opened: Opened,
+    max_frame: usize,
+    heartbeat: Duration,
+) {
+    let reader = Reader {
+        io: &io,
+        buf: read_buf,
+        max_frame,
+        fragments: None,
+        done: false,
+    };
+    futures_util::future::join(
+        opened.connection.run(reader, heartbeat),
+        write_queue(&io, opened.queue),
+    )
+    .await;
+    linger(io).await;
+}
+
+/// Check an upgrade request: the path, the node's state, the token, the handshake. The refusal is a whole
+/// HTTP response.
+fn accept(state: &AppState, req: &Request) -> Result<(String, Response<()>), Box<HttpResponse>> {
+    let refused = |e: ApiError| Box::new(e.error_response());
+    if req.path() != PATH {
+        return Err(Box::new(HttpResponse::NotFound().finish()));
+    }
+    if state.is_draining() {
+        return Err(refused(ApiError::new(
+            ErrorCode::Unavailable,
+            "the server is draining; connect to another node or retry",
+        )));
+    }
+    let user = token_of(&req.head().headers, req.uri().query().unwrap_or(""))
+        .and_then(|token| state.auth.verify(&token))
+        .map_err(|e| refused(e.into()))?;
+    let response = actix_http::ws::handshake(req.head())
+        .map_err(|e| refused(ApiError::new(ErrorCode::InvalidField, e.to_string())))?
+        .finish()
+        .drop_body();
+    Ok((user, response))
+}
+
+/// Write a refusal (status, headers, JSON body) and let the connection go.
+async fn refuse(framed: &mut Framed<TcpStream, h1::Codec>, refusal: HttpResponse) {
+    let response: Response<_> = refusal.into();
+    let (head, body) = response.into_parts();
+    let body = actix_web::body::to_bytes(body).await.unwrap_or_default();
+    let sent = async {
+        framed
+            .feed((head, BodySize::Sized(body.len() as u64)).into())
+            .await?;
+        framed.feed(h1::Message::Chunk(Some(body))).await?;
+        framed.send(h1::Message::Chunk(None)).await
+    };
+    if let Err(e) = sent.await {
+        debug!(error = %e, "upgrade refusal not delivered");
+    }
+}
+
+/// What the client sends, decoded frame by frame as the socket has it.
+struct Reader<'a> {
+    io: &'a TcpStream,
+    /// Bytes read and not yet decoded; no allocation while nothing is in flight.
+    buf: BytesMut,
+    max_frame: usize,
+    /// A fragmented message being reassembled: whether it is text, and its data so far.
+    fragments: Option<(bool, BytesMut)>,
+    /// The client closed, or broke the protocol: nothing more is read.
+    done: bool,
+}
+
+impl Stream for Reader<'_> {
+    type Item = Inbound;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Inbound>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        loop {
+            if let Some(item) = this.decode() {
+                this.done = matches!(item, Inbound::Closed | Inbound::Refused(_));
+                return Poll::Ready(Some(item));
+            }
+            if this.buf.is_empty() {
+                // Idle: hold no buffer.
+                this.buf = BytesMut::new();
+            }
+            if let Err(e) = ready!(this.io.poll_read_ready(cx)) {
+                return this.ended(&e);
+            }
+            this.buf.reserve(READ_CHUNK);
+            match this.io.try_read_buf(&mut this.buf) {
+                Ok(0) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Inbound::Closed));
                 }
-                _ => CloseCode::ProtocolError,
-            })
+                Ok(_) => {}
+                // Readiness was stale; poll_read_ready waits for the next.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return this.ended(&e),
+            }
         }
     }
+}
+
+impl Reader<'_> {
+    fn ended(&mut self, e: &std::io::Error) -> Poll<Option<Inbound>> {
+        debug!(error = %e, "websocket read failed");
+        self.done = true;
+        Poll::Ready(Some(Inbound::Closed))
+    }
+
+    /// The next whole message or control frame in the buffer, if there is one.
+    fn decode(&mut self) -> Option<Inbound> {
+        loop {
+            let (fin, opcode, payload) = match Parser::parse(&mut self.buf, true, self.max_frame) {
+                Ok(None) => return None,
+                Ok(Some(frame)) => frame,
+                Err(WsError::Overflow) => return Some(Inbound::Refused(CloseCode::TooBig)),
+                Err(e) => {
+                    debug!(error = %e, "websocket protocol error");
+                    return Some(Inbound::Refused(CloseCode::ProtocolError));
+                }
+            };
+            let payload = payload.unwrap_or_default();
+            match opcode {
+                // RFC 6455 §5.5: control frames are never fragmented (the parser checks their length).
+                OpCode::Ping | OpCode::Pong | OpCode::Close if !fin => {
+                    return Some(Inbound::Refused(CloseCode::ProtocolError))
+                }
+                OpCode::Text | OpCode::Binary if self.fragments.is_some() => {
+                    return Some(Inbound::Refused(CloseCode::ProtocolError))
+                }
+                OpCode::Text | OpCode::Binary if fin => {
+                    return Some(message(opcode == OpCode::Text, payload))
+                }
+                OpCode::Text | OpCode::Binary => {
+                    self.fragments = Some((opcode == OpCode::Text, payload));
+                }
+                OpCode::Continue => {
+                    let Some((_, data)) = self.fragments.as_mut() else {
+                        return Some(Inbound::Refused(CloseCode::ProtocolError));
+                    };
+                    if data.len() + payload.len() > self.max_frame {
+                        return Some(Inbound::Refused(CloseCode::TooBig));
+                    }
+                    data.extend_from_slice(&payload);
+                    if fin {
+                        let (text, data) = self.fragments.take().expect("fragments checked above");
+                        return Some(message(text, data));
+                    }
+                }
+                OpCode::Ping => return Some(Inbound::Ping(payload.freeze())),
+                OpCode::Pong => return Some(Inbound::Pong),
+                OpCode::Close => return Some(Inbound::Closed),
+                OpCode::Bad => return Some(Inbound::Refused(CloseCode::ProtocolError)),
+            }
+        }
+    }
+}
+
+/// A whole data message. Text must be UTF-8 (RFC 6455 §8.1): 1007 otherwise.
+fn message(text: bool, data: BytesMut) -> Inbound {
+    if !text {
+        return Inbound::Binary;
+    }
+    match String::from_utf8(data.to_vec()) {
+        Ok(text) => Inbound::Text(text),
+        Err(_) => Inbound::Refused(CloseCode::InvalidPayload),
+    }
+}
+
+/// Write what the queue holds, in batches, until its close frame is out or the socket fails. Dropping the
+/// queue at the end tells the connection its transport is gone.
+async fn write_queue(io: &TcpStream, mut queue: OutboundQueue) {
+    loop {
+        let mut buf = BytesMut::new();
+        let done = poll_fn(|cx| {
+            let done = frame_batch(&mut queue, cx, &mut buf);
+            if buf.is_empty() && !done {
+                Poll::Pending
+            } else {
+                Poll::Ready(done)
+            }
+        })
+        .await;
+        while buf.has_remaining() {
+            if let Err(e) = io.writable().await {
+                debug!(error = %e, "websocket write failed");
+                return;
+            }
+            match io.try_write(&buf) {
+                Ok(n) => buf.advance(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    debug!(error = %e, "websocket write failed");
+                    return;
+                }
+            }
+        }
+        if done {
+            return;
+        }
+    }
+}
+
+/// Shut down the write side and read until the client closes (at most [`LINGER`]), so that closing does
+/// not reset a client that has not read the close frame yet.
+async fn linger(mut io: TcpStream) {
+    let _ = io.shutdown().await;
+    let drained = async {
+        let mut scratch = [0u8; 512];
+        loop {
+            if io.readable().await.is_err() {
+                return;
+            }
+            match io.try_read(&mut scratch) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drained).await;
 }
 
 fn close_reason(code: CloseCode) -> CloseReason {
@@ -91,45 +351,9 @@ fn close_reason(code: CloseCode) -> CloseReason {
     }
 }
 
-/// Frames (or bytes) put in one buffer per poll; the dispatcher writes it and polls again for more.
+/// Frames (or bytes) put in one buffer per batch; the socket takes it in one write.
 const WRITE_BATCH_FRAMES: usize = 256;
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
-
-/// The body of a WebSocket response: the connection's outbound queue, framed as the socket takes it.
-struct SocketBody {
-    queue: OutboundQueue,
-    /// actix-ws's own response body, never polled: dropping it tells actix-ws's reader that the connection
-    /// is gone, so it is kept exactly as long as this body.
-    _read_side: BoxBody,
-    done: bool,
-}
-
-impl MessageBody for SocketBody {
-    type Error = Infallible;
-
-    fn size(&self) -> BodySize {
-        BodySize::Stream
-    }
-
-    fn poll_next(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Bytes, Infallible>>> {
-        let this = self.get_mut();
-        if this.done {
-            return Poll::Ready(None);
-        }
-        let mut buf = BytesMut::new();
-        this.done = frame_batch(&mut this.queue, cx, &mut buf);
-        if !buf.is_empty() {
-            Poll::Ready(Some(Ok(buf.freeze())))
-        } else if this.done {
-            Poll::Ready(None)
-        } else {
-            Poll::Pending
-        }
-    }
-}
 
 /// Frame what `queue` holds into `buf` as WebSocket frames, up to one batch; returns whether the queue
 /// is finished (its close frame is in `buf`, or the connection is gone). With nothing queued, `cx` is
