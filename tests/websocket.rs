@@ -176,6 +176,11 @@ async fn protocol_violations_close_with_their_codes() {
             1007,
         ),
         ("unknown opcode", masked(true, 0x3, b""), 1002),
+        (
+            "a header announcing 1 GiB, refused before the payload",
+            [0x81, 0xff, 0, 0, 0, 0, 0x40, 0, 0, 0, 1, 2, 3, 4].to_vec(),
+            1009,
+        ),
         ("fragmented ping", masked(false, PING, b""), 1002),
     ];
     for (what, bytes, code) in cases {

@@ -9,7 +9,7 @@
 //! The loop decodes client frames, hands sends to conversations in arrival order (so one connection's sends
 //! keep their order), and answers them with `ack`/`error` frames in that same order as their outcomes
 //! come back. It ends when the client closes, the transport refuses a frame, the heartbeat lapses, someone
-//! closes its queue (a slow consumer, a failed session), or the node drains — then it answers every send it
+//! closes its queue (a slow consumer, the transport gone), or the node drains — then it answers every send it
 //! accepted and closes with 1012. However it ends (a panic included), it is unlisted from its session, and a
 //! connection that did not close on purpose is closed with 1011.
 
@@ -227,7 +227,7 @@ impl Connection {
             tokio::select! {
                 biased;
                 () = drain.cancelled() => return Box::pin(self.drain()).await,
-                // Closed by someone else: a slow consumer, a failed session, the transport gone.
+                // Closed by someone else: a slow consumer, the transport gone.
                 () = outbound.closing() => return,
                 Some(answer) = self.pending.next(), if !self.pending.is_empty() => self.answer(answer),
                 () = &mut silent => return self.close(CloseCode::IdleTimeout),

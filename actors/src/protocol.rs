@@ -127,7 +127,7 @@ pub enum CloseCode {
     InvalidPayload,
     /// 1009: a frame over the frame limit.
     TooBig,
-    /// 1011: an internal error (the connection's actor failed).
+    /// 1011: an internal error (the connection's loop ended without closing).
     Internal,
     /// 1012: the server is restarting or draining; reconnect elsewhere or later.
     ServiceRestart,

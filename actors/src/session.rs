@@ -1,7 +1,7 @@
 //! A user's session on this node: the user's entry in the [`SessionDirectory`], listing the user's
-//! connections (one per device). It is a row in a table, not an actor (decision 0009): the supervisor family
-//! adds each new connection before handing it to the edge, and each connection removes itself when it ends,
-//! however it ends; the entry goes with its last connection.
+//! connections (one per device). It is a row in a table, not an actor (decision 0009):
+//! [`crate::sessions::Sessions`] adds each new connection before handing it to the edge, and each connection
+//! removes itself when it ends, however it ends; the entry goes with its last connection.
 //!
 //! Conversations deliver through the directory, pushing the shared bytes of a frame straight onto every
 //! connection's bounded outbound queue — one push per device, never waiting: a full queue marks that

@@ -1,7 +1,7 @@
 //! Erlang restart intensity, shared by every supervisor in the tree.
 //!
 //! ractor has no restart strategies of its own: a supervisor receives `SupervisionEvent::ActorFailed` and
-//! decides. Each family supervisor (conversations, sessions) keeps one [`RestartBudget`]: a failed child is
+//! decides. Each family supervisor (today: conversations) keeps one [`RestartBudget`]: a failed child is
 //! restarted while fewer than `max_restarts` happened in the last `window`; past that the supervisor fails
 //! itself — it escalates — and the root stops the node, as an Erlang application whose top supervisor exits.
 

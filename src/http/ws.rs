@@ -232,6 +232,10 @@ impl Reader<'_> {
     /// The next whole message or control frame in the buffer, if there is one.
     fn decode(&mut self) -> Option<Inbound> {
         loop {
+            // The parser checks the limit only once the whole frame is in: refuse on the header.
+            if declared_len(&self.buf).is_some_and(|len| len > self.max_frame as u64) {
+                return Some(Inbound::Refused(CloseCode::TooBig));
+            }
             let (fin, opcode, payload) = match Parser::parse(&mut self.buf, true, self.max_frame) {
                 Ok(None) => return None,
                 Ok(Some(frame)) => frame,
@@ -275,6 +279,18 @@ impl Reader<'_> {
                 OpCode::Bad => return Some(Inbound::Refused(CloseCode::ProtocolError)),
             }
         }
+    }
+}
+
+/// The payload length a frame's header announces, once the header's length bytes are in (RFC 6455 §5.2).
+fn declared_len(buf: &[u8]) -> Option<u64> {
+    let short = u64::from(*buf.get(1)? & 0x7f);
+    match short {
+        126 => Some(u64::from(u16::from_be_bytes(
+            buf.get(2..4)?.try_into().ok()?,
+        ))),
+        127 => Some(u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?)),
+        n => Some(n),
     }
 }
 
