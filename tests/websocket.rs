@@ -245,3 +245,79 @@ async fn requests_that_are_not_a_valid_upgrade_get_http_errors() {
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
     assert!(body.contains("WebSocket upgrade"), "{body}");
 }
+
+/// `switchboard_write_stalls_total` as `/metrics` shows it (the recorder is shared by the servers in this
+/// process; only this file's stall test makes a socket stall).
+async fn write_stalls(s: &TestServer) -> f64 {
+    let text = reqwest::get(format!("http://{}/metrics", s.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("switchboard_write_stalls_total "))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_reset_after_the_heartbeat_timeout() {
+    let s = TestServer::start_with(|c| c.heartbeat_timeout = Duration::from_secs(1)).await;
+    let api = s.api();
+    let (ta, tm) = (api.token("alice").await, api.token("mute").await);
+    let conv = api.group(&ta, &["mute".into()]).await;
+    // `mute` upgrades on a socket with a small receive buffer, then never reads again.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut mute = socket.connect(s.addr).await.unwrap();
+    mute.write_all(upgrade_request("/v1/ws", &tm).as_bytes())
+        .await
+        .unwrap();
+    let (head, mut seen) = read_head(&mut mute).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let before = write_stalls(&s).await;
+
+    let mut alice = common::Client::connect(s.addr, &ta).await;
+    // 6 MB: more than the server's socket send buffer (up to 4 MiB here) and the client's receive buffer.
+    let body = "q".repeat(4000);
+    for chunk in 0..15 {
+        for i in 0..100 {
+            alice.send_msg(&conv, &format!("m{chunk}-{i}"), &body).await;
+        }
+        for _ in 0..100 {
+            alice.expect_op("ack").await;
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while write_stalls(&s).await <= before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stalled socket was not dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The server reset the socket: reading ends in an error or EOF without a close frame (had it still
+    // been waiting, reading would let it write on, up to its close frame).
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        match tokio::time::timeout(WAIT, mute.read(&mut chunk))
+            .await
+            .expect("the reset socket ends")
+        {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let mut at = 0;
+    while seen.len() >= at + 2 {
+        let (len, header) = match seen[at + 1] & 0x7f {
+            126 if seen.len() >= at + 4 => {
+                (u16::from_be_bytes([seen[at + 2], seen[at + 3]]) as usize, 4)
+            }
+            n if n < 126 => (n as usize, 2),
+            _ => break,
+        };
+        assert_ne!(seen[at] & 0x0f, 0x8, "no close frame after a stall");
+        at += header + len;
+    }
+}

@@ -12,7 +12,9 @@
 //!   header in front of the shared JSON) into one buffer and written in one go, then the buffer is released.
 //!
 //! When both sides are done, the socket is shut down for writing and read until the client closes it too
-//! (at most [`LINGER`]), so the client is never reset before it has read the close frame.
+//! (at most [`LINGER`]), so the client is never reset before it has read the close frame. A socket that
+//! takes no byte for the heartbeat timeout while frames wait belongs to a client that stopped reading: it is
+//! reset and dropped, since its close frame could never be written.
 
 use std::convert::Infallible;
 use std::future::poll_fn;
@@ -34,7 +36,7 @@ use switchboard_actors::outbound::{OutFrame, OutboundQueue};
 use switchboard_actors::protocol::{CloseCode, ErrorCode};
 use switchboard_actors::sessions::Opened;
 use tokio::io::AsyncWriteExt;
-use tracing::debug;
+use tracing::{debug, info};
 
 use super::error::ApiError;
 use super::{token_of, AppState};
@@ -127,12 +129,15 @@ async fn serve(
         fragments: None,
         done: false,
     };
-    futures_util::future::join(
+    let ((), written) = futures_util::future::join(
         opened.connection.run(reader, heartbeat),
-        write_queue(&io, opened.queue),
+        write_queue(&io, opened.queue, heartbeat),
     )
     .await;
-    linger(io).await;
+    match written {
+        Written::Done => linger(io).await,
+        Written::Stalled => reset(io),
+    }
 }
 
 /// Check an upgrade request: the path, the node's state, the token, the handshake. The refusal is a whole
@@ -305,9 +310,19 @@ fn message(text: bool, data: BytesMut) -> Inbound {
     }
 }
 
-/// Write what the queue holds, in batches, until its close frame is out or the socket fails. Dropping the
-/// queue at the end tells the connection its transport is gone.
-async fn write_queue(io: &TcpStream, mut queue: OutboundQueue) {
+/// How writing the queue ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Written {
+    /// The close frame is out, or the socket failed.
+    Done,
+    /// The socket took nothing for the stall bound: the client stopped reading.
+    Stalled,
+}
+
+/// Write what the queue holds, in batches, until its close frame is out, the socket fails, or the socket
+/// takes nothing for `stall` (a client that stopped reading: its close frame could never be written).
+/// Dropping the queue at the end tells the connection its transport is gone.
+async fn write_queue(io: &TcpStream, mut queue: OutboundQueue, stall: Duration) -> Written {
     loop {
         let mut buf = BytesMut::new();
         let done = poll_fn(|cx| {
@@ -320,23 +335,39 @@ async fn write_queue(io: &TcpStream, mut queue: OutboundQueue) {
         })
         .await;
         while buf.has_remaining() {
-            if let Err(e) = io.writable().await {
-                debug!(error = %e, "websocket write failed");
-                return;
+            match tokio::time::timeout(stall, io.writable()).await {
+                Err(_) => {
+                    info!(stall = ?stall, "the socket took nothing: client not reading, connection dropped");
+                    metrics::counter!("switchboard_write_stalls_total").increment(1);
+                    return Written::Stalled;
+                }
+                Ok(Err(e)) => {
+                    debug!(error = %e, "websocket write failed");
+                    return Written::Done;
+                }
+                Ok(Ok(())) => {}
             }
             match io.try_write(&buf) {
                 Ok(n) => buf.advance(n),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => {
                     debug!(error = %e, "websocket write failed");
-                    return;
+                    return Written::Done;
                 }
             }
         }
         if done {
-            return;
+            return Written::Done;
         }
     }
+}
+
+/// Drop a stalled socket with a reset: its unsent bytes are discarded at once, not retried by the kernel.
+fn reset(io: TcpStream) {
+    // A zero linger makes close() send RST without blocking (tokio deprecates SO_LINGER because a non-zero
+    // one blocks the thread on drop).
+    #[allow(deprecated)]
+    let _ = io.set_linger(Some(Duration::ZERO));
 }
 
 /// Shut down the write side and read until the client closes (at most [`LINGER`]), so that closing does
