@@ -69,25 +69,29 @@ async fn read_head(s: &mut TcpStream) -> (String, Vec<u8>) {
 }
 
 /// One server frame (unmasked), reading more as needed: (opcode, payload).
+/// The first whole server frame in `buf`, if it is all there: (opcode, header length, payload length).
+fn whole_frame(buf: &[u8]) -> Option<(u8, usize, usize)> {
+    let (len, header) = match *buf.get(1)? & 0x7f {
+        126 => (
+            u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?) as usize,
+            4,
+        ),
+        127 => (
+            u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?) as usize,
+            10,
+        ),
+        n => (n as usize, 2),
+    };
+    (buf.len() >= header + len).then_some((buf[0] & 0x0f, header, len))
+}
+
 async fn read_frame(s: &mut TcpStream, buf: &mut Vec<u8>) -> (u8, Vec<u8>) {
     let mut chunk = [0u8; 4096];
     loop {
-        if buf.len() >= 2 {
-            let (len, at) = match buf[1] & 0x7f {
-                126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
-                127 if buf.len() >= 10 => (
-                    u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize,
-                    10,
-                ),
-                n if n < 126 => (n as usize, 2),
-                _ => (usize::MAX, 0),
-            };
-            if len != usize::MAX && buf.len() >= at + len {
-                let opcode = buf[0] & 0x0f;
-                let payload = buf[at..at + len].to_vec();
-                buf.drain(..at + len);
-                return (opcode, payload);
-            }
+        if let Some((opcode, header, len)) = whole_frame(buf) {
+            let payload = buf[header..header + len].to_vec();
+            buf.drain(..header + len);
+            return (opcode, payload);
         }
         let n = tokio::time::timeout(WAIT, s.read(&mut chunk))
             .await
@@ -309,15 +313,8 @@ async fn a_client_that_stops_reading_is_reset_after_the_heartbeat_timeout() {
         }
     }
     let mut at = 0;
-    while seen.len() >= at + 2 {
-        let (len, header) = match seen[at + 1] & 0x7f {
-            126 if seen.len() >= at + 4 => {
-                (u16::from_be_bytes([seen[at + 2], seen[at + 3]]) as usize, 4)
-            }
-            n if n < 126 => (n as usize, 2),
-            _ => break,
-        };
-        assert_ne!(seen[at] & 0x0f, 0x8, "no close frame after a stall");
+    while let Some((opcode, header, len)) = whole_frame(&seen[at..]) {
+        assert_ne!(opcode, 0x8, "no close frame after a stall");
         at += header + len;
     }
 }
