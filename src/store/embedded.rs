@@ -1,21 +1,18 @@
-//! The embedded store: a fjall database (an LSM tree: one journal, memtables, sorted tables) in
-//! `<data-dir>/store`.
+//! The embedded store: one redb file in the data directory.
 //!
 //! Writes from every conversation go to one writer thread, which takes all the jobs waiting (when it is busy,
 //! also those that arrive within 250 µs of the first), applies them in one write transaction and commits
-//! once — one journal append and one `fdatasync` for the lot (group commit) — before answering any of them.
-//! A commit is visible to readers only after its `fdatasync`. Reads run on Tokio's blocking pool against
-//! snapshots and never wait for the writer. See `docs/decisions/0010-embedded-store-fjall.md` for why fjall
-//! (it replaced redb, decision 0003).
+//! once — one fsync for the lot (group commit) — before answering any of them. Reads run on Tokio's blocking
+//! pool against redb's MVCC snapshots and never wait for the writer.
+//! See `docs/decisions/0003-embedded-store.md` for why redb.
 
 use std::path::Path;
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
-use fjall::{
-    KeyspaceCreateOptions, PersistMode, Readable, SingleWriterTxDatabase, SingleWriterTxKeyspace,
-    SingleWriterWriteTx as WriteTransaction, Snapshot,
+use redb::{
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
 use switchboard_actors::store::{
@@ -24,23 +21,27 @@ use switchboard_actors::store::{
 };
 use tokio::sync::oneshot;
 
-/// The store's directory inside the data directory.
-const STORE_DIR: &str = "store";
-
-/// The file of the redb store this one replaced; a data directory holding it is refused, not ignored.
-const OLD_REDB_FILE: &str = "switchboard.redb";
+const CONVERSATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("conversations");
+/// (conversation, user) → joined at (ms)
+const MEMBERS: TableDefinition<(&str, &str), u64> = TableDefinition::new("members");
+/// (user, conversation) → () : the inbox index
+const USER_CONVERSATIONS: TableDefinition<(&str, &str), ()> =
+    TableDefinition::new("user_conversations");
+/// (lesser user, greater user) → DM conversation id
+const DM_PAIRS: TableDefinition<(&str, &str), &str> = TableDefinition::new("dm_pairs");
+/// (conversation, seq) → postcard [`Record`]
+const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
+/// (conversation, sender, msg_id) → seq : the dedupe index
+const DEDUPE: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("dedupe");
 
 /// When the writer is busy, how long it gathers jobs after the first before committing them together.
-/// A commit costs a journal write and an `fdatasync` whatever its size; on 2 cores, gathering for 250 µs
-/// took commits from ~5 to ~15 jobs each at 10,000 DM msg/s and cut the send→deliver p99
-/// (docs/benchmarks.md).
+/// A commit costs ~0.3 ms of CPU here (an `fdatasync`, and redb's page writes) whatever its size; at
+/// 10,000 DM msg/s on 2 cores, gathering for 250 µs took commits from ~5 to ~15 jobs each and the
+/// send→deliver p99 from 28–54 ms to 8–10 ms (docs/benchmarks.md).
 const GROUP_WINDOW: std::time::Duration = std::time::Duration::from_micros(250);
 
 /// Most jobs committed in one transaction.
 const MAX_GROUP: usize = 1024;
-
-/// Most conversations whose last seq the writer remembers; past it, it forgets them all and reads again.
-const MAX_CACHED_SEQS: usize = 100_000;
 
 /// A message as stored (its conversation and seq are the key).
 #[derive(Serialize, Deserialize)]
@@ -64,64 +65,6 @@ impl Record {
             ts: self.ts,
         }
     }
-}
-
-/// Keys are byte strings that sort like the tuples they encode: every leading string field is written as
-/// its length (u16, big-endian) and its bytes, so one field's end is never mistaken for another's; the last
-/// field is written as is (a string's bytes, or a seq as u64 big-endian), so it sorts in its own order.
-mod key {
-    use super::StoreError;
-
-    /// The prefix of every key whose leading fields are `fields`.
-    pub(super) fn prefix(fields: &[&str]) -> Result<Vec<u8>, StoreError> {
-        let mut out = Vec::with_capacity(fields.iter().map(|f| f.len() + 2).sum::<usize>() + 8);
-        for f in fields {
-            let len = u16::try_from(f.len())
-                .map_err(|_| StoreError::Corrupt(format!("key field of {} bytes", f.len())))?;
-            out.extend_from_slice(&len.to_be_bytes());
-            out.extend_from_slice(f.as_bytes());
-        }
-        Ok(out)
-    }
-
-    /// `fields` then a last string field.
-    pub(super) fn with_str(fields: &[&str], last: &str) -> Result<Vec<u8>, StoreError> {
-        let mut out = prefix(fields)?;
-        out.extend_from_slice(last.as_bytes());
-        Ok(out)
-    }
-
-    /// `fields` then a seq.
-    pub(super) fn with_seq(fields: &[&str], seq: u64) -> Result<Vec<u8>, StoreError> {
-        let mut out = prefix(fields)?;
-        out.extend_from_slice(&seq.to_be_bytes());
-        Ok(out)
-    }
-
-    /// The last field of a key that starts with `prefix`, as a string.
-    pub(super) fn last_str(key: &[u8], prefix: &[u8]) -> Result<String, StoreError> {
-        let rest = key
-            .get(prefix.len()..)
-            .ok_or_else(|| StoreError::Corrupt("short key".into()))?;
-        String::from_utf8(rest.to_vec()).map_err(|e| StoreError::Corrupt(e.to_string()))
-    }
-
-    /// The seq a key ends with.
-    pub(super) fn last_seq(key: &[u8]) -> Result<u64, StoreError> {
-        let tail: [u8; 8] = key
-            .len()
-            .checked_sub(8)
-            .and_then(|at| key.get(at..))
-            .and_then(|t| t.try_into().ok())
-            .ok_or_else(|| StoreError::Corrupt("short key".into()))?;
-        Ok(u64::from_be_bytes(tail))
-    }
-}
-
-/// A u64 value.
-fn decode_u64(raw: &[u8]) -> Result<u64, StoreError> {
-    let bytes: [u8; 8] = raw.try_into().map_err(|_| corrupt("u64 value"))?;
-    Ok(u64::from_be_bytes(bytes))
 }
 
 enum WriteOp {
@@ -155,45 +98,10 @@ struct Job {
     reply: oneshot::Sender<Result<WriteOutcome, StoreError>>,
 }
 
-/// Every keyspace (fjall's name for a table: an LSM tree of its own, sharing the one journal).
-#[derive(Clone)]
-struct Keyspaces {
-    /// conversation → postcard [`ConversationInfo`]
-    conversations: SingleWriterTxKeyspace,
-    /// (conversation, user) → joined at (ms)
-    members: SingleWriterTxKeyspace,
-    /// (user, conversation) → nothing: the inbox index
-    user_conversations: SingleWriterTxKeyspace,
-    /// (lesser user, greater user) → DM conversation id
-    dm_pairs: SingleWriterTxKeyspace,
-    /// (conversation, seq) → postcard [`Record`]
-    messages: SingleWriterTxKeyspace,
-    /// (conversation, sender, msg_id) → seq: the dedupe index
-    dedupe: SingleWriterTxKeyspace,
-}
-
-impl Keyspaces {
-    fn open(db: &SingleWriterTxDatabase) -> Result<Self, StoreError> {
-        let open = |name: &str| {
-            db.keyspace(name, KeyspaceCreateOptions::default)
-                .map_err(unavailable)
-        };
-        Ok(Self {
-            conversations: open("conversations")?,
-            members: open("members")?,
-            user_conversations: open("user_conversations")?,
-            dm_pairs: open("dm_pairs")?,
-            messages: open("messages")?,
-            dedupe: open("dedupe")?,
-        })
-    }
-}
-
-/// The fjall-backed store.
+/// The redb-backed store.
 pub struct EmbeddedStore {
-    db: SingleWriterTxDatabase,
-    ks: Keyspaces,
-    writer: Mutex<Option<(mpsc::Sender<Job>, JoinHandle<()>)>>,
+    db: Arc<Database>,
+    writer: std::sync::Mutex<Option<(mpsc::Sender<Job>, JoinHandle<()>)>>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -205,34 +113,29 @@ fn corrupt(e: impl std::fmt::Display) -> StoreError {
 }
 
 impl EmbeddedStore {
-    /// Open (or create) the store in `dir/store` and start the writer thread.
-    ///
-    /// A directory that still holds the redb file of an older Switchboard is refused with an error that
-    /// says so: starting empty beside it would look like lost history.
+    /// Open (or create) `dir/switchboard.redb` and start the writer thread.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let old = dir.join(OLD_REDB_FILE);
-        if old.exists() {
-            return Err(StoreError::Unavailable(format!(
-                "{} is a store of an older Switchboard (redb), which this version does not read; \
-                 move it away or use another data directory (docs/operations.md)",
-                old.display()
-            )));
-        }
         std::fs::create_dir_all(dir).map_err(unavailable)?;
-        let db = SingleWriterTxDatabase::builder(dir.join(STORE_DIR))
-            .open()
-            .map_err(unavailable)?;
-        let ks = Keyspaces::open(&db)?;
+        let db = Arc::new(Database::create(dir.join("switchboard.redb")).map_err(unavailable)?);
+        let txn = db.begin_write().map_err(unavailable)?;
+        {
+            txn.open_table(CONVERSATIONS).map_err(unavailable)?;
+            txn.open_table(MEMBERS).map_err(unavailable)?;
+            txn.open_table(USER_CONVERSATIONS).map_err(unavailable)?;
+            txn.open_table(DM_PAIRS).map_err(unavailable)?;
+            txn.open_table(MESSAGES).map_err(unavailable)?;
+            txn.open_table(DEDUPE).map_err(unavailable)?;
+        }
+        txn.commit().map_err(unavailable)?;
         let (tx, rx) = mpsc::channel();
-        let (writer_db, writer_ks) = (db.clone(), ks.clone());
+        let writer_db = db.clone();
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || write_loop(&writer_db, &writer_ks, &rx))
+            .spawn(move || write_loop(&writer_db, &rx))
             .map_err(unavailable)?;
         Ok(Self {
             db,
-            ks,
-            writer: Mutex::new(Some((tx, handle))),
+            writer: std::sync::Mutex::new(Some((tx, handle))),
         })
     }
 
@@ -258,10 +161,10 @@ impl EmbeddedStore {
 
     async fn read<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Snapshot, &Keyspaces) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(&ReadTransaction) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let (db, ks) = (self.db.clone(), self.ks.clone());
-        tokio::task::spawn_blocking(move || f(&db.read_tx(), &ks))
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db.begin_read().map_err(unavailable)?))
             .await
             .map_err(unavailable)?
     }
@@ -274,41 +177,34 @@ impl Drop for EmbeddedStore {
 }
 
 /// The writer thread: group commit.
-fn write_loop(db: &SingleWriterTxDatabase, ks: &Keyspaces, rx: &mpsc::Receiver<Job>) {
+fn write_loop(db: &Database, rx: &mpsc::Receiver<Job>) {
     // Jobs in the last group: a writer that committed one job at a time is idle, and commits at once.
     let mut last_group = 1;
-    // The last seq of each conversation written lately. Every write goes through this thread, so it is
-    // exact; it saves the append's seq fence a reverse scan of the messages tree.
-    let mut last_seqs = LastSeqs::default();
     while let Ok(first) = rx.recv() {
         let gather = if last_group > 1 {
             GROUP_WINDOW
         } else {
             std::time::Duration::ZERO
         };
-        // Sleep through the window rather than wait on the channel: a writer waiting on it would be woken
-        // (a futex wake and a context switch) by every job that arrives.
-        if !gather.is_zero() {
-            std::thread::sleep(gather);
-        }
+        let window = std::time::Instant::now() + gather;
         let mut jobs = vec![first];
-        jobs.extend(rx.try_iter().take(MAX_GROUP - 1));
+        while jobs.len() < MAX_GROUP {
+            match rx.recv_timeout(window.saturating_duration_since(std::time::Instant::now())) {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
         let started = std::time::Instant::now();
-        // The journal is appended and `fdatasync`ed before the transaction's writes reach the memtables, so
-        // no reader sees a write that a crash could still lose.
-        let mut txn = db.write_tx().durability(Some(PersistMode::SyncData));
-        if last_seqs.0.len() > MAX_CACHED_SEQS {
-            last_seqs.0.clear();
-        }
-        let outcome = jobs
-            .iter()
-            .map(|j| apply(&mut txn, ks, &mut last_seqs, &j.op))
-            .collect::<Result<Vec<_>, _>>()
-            .and_then(|results| txn.commit().map(|()| results).map_err(unavailable));
-        if outcome.is_err() {
-            // The group's seqs were never written.
-            last_seqs.0.clear();
-        }
+        let outcome = db.begin_write().map_err(unavailable).and_then(|txn| {
+            let results: Vec<_> = {
+                let mut tables = Tables::open(&txn)?;
+                jobs.iter()
+                    .map(|j| apply(&mut tables, &j.op))
+                    .collect::<Result<_, _>>()?
+            };
+            txn.commit().map_err(unavailable)?;
+            Ok(results)
+        });
         metrics::histogram!("switchboard_store_commit_seconds")
             .record(started.elapsed().as_secs_f64());
         metrics::histogram!("switchboard_store_commit_jobs").record(jobs.len() as f64);
@@ -328,40 +224,62 @@ fn write_loop(db: &SingleWriterTxDatabase, ks: &Keyspaces, rx: &mpsc::Receiver<J
     }
 }
 
+/// Every table, opened once per group transaction (opening a table per job cost more than its writes).
+struct Tables<'t> {
+    conversations: redb::Table<'t, &'static str, &'static [u8]>,
+    members: redb::Table<'t, (&'static str, &'static str), u64>,
+    user_conversations: redb::Table<'t, (&'static str, &'static str), ()>,
+    dm_pairs: redb::Table<'t, (&'static str, &'static str), &'static str>,
+    messages: redb::Table<'t, (&'static str, u64), &'static [u8]>,
+    dedupe: redb::Table<'t, (&'static str, &'static str, &'static str), u64>,
+}
+
+impl<'t> Tables<'t> {
+    fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Self {
+            conversations: txn.open_table(CONVERSATIONS).map_err(unavailable)?,
+            members: txn.open_table(MEMBERS).map_err(unavailable)?,
+            user_conversations: txn.open_table(USER_CONVERSATIONS).map_err(unavailable)?,
+            dm_pairs: txn.open_table(DM_PAIRS).map_err(unavailable)?,
+            messages: txn.open_table(MESSAGES).map_err(unavailable)?,
+            dedupe: txn.open_table(DEDUPE).map_err(unavailable)?,
+        })
+    }
+}
+
 /// Apply one job inside the group's transaction. The outer `Result` aborts the whole group (an I/O
 /// failure); the inner one is this job's own answer (a fence conflict, a corrupt record). Every job reads
 /// what it needs before it writes, so a job that fails on its own has written nothing.
-fn apply(
-    txn: &mut WriteTransaction<'_>,
-    ks: &Keyspaces,
-    last_seqs: &mut LastSeqs,
-    op: &WriteOp,
-) -> Result<Result<WriteOutcome, StoreError>, StoreError> {
+fn apply(t: &mut Tables<'_>, op: &WriteOp) -> Result<Result<WriteOutcome, StoreError>, StoreError> {
     let result = match op {
-        WriteOp::Create { info, members } => create(txn, ks, info, members),
+        WriteOp::Create { info, members } => create(t, info, members),
         WriteOp::AddMember { conv, user } => (|| {
-            let member = key::with_str(&[conv], user)?;
-            let added = !txn
-                .contains_key(&ks.members, &member)
+            let added = t
+                .members
+                .insert((conv.as_str(), user.as_str()), now_ms())
+                .map_err(unavailable)?
+                .is_none();
+            t.user_conversations
+                .insert((user.as_str(), conv.as_str()), ())
                 .map_err(unavailable)?;
-            txn.insert(&ks.members, member, now_ms().to_be_bytes());
-            txn.insert(&ks.user_conversations, key::with_str(&[user], conv)?, []);
             Ok(WriteOutcome::Changed(added))
         })(),
         WriteOp::RemoveMember { conv, user } => (|| {
-            let member = key::with_str(&[conv], user)?;
-            let removed = txn
-                .contains_key(&ks.members, &member)
+            let removed = t
+                .members
+                .remove((conv.as_str(), user.as_str()))
+                .map_err(unavailable)?
+                .is_some();
+            t.user_conversations
+                .remove((user.as_str(), conv.as_str()))
                 .map_err(unavailable)?;
-            txn.remove(&ks.members, member);
-            txn.remove(&ks.user_conversations, key::with_str(&[user], conv)?);
             Ok(WriteOutcome::Changed(removed))
         })(),
         WriteOp::Append {
             conv,
             first_seq,
             batch,
-        } => append(txn, ks, last_seqs, conv, *first_seq, batch),
+        } => append(t, conv, *first_seq, batch),
     };
     match result {
         Err(e @ StoreError::Unavailable(_)) => Err(e),
@@ -370,59 +288,56 @@ fn apply(
 }
 
 fn create(
-    txn: &mut WriteTransaction<'_>,
-    ks: &Keyspaces,
+    t: &mut Tables<'_>,
     info: &ConversationInfo,
     members: &[UserId],
 ) -> Result<WriteOutcome, StoreError> {
     // Encode before writing anything: a job that fails on its own must leave no partial write.
     let raw = postcard::to_stdvec(info).map_err(corrupt)?;
-    let member_keys = members
-        .iter()
-        .map(|user| {
-            Ok((
-                key::with_str(&[&info.id], user)?,
-                key::with_str(&[user], &info.id)?,
-            ))
-        })
-        .collect::<Result<Vec<_>, StoreError>>()?;
     if info.kind == ConversationKind::Dm {
         let (a, b) = dm_pair(members);
-        let pair = key::with_str(&[a], b)?;
-        if let Some(id) = txn.get(&ks.dm_pairs, &pair).map_err(unavailable)? {
-            let raw = txn
-                .get(&ks.conversations, &id)
+        let existing = t
+            .dm_pairs
+            .get((a, b))
+            .map_err(unavailable)?
+            .map(|v| v.value().to_owned());
+        if let Some(id) = existing {
+            let raw = t
+                .conversations
+                .get(id.as_str())
                 .map_err(unavailable)?
                 .ok_or_else(|| corrupt("dm pair without conversation"))?;
-            let info = postcard::from_bytes(&raw).map_err(corrupt)?;
+            let info = postcard::from_bytes(raw.value()).map_err(corrupt)?;
             return Ok(WriteOutcome::Created(info, false));
         }
-        txn.insert(&ks.dm_pairs, pair, info.id.as_bytes());
+        t.dm_pairs
+            .insert((a, b), info.id.as_str())
+            .map_err(unavailable)?;
     }
-    txn.insert(&ks.conversations, info.id.as_bytes(), raw);
-    for (member, inbox) in member_keys {
-        txn.insert(&ks.members, member, info.created_at.to_be_bytes());
-        txn.insert(&ks.user_conversations, inbox, []);
+    t.conversations
+        .insert(info.id.as_str(), raw.as_slice())
+        .map_err(unavailable)?;
+    for user in members {
+        t.members
+            .insert((info.id.as_str(), user.as_str()), info.created_at)
+            .map_err(unavailable)?;
+        t.user_conversations
+            .insert((user.as_str(), info.id.as_str()), ())
+            .map_err(unavailable)?;
     }
     Ok(WriteOutcome::Created(info.clone(), true))
 }
 
-/// The writer's memory of each conversation's last seq (see [`write_loop`]).
-#[derive(Default)]
-struct LastSeqs(std::collections::HashMap<ConvId, u64>);
-
 fn append(
-    txn: &mut WriteTransaction<'_>,
-    ks: &Keyspaces,
-    last_seqs: &mut LastSeqs,
+    t: &mut Tables<'_>,
     conv: &str,
     first_seq: u64,
     batch: &[NewMessage],
 ) -> Result<WriteOutcome, StoreError> {
-    let found = match last_seqs.0.get(conv) {
-        Some(seq) => *seq,
-        None => last_seq_in(txn, ks, conv)?,
-    };
+    let Tables {
+        messages, dedupe, ..
+    } = t;
+    let found = last_seq_in(messages, conv)?;
     if found + 1 != first_seq {
         return Err(StoreError::SeqConflict {
             expected: first_seq,
@@ -430,28 +345,27 @@ fn append(
         });
     }
     // Read phase: what is already stored (a corrupt original fails the job before anything is written).
-    let dedupe_keys = batch
+    let originals = batch
         .iter()
-        .map(|m| key::with_str(&[conv, &m.from], &m.msg_id))
-        .collect::<Result<Vec<_>, _>>()?;
-    let originals = dedupe_keys
-        .iter()
-        .map(|dk| {
-            let Some(seq) = txn.get(&ks.dedupe, dk.as_slice()).map_err(unavailable)? else {
+        .map(|m| {
+            let Some(seq) = dedupe
+                .get((conv, m.from.as_str(), m.msg_id.as_str()))
+                .map_err(unavailable)?
+                .map(|v| v.value())
+            else {
                 return Ok(None);
             };
-            let seq = decode_u64(&seq)?;
-            let raw = txn
-                .get(&ks.messages, key::with_seq(&[conv], seq)?)
+            let raw = messages
+                .get((conv, seq))
                 .map_err(unavailable)?
                 .ok_or_else(|| corrupt("dedupe entry without message"))?;
-            let record: Record = postcard::from_bytes(&raw).map_err(corrupt)?;
+            let record: Record = postcard::from_bytes(raw.value()).map_err(corrupt)?;
             Ok(Some(record.into_message(conv, seq)))
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
     let results = plan_append(conv, first_seq, batch.to_vec(), originals);
     // Encode every new record before the first write, then write.
-    let encoded: Vec<(Vec<u8>, Vec<u8>, Vec<u8>, u64)> = results
+    let encoded: Vec<(&Message, Vec<u8>)> = results
         .iter()
         .filter_map(|r| match r {
             Appended::New(m) => Some(m),
@@ -465,48 +379,49 @@ fn append(
                 body: m.body.clone(),
                 ts: m.ts,
             };
-            Ok((
-                key::with_seq(&[conv], m.seq)?,
-                postcard::to_stdvec(&record).map_err(corrupt)?,
-                key::with_str(&[conv, &m.from], &m.msg_id)?,
-                m.seq,
-            ))
+            postcard::to_stdvec(&record)
+                .map(|raw| (m, raw))
+                .map_err(corrupt)
         })
-        .collect::<Result<_, StoreError>>()?;
-    let mut last = found;
-    for (message_key, raw, dedupe_key, seq) in encoded {
-        txn.insert(&ks.messages, message_key, raw);
-        txn.insert(&ks.dedupe, dedupe_key, seq.to_be_bytes());
-        last = seq;
-    }
-    match last_seqs.0.get_mut(conv) {
-        Some(seq) => *seq = last,
-        None => {
-            last_seqs.0.insert(conv.to_owned(), last);
-        }
+        .collect::<Result<_, _>>()?;
+    for (m, raw) in &encoded {
+        messages
+            .insert((conv, m.seq), raw.as_slice())
+            .map_err(unavailable)?;
+        dedupe
+            .insert((conv, m.from.as_str(), m.msg_id.as_str()), m.seq)
+            .map_err(unavailable)?;
     }
     Ok(WriteOutcome::Appended(results))
 }
 
-/// The last fields of the keys that start with `first`, in order.
-fn second_keys(
-    snap: &Snapshot,
-    keyspace: &SingleWriterTxKeyspace,
+/// The second halves of the `(first, second)` keys that start with `first`, in order.
+fn second_keys<V: redb::Value + 'static>(
+    table: &impl ReadableTable<(&'static str, &'static str), V>,
     first: &str,
 ) -> Result<Vec<String>, StoreError> {
-    let prefix = key::prefix(&[first])?;
-    snap.prefix(keyspace, &prefix)
-        .map(|entry| key::last_str(&entry.key().map_err(unavailable)?, &prefix))
-        .collect()
+    let mut out = Vec::new();
+    for entry in table.range((first, "")..).map_err(unavailable)? {
+        let (key, _) = entry.map_err(unavailable)?;
+        let (f, second) = key.value();
+        if f != first {
+            break;
+        }
+        out.push(second.to_owned());
+    }
+    Ok(out)
 }
 
-/// The newest message's seq in `conv` (0 when it has none).
-fn last_seq_in(reader: &impl Readable, ks: &Keyspaces, conv: &str) -> Result<u64, StoreError> {
-    match reader
-        .prefix(&ks.messages, key::prefix(&[conv])?)
-        .next_back()
-    {
-        Some(entry) => key::last_seq(&entry.key().map_err(unavailable)?),
+fn last_seq_in(
+    messages: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
+    conv: &str,
+) -> Result<u64, StoreError> {
+    let last = messages
+        .range((conv, 0)..=(conv, u64::MAX))
+        .map_err(unavailable)?
+        .next_back();
+    match last {
+        Some(entry) => Ok(entry.map_err(unavailable)?.0.value().1),
         None => Ok(0),
     }
 }
@@ -516,20 +431,25 @@ fn now_ms() -> u64 {
 }
 
 fn read_conversation(
-    snap: &Snapshot,
-    ks: &Keyspaces,
+    txn: &ReadTransaction,
     conv: &str,
 ) -> Result<Option<ConversationInfo>, StoreError> {
-    let raw = snap.get(&ks.conversations, conv).map_err(unavailable)?;
-    raw.map(|r| postcard::from_bytes(&r).map_err(corrupt))
+    let convs = txn.open_table(CONVERSATIONS).map_err(unavailable)?;
+    let raw = convs.get(conv).map_err(unavailable)?;
+    raw.map(|r| postcard::from_bytes(r.value()).map_err(corrupt))
         .transpose()
 }
 
-/// A message from its `messages` entry.
-fn read_message(conv: &str, entry: fjall::Guard) -> Result<Message, StoreError> {
-    let (key, value) = entry.into_inner().map_err(unavailable)?;
-    let record: Record = postcard::from_bytes(&value).map_err(corrupt)?;
-    Ok(record.into_message(conv, key::last_seq(&key)?))
+fn read_message(
+    conv: &str,
+    entry: (
+        redb::AccessGuard<'_, (&str, u64)>,
+        redb::AccessGuard<'_, &[u8]>,
+    ),
+) -> Result<Message, StoreError> {
+    let seq = entry.0.value().1;
+    let record: Record = postcard::from_bytes(entry.1.value()).map_err(corrupt)?;
+    Ok(record.into_message(conv, seq))
 }
 
 #[async_trait]
@@ -551,29 +471,31 @@ impl MessageStore for EmbeddedStore {
 
     async fn conversation(&self, conv: &str) -> Result<Option<ConversationInfo>, StoreError> {
         let conv = conv.to_owned();
-        self.read(move |snap, ks| read_conversation(snap, ks, &conv))
-            .await
+        self.read(move |txn| read_conversation(txn, &conv)).await
     }
 
     async fn members(&self, conv: &str) -> Result<Vec<UserId>, StoreError> {
         let conv = conv.to_owned();
-        self.read(move |snap, ks| second_keys(snap, &ks.members, &conv))
-            .await
+        self.read(move |txn| {
+            let table = txn.open_table(MEMBERS).map_err(unavailable)?;
+            second_keys(&table, &conv)
+        })
+        .await
     }
 
     async fn membership(&self, conv: &str, user: &str) -> Result<Membership, StoreError> {
         let (conv, user) = (conv.to_owned(), user.to_owned());
-        self.read(move |snap, ks| {
-            let member = key::with_str(&[&conv], &user)?;
-            if snap
-                .contains_key(&ks.members, member)
+        self.read(move |txn| {
+            let members = txn.open_table(MEMBERS).map_err(unavailable)?;
+            if members
+                .get((conv.as_str(), user.as_str()))
                 .map_err(unavailable)?
+                .is_some()
             {
                 return Ok(Membership::Member);
             }
-            let exists = snap
-                .contains_key(&ks.conversations, &conv)
-                .map_err(unavailable)?;
+            let convs = txn.open_table(CONVERSATIONS).map_err(unavailable)?;
+            let exists = convs.get(conv.as_str()).map_err(unavailable)?.is_some();
             Ok(if exists {
                 Membership::NotMember
             } else {
@@ -611,17 +533,23 @@ impl MessageStore for EmbeddedStore {
 
     async fn user_conversations(&self, user: &str) -> Result<Vec<ConvId>, StoreError> {
         let user = user.to_owned();
-        self.read(move |snap, ks| second_keys(snap, &ks.user_conversations, &user))
-            .await
+        self.read(move |txn| {
+            let table = txn.open_table(USER_CONVERSATIONS).map_err(unavailable)?;
+            second_keys(&table, &user)
+        })
+        .await
     }
 
     async fn last_message(&self, conv: &str) -> Result<Option<Message>, StoreError> {
         let conv = conv.to_owned();
-        self.read(move |snap, ks| {
-            let last = snap
-                .prefix(&ks.messages, key::prefix(&[&conv])?)
+        self.read(move |txn| {
+            let messages = txn.open_table(MESSAGES).map_err(unavailable)?;
+            let last = messages
+                .range((conv.as_str(), 0)..=(conv.as_str(), u64::MAX))
+                .map_err(unavailable)?
                 .next_back();
-            last.map(|e| read_message(&conv, e)).transpose()
+            last.map(|e| read_message(&conv, e.map_err(unavailable)?))
+                .transpose()
         })
         .await
     }
@@ -647,7 +575,8 @@ impl MessageStore for EmbeddedStore {
 
     async fn messages(&self, conv: &str, query: HistoryQuery) -> Result<Page, StoreError> {
         let conv = conv.to_owned();
-        self.read(move |snap, ks| {
+        self.read(move |txn| {
+            let table = txn.open_table(MESSAGES).map_err(unavailable)?;
             let low = query.after.map_or(0, |a| a.saturating_add(1));
             let high = query.before.map_or(u64::MAX, |b| b.saturating_sub(1));
             if low > high || query.before == Some(0) {
@@ -656,19 +585,18 @@ impl MessageStore for EmbeddedStore {
                     has_more: false,
                 });
             }
-            let range = snap.range(
-                &ks.messages,
-                key::with_seq(&[&conv], low)?..=key::with_seq(&[&conv], high)?,
-            );
+            let range = table
+                .range((conv.as_str(), low)..=(conv.as_str(), high))
+                .map_err(unavailable)?;
             // With `after`, travel forward from it; otherwise travel back from `before` (or the newest).
             let mut messages = Vec::with_capacity(query.limit);
             let mut has_more = false;
-            let mut take = |entry: fjall::Guard| -> Result<bool, StoreError> {
+            let mut take = |entry: Result<_, redb::StorageError>| -> Result<bool, StoreError> {
                 if messages.len() == query.limit {
                     has_more = true;
                     return Ok(false);
                 }
-                messages.push(read_message(&conv, entry)?);
+                messages.push(read_message(&conv, entry.map_err(unavailable)?)?);
                 Ok(true)
             };
             if query.after.is_some() {
@@ -688,42 +616,5 @@ impl MessageStore for EmbeddedStore {
             Ok(Page { messages, has_more })
         })
         .await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_data_directory_with_the_old_redb_store_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join(OLD_REDB_FILE), b"redb").unwrap();
-        let Err(StoreError::Unavailable(why)) = EmbeddedStore::open(dir.path()) else {
-            panic!("a directory holding switchboard.redb must be refused");
-        };
-        assert!(why.contains("switchboard.redb"), "{why}");
-        assert!(
-            !dir.path().join(STORE_DIR).exists(),
-            "nothing is created beside it"
-        );
-    }
-
-    #[test]
-    fn keys_sort_like_their_fields() {
-        let k = |conv: &str, seq| key::with_seq(&[conv], seq).unwrap();
-        assert!(k("a", 2) < k("a", 256));
-        assert!(
-            k("a", u64::MAX) < k("ab", 0),
-            "a conversation's keys are contiguous"
-        );
-        let prefix = key::prefix(&["a"]).unwrap();
-        assert!(!k("ab", 1).starts_with(&prefix));
-        assert_eq!(key::last_seq(&k("a", 7)).unwrap(), 7);
-        let member = key::with_str(&["conv"], "user").unwrap();
-        assert_eq!(
-            key::last_str(&member, &key::prefix(&["conv"]).unwrap()).unwrap(),
-            "user"
-        );
     }
 }
