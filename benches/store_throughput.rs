@@ -122,7 +122,7 @@ fn main() {
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let (store, name): (Arc<dyn MessageStore>, String) = if target == "embedded" {
-            (Arc::new(EmbeddedStore::open(dir.path()).unwrap()), "embedded (redb, group commit)".into())
+            (Arc::new(EmbeddedStore::open(dir.path()).unwrap()), "embedded (log + fjall, group commit)".into())
         } else {
             let config = CassandraConfig::parse(&target).expect("a cassandra:// URL");
             (Arc::new(CassandraStore::open(config).await.expect("cassandra")), format!("cassandra ({target})"))

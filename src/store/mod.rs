@@ -1,6 +1,6 @@
 //! Storage back ends of [`switchboard_actors::store::MessageStore`].
 //!
-//! - [`embedded`]: redb in the data directory, the default for one node.
+//! - [`embedded`]: a write-ahead log and fjall in the data directory, the default for one node.
 //! - [`cassandra`]: Apache Cassandra, selected with `--store cassandra://…`.
 
 pub mod cassandra;

@@ -1,0 +1,302 @@
+//! The embedded store's write-ahead log: segment files `<data-dir>/wal-<first lsn>.log`, each an
+//! append-only file of framed records.
+//!
+//! Only the store's writer thread appends (recovery reads before that thread starts; the applier thread
+//! deletes segments whose records are all durable in redb). It knows nothing about messages — a record is an
+//! opaque payload. Each record is framed as
+//!
+//! ```text
+//! length: u32 LE | crc32(length bytes ‖ payload): u32 LE | payload (length bytes)
+//! ```
+//!
+//! A crash can leave a torn tail (a record cut short, or bytes the disk never wrote). Reading stops at the
+//! first record that is short or fails its CRC, and ignores it and everything after it: a record is only
+//! answered after [`Wal::append`] returned, which is after its `fdatasync`, so a torn record was never
+//! answered. Recovery deletes every segment once their records are in redb, and appends go to a new segment,
+//! so no new record is ever written behind a torn one.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+/// Bytes before each payload: its length and its CRC.
+const HEADER: usize = 8;
+
+/// The records read back from a log.
+pub(super) struct Contents {
+    /// Every good record's payload, in the order they were appended.
+    pub(super) records: Vec<Vec<u8>>,
+    /// Bytes after the last good record (a torn tail), ignored.
+    pub(super) ignored_bytes: u64,
+}
+
+/// An open log file. Not shared: one owner appends, truncates and reads it.
+pub(super) struct Wal {
+    file: File,
+    /// Bytes written since the last truncate (the file's length when nothing failed).
+    len: u64,
+    /// Reused frame buffer (a record is written with one `write` call).
+    buf: Vec<u8>,
+}
+
+impl Wal {
+    /// Create the segment whose first record will carry `first_lsn`, in `dir`, and make its directory entry
+    /// durable. A segment of that name left by an earlier run is replaced (recovery has read it already).
+    pub(super) fn create(dir: &Path, first_lsn: u64) -> io::Result<Self> {
+        let path = segment_path(dir, first_lsn);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        file.sync_all()?;
+        sync_dir(&path)?;
+        Ok(Self {
+            file,
+            len: 0,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Open an existing segment to read it back.
+    fn open(path: &Path) -> io::Result<Self> {
+        let mut file = OpenOptions::new().read(true).write(true).open(path)?;
+        let len = file.seek(SeekFrom::End(0))?;
+        Ok(Self {
+            file,
+            len,
+            buf: Vec::new(),
+        })
+    }
+
+    /// The log's length in bytes.
+    pub(super) fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Read every good record from the start of the file, stopping at the first short or corrupt one.
+    pub(super) fn read_all(&mut self) -> io::Result<Contents> {
+        let size = self.file.seek(SeekFrom::End(0))?;
+        self.file.seek(SeekFrom::Start(0))?;
+        let mut reader = BufReader::new(&self.file);
+        let mut records = Vec::new();
+        let mut offset = 0u64;
+        loop {
+            let mut header = [0u8; HEADER];
+            if size - offset < HEADER as u64 {
+                break;
+            }
+            reader.read_exact(&mut header)?;
+            let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
+            let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+            // A garbage length larger than what is left is a torn tail, not an allocation.
+            if u64::from(len) > size - offset - HEADER as u64 {
+                break;
+            }
+            let mut payload = vec![0u8; len as usize];
+            reader.read_exact(&mut payload)?;
+            if checksum(&header[..4], &payload) != crc {
+                break;
+            }
+            offset += HEADER as u64 + u64::from(len);
+            records.push(payload);
+        }
+        drop(reader);
+        self.file.seek(SeekFrom::Start(self.len))?;
+        Ok(Contents {
+            records,
+            ignored_bytes: size - offset,
+        })
+    }
+
+    /// Append one record and `fdatasync` the file. When this returns `Ok`, the record survives a crash.
+    /// After an error the file's tail is unknown (the record may or may not be there): the caller must not
+    /// append again before the log has been read back and truncated (that is, before a restart).
+    pub(super) fn append(&mut self, payload: &[u8]) -> io::Result<()> {
+        let len = u32::try_from(payload.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "log record over 4 GiB"))?;
+        let len_bytes = len.to_le_bytes();
+        self.buf.clear();
+        self.buf.extend_from_slice(&len_bytes);
+        self.buf
+            .extend_from_slice(&checksum(&len_bytes, payload).to_le_bytes());
+        self.buf.extend_from_slice(payload);
+        self.file.write_all(&self.buf)?;
+        self.len += self.buf.len() as u64;
+        self.file.sync_data()
+    }
+}
+
+/// The segments in `dir`, by first lsn, oldest first.
+pub(super) fn segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let lsn = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix(PREFIX))
+            .and_then(|n| n.strip_suffix(SUFFIX))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(lsn) = lsn {
+            out.push((lsn, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Every good record of the segment at `path` (see [`Wal::read_all`]).
+pub(super) fn read_segment(path: &Path) -> io::Result<Contents> {
+    Wal::open(path)?.read_all()
+}
+
+/// Delete the segments every record of which has an lsn ≤ `durable_lsn`: those followed by a segment that
+/// starts at or before `durable_lsn + 1`. With `all`, the newest goes too (nothing appends to it any more).
+pub(super) fn delete_durable(dir: &Path, durable_lsn: u64, all: bool) -> io::Result<()> {
+    let segs = segments(dir)?;
+    for (i, (_, path)) in segs.iter().enumerate() {
+        let covered = match segs.get(i + 1) {
+            Some((next_first, _)) => *next_first <= durable_lsn + 1,
+            None => all,
+        };
+        if covered {
+            std::fs::remove_file(path)?;
+        }
+    }
+    Ok(())
+}
+
+const PREFIX: &str = "wal-";
+const SUFFIX: &str = ".log";
+
+fn segment_path(dir: &Path, first_lsn: u64) -> PathBuf {
+    dir.join(format!("{PREFIX}{first_lsn:020}{SUFFIX}"))
+}
+
+fn checksum(len: &[u8], payload: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(len);
+    hasher.update(payload);
+    hasher.finalize()
+}
+
+/// Make a new file's directory entry durable (a no-op where directories cannot be opened).
+fn sync_dir(path: &Path) -> io::Result<()> {
+    let Some(dir) = path.parent() else {
+        return Ok(());
+    };
+    #[cfg(unix)]
+    File::open(dir)?.sync_all()?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log_in(dir: &tempfile::TempDir) -> (PathBuf, Wal) {
+        let wal = Wal::create(dir.path(), 1).unwrap();
+        (segment_path(dir.path(), 1), wal)
+    }
+
+    #[test]
+    fn records_come_back_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, mut wal) = log_in(&dir);
+        for payload in [&b"one"[..], b"", b"three"] {
+            wal.append(payload).unwrap();
+        }
+        assert_eq!(wal.len(), 3 * HEADER as u64 + 8);
+        drop(wal);
+        let contents = read_segment(&path).unwrap();
+        assert_eq!(
+            contents.records,
+            vec![b"one".to_vec(), vec![], b"three".to_vec()]
+        );
+        assert_eq!(contents.ignored_bytes, 0);
+    }
+
+    #[test]
+    fn a_torn_tail_and_everything_after_it_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, mut wal) = log_in(&dir);
+        wal.append(b"good").unwrap();
+        let good_len = wal.len();
+        wal.append(b"cut short").unwrap();
+        wal.append(b"after the cut").unwrap();
+        drop(wal);
+        // Cut the second record in the middle of its payload.
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(good_len + HEADER as u64 + 3).unwrap();
+        drop(file);
+        let contents = read_segment(&path).unwrap();
+        assert_eq!(contents.records, vec![b"good".to_vec()]);
+        assert_eq!(contents.ignored_bytes, HEADER as u64 + 3);
+    }
+
+    #[test]
+    fn a_record_failing_its_crc_ends_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, mut wal) = log_in(&dir);
+        wal.append(b"good").unwrap();
+        let good_len = wal.len();
+        wal.append(b"flipped").unwrap();
+        wal.append(b"later").unwrap();
+        drop(wal);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[good_len as usize + HEADER + 2] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+        let contents = read_segment(&path).unwrap();
+        assert_eq!(contents.records, vec![b"good".to_vec()]);
+    }
+
+    #[test]
+    fn garbage_lengths_and_short_headers_are_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, mut wal) = log_in(&dir);
+        wal.append(b"good").unwrap();
+        drop(wal);
+        for tail in [&[0xff, 0xff, 0xff, 0x7f, 1, 2, 3, 4, 5][..], &[1, 0, 0]] {
+            let mut bytes = std::fs::read(&path).unwrap();
+            bytes.truncate(HEADER + 4);
+            bytes.extend_from_slice(tail);
+            std::fs::write(&path, &bytes).unwrap();
+            let contents = read_segment(&path).unwrap();
+            assert_eq!(contents.records, vec![b"good".to_vec()]);
+            assert_eq!(contents.ignored_bytes, tail.len() as u64);
+        }
+    }
+
+    #[test]
+    fn segments_are_listed_oldest_first_and_deleted_once_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        for first in [1, 5, 12] {
+            Wal::create(dir.path(), first)
+                .unwrap()
+                .append(b"x")
+                .unwrap();
+        }
+        std::fs::write(dir.path().join("switchboard.redb"), b"not a segment").unwrap();
+        let firsts = |dir: &Path| {
+            segments(dir)
+                .unwrap()
+                .into_iter()
+                .map(|(l, _)| l)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(firsts(dir.path()), vec![1, 5, 12]);
+        // lsn 4 is durable: segment 1 (lsns 1..=4) may go; segment 5 holds lsn 5, which is not.
+        delete_durable(dir.path(), 4, false).unwrap();
+        assert_eq!(firsts(dir.path()), vec![5, 12]);
+        // Everything durable, but the newest segment is still being appended to.
+        delete_durable(dir.path(), 100, false).unwrap();
+        assert_eq!(firsts(dir.path()), vec![12]);
+        delete_durable(dir.path(), 100, true).unwrap();
+        assert!(firsts(dir.path()).is_empty());
+        assert!(dir.path().join("switchboard.redb").exists());
+    }
+}
