@@ -22,7 +22,7 @@ pub struct Settings {
     /// Directory for the embedded store and the dev token secret [default: ./data].
     #[arg(long, env = "SWITCHBOARD_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Message store: `embedded` (redb in the data directory) or
+    /// Message store: `embedded` (a write-ahead log and fjall in the data directory) or
     /// `cassandra://host:port[,host:port]/keyspace[?rf=N&dc=NAME&consistency=local_quorum&timeout_ms=5000]`
     /// [default: embedded].
     #[arg(long, env = "SWITCHBOARD_STORE")]
@@ -83,7 +83,7 @@ pub struct Settings {
 /// Which message store a node uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreKind {
-    /// redb in the data directory.
+    /// A write-ahead log and fjall in the data directory.
     Embedded,
     /// Apache Cassandra.
     Cassandra(CassandraConfig),
