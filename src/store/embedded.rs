@@ -6,7 +6,7 @@
 //! - **`store-writer`** (on every message's path) takes all the appends waiting (when it is busy, also those
 //!   arriving within 100 µs of the first), plans them — the seq fence, the dedupe, the new seqs — appends
 //!   the new messages to the log as one record and `fdatasync`s it, and only then answers them. A new
-//!   message is then kept in memory (the overlay) until redb has it, so every read sees it from the moment
+//!   message is then kept in memory (the overlay) until fjall has it, so every read sees it from the moment
 //!   it is answered. This thread only reads fjall, through snapshots.
 //! - **`store-applier`** writes the log's records to fjall in the background, in transactions committed
 //!   without an fsync (the log is what makes them durable), and about once a second makes fjall itself
@@ -16,7 +16,7 @@
 //!   and membership changes are rare and are applied here too, each durably, before they are answered.
 //!
 //! After a crash, opening the store replays the log records after fjall's last checkpoint into fjall.
-//! See `docs/decisions/0010-write-ahead-log.md` for why, and what was measured.
+//! See `docs/decisions/0010-write-ahead-log-and-fjall.md` for why, and what was measured.
 
 mod wal;
 
@@ -52,14 +52,14 @@ const APPLIED_LSN: &str = "applied_lsn";
 /// A log append costs a `write` and an `fdatasync` whatever its size (docs/benchmarks.md).
 const GROUP_WINDOW: Duration = Duration::from_micros(100);
 
-/// Most jobs the writer or the applier takes at once.
+/// Most jobs the writer takes at once.
 const MAX_GROUP: usize = 1024;
 
-/// How often the applier makes redb durable and deletes the log it covers.
+/// How often the applier makes fjall durable (a checkpoint) and deletes the log it covers.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
-/// How long the applier lets log records gather before writing them to redb: a redb commit costs about
-/// the same CPU whatever its size (copy-on-write pages), so few large ones cost far less than one per record.
+/// How long the applier lets log records gather before writing them to fjall: one transaction (and one
+/// journal write) per 50 ms instead of one per record, with the overlay holding that much meanwhile.
 const APPLY_EVERY: Duration = Duration::from_millis(50);
 
 /// A log segment is closed, and a new one started, past this size.
@@ -197,13 +197,13 @@ struct Job {
 
 /// What the applier is sent, in the writer's order.
 enum ToApplier {
-    /// A logged record, to write to redb.
+    /// A logged record, to write to fjall.
     Logged(LogRecord),
     /// A conversation or membership change, to apply durably and answer.
     Change(Job),
 }
 
-/// The new messages answered but not yet in redb, by conversation; read before redb by every read.
+/// The new messages answered but not yet in fjall, by conversation; read before fjall by every read.
 #[derive(Default)]
 struct Overlay {
     convs: HashMap<ConvId, ConvOverlay>,
@@ -306,7 +306,7 @@ struct Shared {
     db: SingleWriterTxDatabase,
     ks: Keyspaces,
     overlay: Mutex<Overlay>,
-    /// Set when the log or redb failed: every later write is refused until a restart replays the log.
+    /// Set when the log or fjall failed: every later write is refused until a restart replays the log.
     failed: Mutex<Option<StoreError>>,
 }
 
@@ -356,7 +356,7 @@ fn corrupt(e: impl std::fmt::Display) -> StoreError {
 }
 
 impl EmbeddedStore {
-    /// Open (or create) the store in `dir`, replay the log into redb, and start the writer and the applier.
+    /// Open (or create) the store in `dir`, replay the log into fjall, and start the writer and the applier.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         Self::open_with(dir, APPLY_EVERY)
     }
@@ -454,7 +454,7 @@ impl EmbeddedStore {
     }
 
     /// Run `f` on Tokio's blocking pool. A read of messages must take what it needs from the overlay
-    /// before it opens its redb snapshot ([`Shared::snapshot`]): the applier writes a message to redb
+    /// before it opens its fjall snapshot ([`Shared::snapshot`]): the applier writes a message to fjall
     /// before it leaves the overlay, so in that order no message can be missed.
     async fn read<T: Send + 'static>(
         &self,
@@ -632,7 +632,7 @@ impl Writer {
         }
     }
 
-    /// The seq fence and the dedupe of one append, against redb, the overlay and this group so far.
+    /// The seq fence and the dedupe of one append, against fjall, the overlay and this group so far.
     fn plan(
         &mut self,
         snapshot: &Snapshot,
@@ -679,7 +679,7 @@ impl Writer {
         Ok(results)
     }
 
-    /// The stored message `(conv, from, msg_id)` names, if any: in this group, the overlay, or redb.
+    /// The stored message `(conv, from, msg_id)` names, if any: in this group, the overlay, or fjall.
     fn original(
         &self,
         snapshot: &Snapshot,
@@ -731,13 +731,13 @@ impl Writer {
     }
 }
 
-/// The applier thread: log records into redb, durable checkpoints, conversation and membership changes.
+/// The applier thread: log records into fjall, durable checkpoints, conversation and membership changes.
 struct Applier {
     shared: Arc<Shared>,
     dir: PathBuf,
-    /// The last lsn written to redb.
+    /// The last lsn written to fjall.
     applied: u64,
-    /// Whether redb holds writes not yet made durable by a checkpoint.
+    /// Whether fjall holds writes not yet made durable by a checkpoint.
     dirty: bool,
     last_checkpoint: Instant,
     /// How long records gather before they are written ([`APPLY_EVERY`]).
@@ -789,7 +789,7 @@ impl Applier {
         }
     }
 
-    /// Write one batch to redb in one transaction: durable (a checkpoint) when it holds a change to answer
+    /// Write one batch to fjall in one transaction: durable (a checkpoint) when it holds a change to answer
     /// or a checkpoint is due, else committed without an fsync.
     fn apply(&mut self, batch: Vec<ToApplier>) {
         let durable = self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY
@@ -1138,7 +1138,7 @@ impl MessageStore for EmbeddedStore {
                     has_more: false,
                 });
             }
-            // The overlay first (see `read`), then redb's end of the range nearest the start of travel;
+            // The overlay first (see `read`), then fjall's end of the range nearest the start of travel;
             // the page is the first `limit` of their union in the direction of travel.
             let newest = shared.overlay().range(&conv, low, high);
             let forward = query.after.is_some();

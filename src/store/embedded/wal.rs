@@ -2,7 +2,7 @@
 //! append-only file of framed records.
 //!
 //! Only the store's writer thread appends (recovery reads before that thread starts; the applier thread
-//! deletes segments whose records are all durable in redb). It knows nothing about messages — a record is an
+//! deletes segments whose records are all durable in fjall). It knows nothing about messages — a record is an
 //! opaque payload. Each record is framed as
 //!
 //! ```text
@@ -12,7 +12,7 @@
 //! A crash can leave a torn tail (a record cut short, or bytes the disk never wrote). Reading stops at the
 //! first record that is short or fails its CRC, and ignores it and everything after it: a record is only
 //! answered after [`Wal::append`] returned, which is after its `fdatasync`, so a torn record was never
-//! answered. Recovery deletes every segment once their records are in redb, and appends go to a new segment,
+//! answered. Recovery deletes every segment once their records are in fjall, and appends go to a new segment,
 //! so no new record is ever written behind a torn one.
 
 use std::fs::{File, OpenOptions};
