@@ -583,8 +583,9 @@ impl Writer {
         if self.last_seqs.len() > MAX_CACHED_SEQS {
             self.last_seqs.clear();
         }
-        // This group's new messages, in seq order per conversation, and the answers waiting for the log.
-        let mut logged: Vec<Message> = Vec::new();
+        // This group's new messages by conversation, in seq order, and the answers waiting for the log. By
+        // conversation, so that a dedupe check scans only its own conversation's share of the group.
+        let mut logged: HashMap<ConvId, Vec<Message>> = HashMap::new();
         let mut answers = Vec::new();
         for job in jobs {
             match job.op {
@@ -593,8 +594,10 @@ impl Writer {
                     first_seq,
                     batch,
                 } => {
-                    let result = self.plan(&snapshot, &logged, &conv, first_seq, batch);
+                    let earlier = logged.get(&conv).map_or(&[][..], Vec::as_slice);
+                    let result = self.plan(&snapshot, earlier, &conv, first_seq, batch);
                     if let Ok(results) = &result {
+                        let logged = logged.entry(conv).or_default();
                         logged.extend(results.iter().filter_map(|r| match r {
                             Appended::New(m) => Some(m.clone()),
                             Appended::Duplicate(_) => None,
@@ -616,6 +619,7 @@ impl Writer {
             }
         }
         drop(snapshot);
+        let logged: Vec<Message> = logged.into_values().flatten().collect();
         if !logged.is_empty() {
             if let Err(e) = self.log(&logged) {
                 // Not durable: nobody hears success, and nothing more is logged behind an unknown tail.
@@ -632,7 +636,8 @@ impl Writer {
         }
     }
 
-    /// The seq fence and the dedupe of one append, against fjall, the overlay and this group so far.
+    /// The seq fence and the dedupe of one append, against fjall, the overlay and what this group has
+    /// already planned for the same conversation (`group`).
     fn plan(
         &mut self,
         snapshot: &Snapshot,
@@ -679,7 +684,8 @@ impl Writer {
         Ok(results)
     }
 
-    /// The stored message `(conv, from, msg_id)` names, if any: in this group, the overlay, or fjall.
+    /// The stored message `(conv, from, msg_id)` names, if any: in this group (`group`: its messages for
+    /// `conv`), the overlay, or fjall.
     fn original(
         &self,
         snapshot: &Snapshot,
@@ -688,10 +694,7 @@ impl Writer {
         from: &str,
         msg_id: &str,
     ) -> Result<Option<Message>, StoreError> {
-        if let Some(m) = group
-            .iter()
-            .find(|m| m.conv == conv && m.from == from && m.msg_id == msg_id)
-        {
+        if let Some(m) = group.iter().find(|m| m.from == from && m.msg_id == msg_id) {
             return Ok(Some(m.clone()));
         }
         if let Some(m) = self.shared.overlay().original(conv, from, msg_id) {
