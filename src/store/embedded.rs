@@ -571,15 +571,6 @@ impl Writer {
             }
             return;
         }
-        let snapshot = match self.shared.snapshot() {
-            Ok(s) => s,
-            Err(e) => {
-                for job in jobs {
-                    let _ = job.reply.send(Err(e.clone()));
-                }
-                return;
-            }
-        };
         if self.last_seqs.len() > MAX_CACHED_SEQS {
             self.last_seqs.clear();
         }
@@ -595,7 +586,7 @@ impl Writer {
                     batch,
                 } => {
                     let earlier = logged.get(&conv).map_or(&[][..], Vec::as_slice);
-                    let result = self.plan(&snapshot, earlier, &conv, first_seq, batch);
+                    let result = self.plan(earlier, &conv, first_seq, batch);
                     if let Ok(results) = &result {
                         let logged = logged.entry(conv).or_default();
                         logged.extend(results.iter().filter_map(|r| match r {
@@ -618,7 +609,6 @@ impl Writer {
                 }
             }
         }
-        drop(snapshot);
         let logged: Vec<Message> = logged.into_values().flatten().collect();
         if !logged.is_empty() {
             if let Err(e) = self.log(&logged) {
@@ -640,7 +630,6 @@ impl Writer {
     /// already planned for the same conversation (`group`).
     fn plan(
         &mut self,
-        snapshot: &Snapshot,
         group: &[Message],
         conv: &str,
         first_seq: u64,
@@ -652,7 +641,8 @@ impl Writer {
                 let in_overlay = self.shared.overlay().last(conv).map(|m| m.seq);
                 match in_overlay {
                     Some(seq) => seq,
-                    None => last_seq_in(snapshot, &self.shared.ks, conv)?,
+                    // A snapshot taken after the overlay was read (see `EmbeddedStore::read`).
+                    None => last_seq_in(&self.shared.snapshot()?, &self.shared.ks, conv)?,
                 }
             }
         };
@@ -664,7 +654,7 @@ impl Writer {
         }
         let originals = batch
             .iter()
-            .map(|m| self.original(snapshot, group, conv, &m.from, &m.msg_id))
+            .map(|m| self.original(group, conv, &m.from, &m.msg_id))
             .collect::<Result<Vec<_>, _>>()?;
         let results = plan_append(conv, first_seq, batch, originals);
         let last = results
@@ -688,7 +678,6 @@ impl Writer {
     /// `conv`), the overlay, or fjall.
     fn original(
         &self,
-        snapshot: &Snapshot,
         group: &[Message],
         conv: &str,
         from: &str,
@@ -700,6 +689,9 @@ impl Writer {
         if let Some(m) = self.shared.overlay().original(conv, from, msg_id) {
             return Ok(Some(m.clone()));
         }
+        // A snapshot taken after the overlay was read: one taken earlier (say, at the start of the group)
+        // could miss a message the applier wrote to fjall and took out of the overlay in between.
+        let snapshot = self.shared.snapshot()?;
         let ks = &self.shared.ks;
         let dedupe_key = key::with_str(&[conv, from], msg_id)?;
         let Some(seq) = snapshot.get(&ks.dedupe, dedupe_key).map_err(unavailable)? else {
