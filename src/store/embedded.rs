@@ -265,7 +265,6 @@ impl Overlay {
 }
 
 /// Every keyspace (fjall's name for a table: an LSM tree of its own, sharing the one journal).
-#[derive(Clone)]
 struct Keyspaces {
     /// conversation → postcard [`ConversationInfo`]
     conversations: SingleWriterTxKeyspace,
@@ -322,8 +321,8 @@ impl Shared {
             .clone()
     }
 
-    fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        Ok(self.db.read_tx())
+    fn snapshot(&self) -> Snapshot {
+        self.db.read_tx()
     }
 
     fn fail(&self, e: &StoreError) {
@@ -449,7 +448,7 @@ impl EmbeddedStore {
         &self,
         f: impl FnOnce(&Snapshot, &Keyspaces) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        self.read(move |shared| f(&shared.snapshot()?, &shared.ks))
+        self.read(move |shared| f(&shared.snapshot(), &shared.ks))
             .await
     }
 
@@ -611,7 +610,7 @@ impl Writer {
         }
         let logged: Vec<Message> = logged.into_values().flatten().collect();
         if !logged.is_empty() {
-            if let Err(e) = self.log(&logged) {
+            if let Err(e) = self.log(logged) {
                 // Not durable: nobody hears success, and nothing more is logged behind an unknown tail.
                 self.last_seqs.clear();
                 self.shared.fail(&e);
@@ -642,7 +641,7 @@ impl Writer {
                 match in_overlay {
                     Some(seq) => seq,
                     // A snapshot taken after the overlay was read (see `EmbeddedStore::read`).
-                    None => last_seq_in(&self.shared.snapshot()?, &self.shared.ks, conv)?,
+                    None => last_seq_in(&self.shared.snapshot(), &self.shared.ks, conv)?,
                 }
             }
         };
@@ -691,7 +690,7 @@ impl Writer {
         }
         // A snapshot taken after the overlay was read: one taken earlier (say, at the start of the group)
         // could miss a message the applier wrote to fjall and took out of the overlay in between.
-        let snapshot = self.shared.snapshot()?;
+        let snapshot = self.shared.snapshot();
         let ks = &self.shared.ks;
         let dedupe_key = key::with_str(&[conv, from], msg_id)?;
         let Some(seq) = snapshot.get(&ks.dedupe, dedupe_key).map_err(unavailable)? else {
@@ -708,13 +707,13 @@ impl Writer {
 
     /// Log the group's new messages (one record, one `fdatasync`), then show them to readers and hand
     /// them to the applier.
-    fn log(&mut self, messages: &[Message]) -> Result<(), StoreError> {
+    fn log(&mut self, messages: Vec<Message>) -> Result<(), StoreError> {
         if self.wal.len() >= MAX_SEGMENT_BYTES {
             self.wal = Wal::create(&self.dir, self.next_lsn).map_err(unavailable)?;
         }
         let record = LogRecord {
             lsn: self.next_lsn,
-            messages: messages.to_vec(),
+            messages,
         };
         let raw = postcard::to_stdvec(&record).map_err(corrupt)?;
         self.wal.append(&raw).map_err(unavailable)?;
@@ -1094,7 +1093,7 @@ impl MessageStore for EmbeddedStore {
             if let Some(m) = shared.overlay().last(&conv) {
                 return Ok(Some(m.clone()));
             }
-            let snap = shared.snapshot()?;
+            let snap = shared.snapshot();
             let last = snap
                 .prefix(&shared.ks.messages, key::prefix(&[&conv])?)
                 .next_back();
@@ -1137,7 +1136,7 @@ impl MessageStore for EmbeddedStore {
             // the page is the first `limit` of their union in the direction of travel.
             let newest = shared.overlay().range(&conv, low, high);
             let forward = query.after.is_some();
-            let snap = shared.snapshot()?;
+            let snap = shared.snapshot();
             let range = snap.range(
                 &shared.ks.messages,
                 key::with_seq(&[&conv], low)?..=key::with_seq(&[&conv], high)?,
