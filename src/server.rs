@@ -98,6 +98,7 @@ impl Server {
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             metrics,
+            runtime: tokio::runtime::Handle::current(),
         });
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;

@@ -3,8 +3,9 @@
 //! # Layout
 //! - [`system`]: the root of the supervision tree and the handle the edge holds.
 //! - [`conversations`] / [`conversation`]: one single-writer actor per active conversation.
-//! - [`sessions`] / [`session`]: one actor per online user, parent of its connections.
-//! - [`connection`]: one actor per WebSocket.
+//! - [`sessions`] / [`session`]: the session directory, one entry per online user listing its connections
+//!   (a row, not an actor: decision 0009).
+//! - [`connection`]: one loop per WebSocket, in the task that owns its socket (decision 0007).
 //! - [`outbound`]: a connection's bounded outbound queue, pushed by actors and pulled by the transport.
 //! - [`supervisor`]: Erlang restart intensity, used by every supervisor.
 //! - [`protocol`]: the JSON wire protocol, decoded into enums here and nowhere deeper.

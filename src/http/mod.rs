@@ -44,6 +44,8 @@ pub struct AppState {
     pub draining: AtomicBool,
     /// Prometheus rendering.
     pub metrics: PrometheusHandle,
+    /// The actors' runtime, where upgraded connections run (see `ws::upgrade`).
+    pub runtime: tokio::runtime::Handle,
 }
 
 impl AppState {

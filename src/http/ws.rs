@@ -1,4 +1,5 @@
-//! `GET /v1/ws`: authenticate, upgrade, and run the connection on the actix worker that owns the socket.
+//! `GET /v1/ws`: authenticate and upgrade on the actix worker that accepted the socket, then run the
+//! connection on the actors' runtime, where its conversations and their write tasks run too.
 //!
 //! The upgrade is taken out of actix's HTTP/1 dispatcher (actix-http's upgrade service, see
 //! [`upgrade_service`] and `docs/decisions/0008-own-websocket-loop.md`): once the `101` is written, the socket
@@ -103,15 +104,23 @@ async fn upgrade(
     }
     debug!(conn_id = opened.connection.id(), user_id = %user, "websocket upgraded");
     // The connection gets a task of its own, holding only the socket and what the client already sent; the
-    // dispatcher's task — sized for any HTTP request, with its buffers and codec — ends here.
+    // dispatcher's task — sized for any HTTP request, with its buffers and codec — ends here. The task runs
+    // on the actors' runtime, not on this worker: a send then goes from the connection to its conversation,
+    // its write task and the recipients' writers by waking tasks of one runtime, which its threads pick up
+    // where they are, instead of crossing between a worker's thread and the runtime's at every step. The
+    // socket is taken off this worker's reactor and registered with the runtime's.
     let FramedParts { io, read_buf, .. } = framed.into_parts();
-    actix_web::rt::spawn(serve(
-        io,
-        read_buf,
-        opened,
-        state.max_frame_bytes,
-        state.heartbeat_timeout,
-    ));
+    let io = match io.into_std() {
+        Ok(io) => io,
+        Err(e) => return debug!(error = %e, "socket could not leave the HTTP worker"),
+    };
+    let (max_frame, heartbeat) = (state.max_frame_bytes, state.heartbeat_timeout);
+    state.runtime.spawn(async move {
+        match TcpStream::from_std(io) {
+            Ok(io) => serve(io, read_buf, opened, max_frame, heartbeat).await,
+            Err(e) => debug!(error = %e, "socket could not join the actors' runtime"),
+        }
+    });
 }
 
 /// Run an upgraded connection: its loop reading the socket, and its queue written to it.
