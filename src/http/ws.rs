@@ -108,19 +108,26 @@ async fn upgrade(
     // on the actors' runtime, not on this worker: a send then goes from the connection to its conversation,
     // its write task and the recipients' writers by waking tasks of one runtime, which its threads pick up
     // where they are, instead of crossing between a worker's thread and the runtime's at every step. The
-    // socket is taken off this worker's reactor and registered with the runtime's.
+    // socket is taken off this worker's reactor and registered with the runtime's from here, inside the
+    // runtime's context, so that the task is `serve` itself: a wrapping future that registered it would keep
+    // its own copy of everything it moves into `serve` for the connection's whole life.
     let FramedParts { io, read_buf, .. } = framed.into_parts();
-    let io = match io.into_std() {
-        Ok(io) => io,
-        Err(e) => return debug!(error = %e, "socket could not leave the HTTP worker"),
+    let io = {
+        let _runtime = state.runtime.enter();
+        io.into_std().and_then(TcpStream::from_std)
     };
-    let (max_frame, heartbeat) = (state.max_frame_bytes, state.heartbeat_timeout);
-    state.runtime.spawn(async move {
-        match TcpStream::from_std(io) {
-            Ok(io) => serve(io, read_buf, opened, max_frame, heartbeat).await,
-            Err(e) => debug!(error = %e, "socket could not join the actors' runtime"),
+    match io {
+        Ok(io) => {
+            state.runtime.spawn(serve(
+                io,
+                read_buf,
+                opened,
+                state.max_frame_bytes,
+                state.heartbeat_timeout,
+            ));
         }
-    });
+        Err(e) => debug!(error = %e, "socket could not move to the actors' runtime"),
+    }
 }
 
 /// Run an upgraded connection: its loop reading the socket, and its queue written to it.
