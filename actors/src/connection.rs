@@ -63,8 +63,9 @@ pub struct ConnectionContext {
     pub store: SharedStore,
     /// Limits.
     pub limits: ConnectionLimits,
-    /// Where syncs run: the actors' runtime, not the transport's thread, so a reconnect storm's history
-    /// reads and replays do not hold up the sockets' reading and writing.
+    /// Where syncs run: the actors' runtime, whatever runtime the transport runs the connection on (the edge
+    /// runs it on this one too, decision 0011). A sync is a task of its own, so the loop keeps reading while a
+    /// reconnect storm's history reads and replays run.
     pub runtime: tokio::runtime::Handle,
 }
 

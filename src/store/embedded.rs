@@ -70,8 +70,9 @@ const APPLY_CHUNK: usize = 128;
 /// message sent meanwhile waited for the other one (docs/benchmarks.md, round 4).
 const APPLY_PACE: u32 = 3;
 
-/// Past this many messages waiting, the applier is behind: it writes without pausing until it catches up.
-const APPLY_BACKLOG: usize = 8 * APPLY_CHUNK;
+/// Past this many chunks waiting (1,024 messages), the applier is behind: it writes without pausing until it
+/// catches up.
+const APPLY_BACKLOG_CHUNKS: usize = 8;
 
 /// A log segment is closed, and a new one started, past this size.
 const MAX_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -787,7 +788,7 @@ impl Applier {
                 continue;
             }
             let chunks = chunks(batch, APPLY_CHUNK);
-            let pace = chunks.len() * APPLY_CHUNK <= APPLY_BACKLOG;
+            let pace = chunks.len() <= APPLY_BACKLOG_CHUNKS;
             let last = chunks.len().saturating_sub(1);
             for (i, chunk) in chunks.into_iter().enumerate() {
                 let started = Instant::now();
