@@ -14,15 +14,21 @@
 //!   segments it covers. fjall's commits wait, now and then, on its memtable rotations and flushes (locks
 //!   held across file writes); here that stalls only this thread, never an acknowledgement. Conversation
 //!   and membership changes are rare and are applied here too, each durably, before they are answered.
+//!   It publishes the last lsn it wrote, and the writer then drops those messages from the overlay; when
+//!   more than [`MAX_UNAPPLIED_BYTES`] wait for it, the writer waits too.
+//!
+//! The applier and fjall's own flush and compaction workers run at idle priority (`priority`): they use the
+//! cores only when a message's path does not.
 //!
 //! After a crash, opening the store replays the log records after fjall's last checkpoint into fjall.
 //! See `docs/decisions/0010-write-ahead-log-and-fjall.md` for why, and what was measured.
 
+mod priority;
 mod wal;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -62,17 +68,14 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// journal write) per 50 ms instead of one per record, with the overlay holding that much meanwhile.
 const APPLY_EVERY: Duration = Duration::from_millis(50);
 
-/// Most messages the applier writes to fjall in one transaction.
+/// Most messages the applier writes to fjall in one transaction: a short transaction holds fjall's locks,
+/// which the writer's reads also take, for a short time.
 const APPLY_CHUNK: usize = 128;
 
-/// After each chunk, the applier sleeps this many times as long as the chunk took, so that it takes at most
-/// a quarter of a core: a whole 50 ms of records written at once held a core for milliseconds, and every
-/// message sent meanwhile waited for the other one (docs/benchmarks.md, round 4).
-const APPLY_PACE: u32 = 3;
-
-/// Past this many chunks waiting (1,024 messages), the applier is behind: it writes without pausing until it
-/// catches up.
-const APPLY_BACKLOG_CHUNKS: usize = 8;
+/// Most bytes of acknowledged messages not yet in fjall (the overlay, by [`footprint`]) before the writer
+/// waits for the applier: about 25 s of 10,000 msg/s. The applier runs at idle priority, so a box saturated
+/// for that long, or a stalled disk, slows the writes down instead of growing the memory without bound.
+const MAX_UNAPPLIED_BYTES: usize = 64 * 1024 * 1024;
 
 /// A log segment is closed, and a new one started, past this size.
 const MAX_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -215,10 +218,16 @@ enum ToApplier {
     Change(Job),
 }
 
-/// The new messages answered but not yet in fjall, by conversation; read before fjall by every read.
+/// The new messages answered but not yet in fjall, by conversation; read before fjall by every read. Only the
+/// writer changes it: it adds each record it logs, and drops the records the applier has written to fjall
+/// ([`Overlay::prune`]), so the applier, at idle priority, never holds this lock.
 #[derive(Default)]
 struct Overlay {
     convs: HashMap<ConvId, ConvOverlay>,
+    /// The records held, oldest first: their lsn and the (conversation, seq) of their messages.
+    records: VecDeque<(u64, Vec<(ConvId, u64)>)>,
+    /// The [`footprint`] of the messages held.
+    bytes: usize,
 }
 
 #[derive(Default)]
@@ -228,23 +237,44 @@ struct ConvOverlay {
     dedupe: HashMap<(UserId, String), u64>,
 }
 
+/// About what a message takes in memory: its fields, and the text they point to.
+fn footprint(m: &Message) -> usize {
+    std::mem::size_of::<Message>()
+        + m.conv.len()
+        + m.id.len()
+        + m.msg_id.len()
+        + m.from.len()
+        + m.body.len()
+}
+
 impl Overlay {
-    fn add(&mut self, messages: &[Message]) {
-        for m in messages {
+    fn add(&mut self, record: &LogRecord) {
+        let mut keys = Vec::with_capacity(record.messages.len());
+        for m in &record.messages {
             let conv = self.convs.entry(m.conv.clone()).or_default();
             conv.dedupe
                 .insert((m.from.clone(), m.msg_id.clone()), m.seq);
             conv.messages.insert(m.seq, m.clone());
+            keys.push((m.conv.clone(), m.seq));
+            self.bytes += footprint(m);
         }
+        self.records.push_back((record.lsn, keys));
     }
 
-    fn remove(&mut self, messages: &[Message]) {
-        for m in messages {
-            if let Some(conv) = self.convs.get_mut(&m.conv) {
-                conv.messages.remove(&m.seq);
-                conv.dedupe.remove(&(m.from.clone(), m.msg_id.clone()));
+    /// Drop the messages of the records up to `applied`: fjall has them.
+    fn prune(&mut self, applied: u64) {
+        while self.records.front().is_some_and(|(lsn, _)| *lsn <= applied) {
+            let (_, keys) = self.records.pop_front().expect("a front record");
+            for (conv_id, seq) in keys {
+                let Some(conv) = self.convs.get_mut(&conv_id) else {
+                    continue;
+                };
+                if let Some(m) = conv.messages.remove(&seq) {
+                    self.bytes -= footprint(&m);
+                    conv.dedupe.remove(&(m.from, m.msg_id));
+                }
                 if conv.messages.is_empty() {
-                    self.convs.remove(&m.conv);
+                    self.convs.remove(&conv_id);
                 }
             }
         }
@@ -317,6 +347,10 @@ struct Shared {
     db: SingleWriterTxDatabase,
     ks: Keyspaces,
     overlay: Mutex<Overlay>,
+    /// The last lsn the applier wrote to fjall (held for an instant only), and its signal to a writer
+    /// waiting for room in the overlay.
+    applied: Mutex<u64>,
+    applied_changed: Condvar,
     /// Set when the log or fjall failed: every later write is refused until a restart replays the log.
     failed: Mutex<Option<StoreError>>,
 }
@@ -324,6 +358,10 @@ struct Shared {
 impl Shared {
     fn overlay(&self) -> std::sync::MutexGuard<'_, Overlay> {
         self.overlay.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn applied(&self) -> std::sync::MutexGuard<'_, u64> {
+        self.applied.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn failure(&self) -> Option<StoreError> {
@@ -369,11 +407,16 @@ fn corrupt(e: impl std::fmt::Display) -> StoreError {
 impl EmbeddedStore {
     /// Open (or create) the store in `dir`, replay the log into fjall, and start the writer and the applier.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        Self::open_with(dir, APPLY_EVERY)
+        Self::open_with(dir, APPLY_EVERY, MAX_UNAPPLIED_BYTES)
     }
 
-    /// [`EmbeddedStore::open`], with the applier gathering records for `apply_every`.
-    fn open_with(dir: &Path, apply_every: Duration) -> Result<Self, StoreError> {
+    /// [`EmbeddedStore::open`], with the applier gathering records for `apply_every`, and the writer waiting
+    /// for it past `max_unapplied` bytes in the overlay.
+    fn open_with(
+        dir: &Path,
+        apply_every: Duration,
+        max_unapplied: usize,
+    ) -> Result<Self, StoreError> {
         let old = dir.join(OLD_REDB_FILE);
         if old.exists() {
             return Err(StoreError::Unavailable(format!(
@@ -383,8 +426,18 @@ impl EmbeddedStore {
             )));
         }
         std::fs::create_dir_all(dir).map_err(unavailable)?;
-        let db = SingleWriterTxDatabase::builder(dir.join(STORE_DIR))
-            .open()
+        // Opened from a thread at idle priority, which fjall's flush and compaction workers, started by
+        // `open`, inherit.
+        let path = dir.join(STORE_DIR);
+        let db = std::thread::Builder::new()
+            .name("store-open".into())
+            .spawn(move || {
+                priority::become_idle("fjall workers");
+                SingleWriterTxDatabase::builder(path).open()
+            })
+            .map_err(unavailable)?
+            .join()
+            .map_err(|_| unavailable("opening fjall panicked"))?
             .map_err(unavailable)?;
         let ks = Keyspaces::open(&db)?;
         let applied = recover(&db, &ks, dir)?;
@@ -393,6 +446,8 @@ impl EmbeddedStore {
             db,
             ks,
             overlay: Mutex::new(Overlay::default()),
+            applied: Mutex::new(applied),
+            applied_changed: Condvar::new(),
             failed: Mutex::new(None),
         });
         let (to_applier, applier_rx) = mpsc::channel();
@@ -415,7 +470,16 @@ impl EmbeddedStore {
             spawn(
                 "store-writer",
                 Box::new(move || {
-                    Writer::new(shared, dir, wal, applied + 1, to_applier).run(&writer_rx)
+                    Writer {
+                        shared,
+                        dir,
+                        wal,
+                        next_lsn: applied + 1,
+                        to_applier,
+                        last_seqs: HashMap::new(),
+                        max_unapplied,
+                    }
+                    .run(&writer_rx)
                 }),
             )?
         };
@@ -534,26 +598,11 @@ struct Writer {
     /// The last seq of each conversation written lately. Every append goes through this thread, so it is
     /// exact; it saves the seq fence a read.
     last_seqs: HashMap<ConvId, u64>,
+    /// Past this many bytes in the overlay, wait for the applier ([`MAX_UNAPPLIED_BYTES`]).
+    max_unapplied: usize,
 }
 
 impl Writer {
-    fn new(
-        shared: Arc<Shared>,
-        dir: PathBuf,
-        wal: Wal,
-        next_lsn: u64,
-        to_applier: mpsc::Sender<ToApplier>,
-    ) -> Self {
-        Self {
-            shared,
-            dir,
-            wal,
-            next_lsn,
-            to_applier,
-            last_seqs: HashMap::new(),
-        }
-    }
-
     fn run(mut self, rx: &mpsc::Receiver<Job>) {
         // Jobs in the last group: a writer that took one job at a time is idle, and logs at once.
         let mut last_group = 1;
@@ -574,9 +623,45 @@ impl Writer {
         }
     }
 
+    /// Drop from the overlay what the applier has written, and wait while it still holds more than
+    /// `max_unapplied` bytes. An error once the store has failed: the applier may never catch up.
+    fn make_room(&self) -> Result<(), StoreError> {
+        let mut applied = *self.shared.applied();
+        let mut waited = false;
+        loop {
+            if let Some(e) = self.shared.failure() {
+                return Err(e);
+            }
+            {
+                let mut overlay = self.shared.overlay();
+                overlay.prune(applied);
+                metrics::gauge!("switchboard_store_unapplied_bytes").set(overlay.bytes as f64);
+                if overlay.bytes <= self.max_unapplied {
+                    return Ok(());
+                }
+                if !waited {
+                    tracing::warn!(
+                        bytes = overlay.bytes,
+                        "the store's writer waits for its applier to catch up (messages not yet in fjall)"
+                    );
+                    waited = true;
+                }
+            }
+            let seen = applied;
+            let guard = self.shared.applied();
+            // Woken when the applier publishes; the time-out only rechecks for a failure.
+            let (guard, _) = self
+                .shared
+                .applied_changed
+                .wait_timeout_while(guard, Duration::from_millis(100), |a| *a == seen)
+                .unwrap_or_else(|e| e.into_inner());
+            applied = *guard;
+        }
+    }
+
     /// Handle one group: changes go to the applier in order; appends are planned, logged and answered.
     fn group(&mut self, jobs: Vec<Job>) {
-        if let Some(e) = self.shared.failure() {
+        if let Err(e) = self.make_room() {
             for job in jobs {
                 let _ = job.reply.send(Err(e.clone()));
             }
@@ -730,7 +815,7 @@ impl Writer {
         let raw = postcard::to_stdvec(&record).map_err(corrupt)?;
         self.wal.append(&raw).map_err(unavailable)?;
         self.next_lsn += 1;
-        self.shared.overlay().add(&record.messages);
+        self.shared.overlay().add(&record);
         self.to_applier
             .send(ToApplier::Logged(record))
             .map_err(|_| unavailable("store applier stopped"))
@@ -763,6 +848,7 @@ impl Applier {
     }
 
     fn run(mut self, rx: &mpsc::Receiver<ToApplier>) {
+        priority::become_idle("store-applier");
         loop {
             let first = if self.dirty {
                 let due = self.last_checkpoint + CHECKPOINT_EVERY;
@@ -787,15 +873,8 @@ impl Applier {
                 self.apply(batch);
                 continue;
             }
-            let chunks = chunks(batch, APPLY_CHUNK);
-            let pace = chunks.len() <= APPLY_BACKLOG_CHUNKS;
-            let last = chunks.len().saturating_sub(1);
-            for (i, chunk) in chunks.into_iter().enumerate() {
-                let started = Instant::now();
+            for chunk in chunks(batch, APPLY_CHUNK) {
                 self.apply(chunk);
-                if pace && i < last {
-                    std::thread::sleep(started.elapsed() * APPLY_PACE);
-                }
             }
         }
         // The writer is gone and everything it sent is applied: make it durable, and the log with it.
@@ -833,12 +912,8 @@ impl Applier {
             Ok(results) => {
                 if let Some(last) = records.last() {
                     self.applied = last.lsn;
-                }
-                {
-                    let mut overlay = self.shared.overlay();
-                    for r in &records {
-                        overlay.remove(&r.messages);
-                    }
+                    *self.shared.applied() = last.lsn;
+                    self.shared.applied_changed.notify_all();
                 }
                 for (job, result) in changes.into_iter().zip(results) {
                     let _ = job.reply.send(result);
@@ -1339,7 +1414,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // An applier that lets records gather for 2 s: the reads below, within microseconds of the append,
         // are served from the overlay.
-        let store = EmbeddedStore::open_with(dir.path(), Duration::from_secs(2)).unwrap();
+        let store =
+            EmbeddedStore::open_with(dir.path(), Duration::from_secs(2), MAX_UNAPPLIED_BYTES)
+                .unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -1382,6 +1459,74 @@ mod tests {
         assert!(late_newest.has_more);
         let resend = rt.block_on(store.append("c", 4, vec![new("b")])).unwrap();
         assert_eq!(resend, vec![Appended::Duplicate(early[1].clone())]);
+    }
+
+    #[test]
+    fn the_writer_waits_while_the_overlay_is_over_its_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let new = |msg_id: &str| NewMessage {
+            id: format!("id-{msg_id}"),
+            msg_id: msg_id.into(),
+            from: "alice".into(),
+            body: "hi".into(),
+            ts: 7,
+        };
+        let one = footprint(&message("c", 1, "m"));
+        // Room for one message; the applier takes its records 500 ms after the first arrives.
+        let store = EmbeddedStore::open_with(dir.path(), Duration::from_millis(500), one).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let started = Instant::now();
+        rt.block_on(store.append("c", 1, vec![new("a")])).unwrap();
+        rt.block_on(store.append("c", 2, vec![new("b")])).unwrap();
+        // Two messages held: the third waits until the applier has written them to fjall.
+        rt.block_on(store.append("c", 3, vec![new("c")])).unwrap();
+        assert!(
+            started.elapsed() >= Duration::from_millis(450),
+            "the third append waited for the applier: {:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            history(&store, "c")
+                .iter()
+                .map(|m| m.msg_id.as_str())
+                .collect::<Vec<_>>(),
+            ["a", "b", "c"]
+        );
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_applier_and_fjalls_workers_run_at_idle_priority_and_the_writer_does_not() {
+        use priority::tests::policies_of_threads_named;
+        let dir = tempfile::tempdir().unwrap();
+        let _store = EmbeddedStore::open(dir.path()).unwrap();
+        // Other tests' stores may be open too: every such thread must be idle, every writer normal. A new
+        // thread has its name (and the applier its priority) only once it has started: wait for that.
+        let (idle, normal) = (libc::SCHED_IDLE as u32, libc::SCHED_OTHER as u32);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let found = [
+                ("fjall:worker", idle),
+                ("store-applier", idle),
+                ("store-writer", normal),
+            ]
+            .map(|(name, policy)| {
+                let policies = policies_of_threads_named(name);
+                (
+                    name,
+                    !policies.is_empty() && policies.iter().all(|p| *p == policy),
+                    policies,
+                )
+            });
+            if found.iter().all(|(_, ok, _)| *ok) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{found:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     #[test]
