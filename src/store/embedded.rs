@@ -1366,6 +1366,17 @@ mod tests {
         );
     }
 
+    /// A new message from alice with the id `msg_id`.
+    fn new(msg_id: &str) -> NewMessage {
+        NewMessage {
+            id: format!("id-{msg_id}"),
+            msg_id: msg_id.into(),
+            from: "alice".into(),
+            body: "hi".into(),
+            ts: 7,
+        }
+    }
+
     fn history(store: &EmbeddedStore, conv: &str) -> Vec<Message> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -1421,13 +1432,6 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        let new = |msg_id: &str| NewMessage {
-            id: format!("id-{msg_id}"),
-            msg_id: msg_id.into(),
-            from: "alice".into(),
-            body: "hi".into(),
-            ts: 7,
-        };
         let newest_two = |store: &EmbeddedStore| {
             let query = HistoryQuery {
                 after: None,
@@ -1464,13 +1468,6 @@ mod tests {
     #[test]
     fn the_writer_waits_while_the_overlay_is_over_its_limit() {
         let dir = tempfile::tempdir().unwrap();
-        let new = |msg_id: &str| NewMessage {
-            id: format!("id-{msg_id}"),
-            msg_id: msg_id.into(),
-            from: "alice".into(),
-            body: "hi".into(),
-            ts: 7,
-        };
         let one = footprint(&message("c", 1, "m"));
         // Room for one message; the applier takes its records 500 ms after the first arrives.
         let store = EmbeddedStore::open_with(dir.path(), Duration::from_millis(500), one).unwrap();
