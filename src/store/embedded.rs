@@ -347,8 +347,8 @@ struct Shared {
     db: SingleWriterTxDatabase,
     ks: Keyspaces,
     overlay: Mutex<Overlay>,
-    /// The last lsn the applier wrote to fjall (held for an instant only), and its signal to a writer
-    /// waiting for room in the overlay.
+    /// The last lsn the applier wrote to fjall (only the applier sets it; held for an instant only), and
+    /// its signal to a writer waiting for room in the overlay.
     applied: Mutex<u64>,
     applied_changed: Condvar,
     /// Set when the log or fjall failed: every later write is refused until a restart replays the log.
@@ -462,7 +462,7 @@ impl EmbeddedStore {
             let (shared, dir) = (shared.clone(), dir.to_owned());
             spawn(
                 "store-applier",
-                Box::new(move || Applier::new(shared, dir, applied, apply_every).run(&applier_rx)),
+                Box::new(move || Applier::new(shared, dir, apply_every).run(&applier_rx)),
             )?
         };
         let writer = {
@@ -826,8 +826,6 @@ impl Writer {
 struct Applier {
     shared: Arc<Shared>,
     dir: PathBuf,
-    /// The last lsn written to fjall.
-    applied: u64,
     /// Whether fjall holds writes not yet made durable by a checkpoint.
     dirty: bool,
     last_checkpoint: Instant,
@@ -836,11 +834,10 @@ struct Applier {
 }
 
 impl Applier {
-    fn new(shared: Arc<Shared>, dir: PathBuf, applied: u64, apply_every: Duration) -> Self {
+    fn new(shared: Arc<Shared>, dir: PathBuf, apply_every: Duration) -> Self {
         Self {
             shared,
             dir,
-            applied,
             dirty: false,
             last_checkpoint: Instant::now(),
             apply_every,
@@ -882,7 +879,8 @@ impl Applier {
             self.apply(Vec::new());
         }
         if self.shared.failure().is_none() {
-            if let Err(e) = wal::delete_durable(&self.dir, self.applied, true) {
+            let applied = *self.shared.applied();
+            if let Err(e) = wal::delete_durable(&self.dir, applied, true) {
                 tracing::warn!(error = %e, "could not delete the store's log after the last checkpoint");
             }
         }
@@ -911,7 +909,6 @@ impl Applier {
         match outcome {
             Ok(results) => {
                 if let Some(last) = records.last() {
-                    self.applied = last.lsn;
                     *self.shared.applied() = last.lsn;
                     self.shared.applied_changed.notify_all();
                 }
@@ -923,7 +920,9 @@ impl Applier {
                         .record(started.elapsed().as_secs_f64());
                     self.dirty = false;
                     self.last_checkpoint = Instant::now();
-                    if let Err(e) = wal::delete_durable(&self.dir, self.applied, false) {
+                    // Copied out first: the lock is not held across the deletions.
+                    let applied = *self.shared.applied();
+                    if let Err(e) = wal::delete_durable(&self.dir, applied, false) {
                         tracing::warn!(error = %e, "could not delete durable log segments");
                     }
                 } else {
