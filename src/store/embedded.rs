@@ -44,7 +44,7 @@ use switchboard_actors::store::{
 };
 use tokio::sync::oneshot;
 
-use wal::Wal;
+use wal::{Spares, Wal};
 
 /// fjall's directory inside the data directory.
 const STORE_DIR: &str = "store";
@@ -77,7 +77,7 @@ const APPLY_CHUNK: usize = 128;
 /// for that long, or a stalled disk, slows the writes down instead of growing the memory without bound.
 const MAX_UNAPPLIED_BYTES: usize = 64 * 1024 * 1024;
 
-/// A log segment is closed, and a new one started, past this size.
+/// A log segment is closed, and a new one started, past this size; segments are preallocated to it.
 const MAX_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Most conversations whose last seq the writer remembers; past it, it forgets them all and reads again.
@@ -442,6 +442,7 @@ impl EmbeddedStore {
         let ks = Keyspaces::open(&db)?;
         let applied = recover(&db, &ks, dir)?;
         let wal = Wal::create(dir, applied + 1).map_err(unavailable)?;
+        let spares = Spares::start(dir, MAX_SEGMENT_BYTES).map_err(unavailable)?;
         let shared = Arc::new(Shared {
             db,
             ks,
@@ -474,6 +475,7 @@ impl EmbeddedStore {
                         shared,
                         dir,
                         wal,
+                        spares,
                         next_lsn: applied + 1,
                         to_applier,
                         last_seqs: HashMap::new(),
@@ -593,6 +595,8 @@ struct Writer {
     shared: Arc<Shared>,
     dir: PathBuf,
     wal: Wal,
+    /// The next preallocated segment, prepared in the background.
+    spares: Spares,
     next_lsn: u64,
     to_applier: mpsc::Sender<ToApplier>,
     /// The last seq of each conversation written lately. Every append goes through this thread, so it is
@@ -805,8 +809,15 @@ impl Writer {
     /// Log the group's new messages (one record, one `fdatasync`), then show them to readers and hand
     /// them to the applier.
     fn log(&mut self, messages: Vec<Message>) -> Result<(), StoreError> {
-        if self.wal.len() >= MAX_SEGMENT_BYTES {
-            self.wal = Wal::create(&self.dir, self.next_lsn).map_err(unavailable)?;
+        let full = self.wal.len() >= MAX_SEGMENT_BYTES;
+        // A segment that grows (the first one, or one started when no spare was ready) is closed as soon as
+        // a spare is ready.
+        if full || !self.wal.preallocated() {
+            if let Some(spare) = self.spares.take() {
+                self.wal = Wal::from_spare(&self.dir, self.next_lsn, spare).map_err(unavailable)?;
+            } else if full {
+                self.wal = Wal::create(&self.dir, self.next_lsn).map_err(unavailable)?;
+            }
         }
         let record = LogRecord {
             lsn: self.next_lsn,
@@ -1491,6 +1502,49 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["a", "b", "c"]
         );
+    }
+
+    #[test]
+    fn the_writer_moves_to_a_preallocated_segment_once_one_is_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let sizes = || {
+            wal::segments(dir.path())
+                .unwrap()
+                .iter()
+                .map(|(_, path)| std::fs::metadata(path).unwrap().len())
+                .collect::<Vec<_>>()
+        };
+        let mut seq = 1;
+        let mut append = || {
+            rt.block_on(store.append("c", seq, vec![new(&format!("m{seq}"))]))
+                .unwrap();
+            seq += 1;
+        };
+        // The first segment grows; the first group after the spare is ready goes to the spare.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while sizes().last() != Some(&MAX_SEGMENT_BYTES) {
+            assert!(Instant::now() < deadline, "no spare taken: {:?}", sizes());
+            append();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for _ in 0..10 {
+            append();
+        }
+        // (The first segment may be gone already: the applier wrote its records to fjall.)
+        assert_eq!(
+            sizes().last(),
+            Some(&MAX_SEGMENT_BYTES),
+            "appends did not grow it"
+        );
+        drop(append);
+        let logged = history(&store, "c");
+        assert_eq!(logged.len() as u64, seq - 1);
+        assert!(logged.iter().zip(1..).all(|(m, seq)| m.seq == seq));
     }
 
     #[cfg(target_os = "linux")]

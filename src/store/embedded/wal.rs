@@ -14,29 +14,49 @@
 //! answered after [`Wal::append`] returned, which is after its `fdatasync`, so a torn record was never
 //! answered. Recovery deletes every segment once their records are in fjall, and appends go to a new segment,
 //! so no new record is ever written behind a torn one.
+//!
+//! A segment is normally **preallocated**: a background thread ([`Spares`]) writes a spare file of zeros,
+//! makes it durable, and the writer renames it into place. Appending then overwrites blocks the file
+//! already has, so each `fdatasync` writes the record and nothing else; appending to a growing file also
+//! commits the file system's journal (its new size and blocks) every time — one more write and flush, and
+//! a wake-up of the journal's kernel thread, per acknowledged group. A zeroed header fails its CRC, so
+//! reading stops at the end of what was written; zeros there are not a torn tail.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 /// Bytes before each payload: its length and its CRC.
 const HEADER: usize = 8;
+
+/// A spare is written in chunks of this size, each made durable before the next, with [`SPARE_PAUSE`]
+/// between them: the disk's queue never holds more than one chunk of zeros ahead of an `fdatasync` of the
+/// writer's.
+const SPARE_CHUNK: usize = 1024 * 1024;
+const SPARE_PAUSE: Duration = Duration::from_millis(5);
 
 /// The records read back from a log.
 pub(super) struct Contents {
     /// Every good record's payload, in the order they were appended.
     pub(super) records: Vec<Vec<u8>>,
-    /// Bytes after the last good record (a torn tail), ignored.
+    /// Bytes after the last good record up to the last non-zero byte (a torn tail), ignored. The zeros of
+    /// preallocated space never written are not counted.
     pub(super) ignored_bytes: u64,
 }
 
 /// An open log file. Not shared: one owner appends, truncates and reads it.
 pub(super) struct Wal {
     file: File,
-    /// Bytes written since the last truncate (the file's length when nothing failed).
+    /// Bytes written since the last truncate (the file's length when nothing failed and it was not
+    /// preallocated).
     len: u64,
     /// Reused frame buffer (a record is written with one `write` call).
     buf: Vec<u8>,
+    /// Whether the file was preallocated (a spare).
+    preallocated: bool,
 }
 
 impl Wal {
@@ -56,7 +76,29 @@ impl Wal {
             file,
             len: 0,
             buf: Vec::new(),
+            preallocated: false,
         })
+    }
+
+    /// Make `spare` the segment whose first record will carry `first_lsn` (replacing an empty segment of
+    /// that name, if any), and make its directory entry durable.
+    pub(super) fn from_spare(dir: &Path, first_lsn: u64, spare: Spare) -> io::Result<Self> {
+        let path = segment_path(dir, first_lsn);
+        std::fs::rename(&spare.path, &path)?;
+        sync_dir(&path)?;
+        let mut file = spare.file;
+        file.seek(SeekFrom::Start(0))?;
+        Ok(Self {
+            file,
+            len: 0,
+            buf: Vec::new(),
+            preallocated: true,
+        })
+    }
+
+    /// Whether appends overwrite preallocated space (until they pass its end) rather than grow the file.
+    pub(super) fn preallocated(&self) -> bool {
+        self.preallocated
     }
 
     /// Open an existing segment to read it back.
@@ -67,6 +109,7 @@ impl Wal {
             file,
             len,
             buf: Vec::new(),
+            preallocated: false,
         })
     }
 
@@ -103,10 +146,11 @@ impl Wal {
             records.push(payload);
         }
         drop(reader);
+        let ignored_bytes = written_extent(&mut self.file, offset)?;
         self.file.seek(SeekFrom::Start(self.len))?;
         Ok(Contents {
             records,
-            ignored_bytes: size - offset,
+            ignored_bytes,
         })
     }
 
@@ -126,6 +170,140 @@ impl Wal {
         self.len += self.buf.len() as u64;
         self.file.sync_data()
     }
+}
+
+/// How many bytes from `from` on come before the file's zeroed tail (up to its last non-zero byte).
+fn written_extent(file: &mut File, from: u64) -> io::Result<u64> {
+    file.seek(SeekFrom::Start(from))?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut read, mut extent) = (0u64, 0u64);
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(extent);
+        }
+        if let Some(i) = buf[..n].iter().rposition(|b| *b != 0) {
+            extent = read + i as u64 + 1;
+        }
+        read += n as u64;
+    }
+}
+
+/// A durable file of zeros, ready to become a segment ([`Wal::from_spare`]).
+pub(super) struct Spare {
+    file: File,
+    path: PathBuf,
+}
+
+/// The thread that keeps one spare ready: it prepares one at start, and another each time the last is
+/// taken. It runs at idle priority. Dropping this stops it (within a chunk) and deletes a spare not taken.
+pub(super) struct Spares {
+    want: Option<mpsc::Sender<()>>,
+    ready: mpsc::Receiver<Spare>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Spares {
+    /// Start preparing spares of `bytes` in `dir` (`<dir>/wal-spare-<n>.tmp`, not segments until taken),
+    /// after deleting those an earlier run left.
+    pub(super) fn start(dir: &Path, bytes: u64) -> io::Result<Self> {
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(is_spare)
+            {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        let (want, wanted) = mpsc::channel();
+        let (made, ready) = mpsc::channel();
+        let dir = dir.to_owned();
+        let thread = std::thread::Builder::new()
+            .name("store-spares".into())
+            .spawn(move || {
+                super::priority::become_idle("store-spares");
+                // Each spare has a name of its own: the last one taken may not be renamed yet.
+                let mut n = 0u64;
+                while wanted.recv().is_ok() {
+                    n += 1;
+                    let path = dir.join(format!("{SPARE_PREFIX}{n}{SPARE_SUFFIX}"));
+                    match prepare_spare(&path, bytes, &wanted) {
+                        Ok(Some(spare)) => {
+                            if made.send(spare).is_err() {
+                                break;
+                            }
+                        }
+                        // Stopped while preparing.
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, path = %path.display(),
+                                "could not preallocate the store's next log segment; the log grows its files instead");
+                            let _ = std::fs::remove_file(&path);
+                            break;
+                        }
+                    }
+                }
+            })?;
+        want.send(()).expect("the thread was just started");
+        Ok(Self {
+            want: Some(want),
+            ready,
+            thread: Some(thread),
+        })
+    }
+
+    /// The spare, if one is ready; the next one is then prepared.
+    pub(super) fn take(&mut self) -> Option<Spare> {
+        let spare = self.ready.try_recv().ok()?;
+        if let Some(want) = &self.want {
+            let _ = want.send(());
+        }
+        Some(spare)
+    }
+}
+
+impl Drop for Spares {
+    fn drop(&mut self) {
+        self.want = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        while let Ok(spare) = self.ready.try_recv() {
+            let _ = std::fs::remove_file(&spare.path);
+        }
+    }
+}
+
+/// Write `bytes` of zeros to `path` (replacing what is there), durably, chunk by chunk; `None` when `stop`
+/// disconnects meanwhile (the file is then deleted).
+fn prepare_spare(path: &Path, bytes: u64, stop: &mpsc::Receiver<()>) -> io::Result<Option<Spare>> {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    let zeros = vec![0u8; SPARE_CHUNK];
+    let mut written = 0u64;
+    while written < bytes {
+        if let Err(mpsc::TryRecvError::Disconnected) = stop.try_recv() {
+            drop(file);
+            std::fs::remove_file(path)?;
+            return Ok(None);
+        }
+        let n = usize::try_from(bytes - written).map_or(SPARE_CHUNK, |left| left.min(SPARE_CHUNK));
+        file.write_all(&zeros[..n])?;
+        file.sync_data()?;
+        written += n as u64;
+        std::thread::sleep(SPARE_PAUSE);
+    }
+    file.sync_all()?;
+    Ok(Some(Spare {
+        file,
+        path: path.to_owned(),
+    }))
 }
 
 /// The segments in `dir`, by first lsn, oldest first.
@@ -170,6 +348,13 @@ pub(super) fn delete_durable(dir: &Path, durable_lsn: u64, all: bool) -> io::Res
 
 const PREFIX: &str = "wal-";
 const SUFFIX: &str = ".log";
+/// A spare's name is `wal-spare-<n>.tmp` while it is prepared and until it is taken: not a segment's.
+const SPARE_PREFIX: &str = "wal-spare-";
+const SPARE_SUFFIX: &str = ".tmp";
+
+fn is_spare(name: &str) -> bool {
+    name.starts_with(SPARE_PREFIX) && name.ends_with(SPARE_SUFFIX)
+}
 
 fn segment_path(dir: &Path, first_lsn: u64) -> PathBuf {
     dir.join(format!("{PREFIX}{first_lsn:020}{SUFFIX}"))
@@ -260,7 +445,7 @@ mod tests {
         let (path, mut wal) = log_in(&dir);
         wal.append(b"good").unwrap();
         drop(wal);
-        for tail in [&[0xff, 0xff, 0xff, 0x7f, 1, 2, 3, 4, 5][..], &[1, 0, 0]] {
+        for tail in [&[0xff, 0xff, 0xff, 0x7f, 1, 2, 3, 4, 5][..], &[1, 0, 3]] {
             let mut bytes = std::fs::read(&path).unwrap();
             bytes.truncate(HEADER + 4);
             bytes.extend_from_slice(tail);
@@ -269,6 +454,93 @@ mod tests {
             assert_eq!(contents.records, vec![b"good".to_vec()]);
             assert_eq!(contents.ignored_bytes, tail.len() as u64);
         }
+    }
+
+    /// A spare of `bytes`, prepared in `dir`.
+    fn spare_in(dir: &Path, bytes: u64) -> Spare {
+        let (_keep, stop) = mpsc::channel();
+        prepare_spare(&dir.join("wal-spare-1.tmp"), bytes, &stop)
+            .unwrap()
+            .unwrap()
+    }
+
+    /// The spares in `dir`.
+    fn spares_in(dir: &Path) -> usize {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| is_spare(e.as_ref().unwrap().file_name().to_str().unwrap()))
+            .count()
+    }
+
+    #[test]
+    fn appending_to_a_preallocated_segment_overwrites_its_zeros_without_growing_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = 3 * SPARE_CHUNK as u64 + 100;
+        let spare = spare_in(dir.path(), bytes);
+        let mut wal = Wal::from_spare(dir.path(), 7, spare).unwrap();
+        assert!(wal.preallocated());
+        assert_eq!(spares_in(dir.path()), 0);
+        let path = segment_path(dir.path(), 7);
+        for payload in [&b"one"[..], b"two"] {
+            wal.append(payload).unwrap();
+        }
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), bytes);
+        drop(wal);
+        let contents = read_segment(&path).unwrap();
+        assert_eq!(contents.records, vec![b"one".to_vec(), b"two".to_vec()]);
+        // The zeros after the last record were never written: not a torn tail.
+        assert_eq!(contents.ignored_bytes, 0);
+        assert_eq!(segments(dir.path()).unwrap(), vec![(7, path)]);
+    }
+
+    #[test]
+    fn a_torn_record_in_preallocated_space_is_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::from_spare(dir.path(), 1, spare_in(dir.path(), 4096)).unwrap();
+        wal.append(b"good").unwrap();
+        let good_len = wal.len();
+        wal.append(b"torn in the middle").unwrap();
+        drop(wal);
+        // The disk wrote the record's first 11 bytes; the rest are still the spare's zeros.
+        let path = segment_path(dir.path(), 1);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[good_len as usize + 11..].fill(0);
+        std::fs::write(&path, &bytes).unwrap();
+        let contents = read_segment(&path).unwrap();
+        assert_eq!(contents.records, vec![b"good".to_vec()]);
+        assert_eq!(contents.ignored_bytes, 11);
+    }
+
+    #[test]
+    fn spares_are_prepared_one_after_another_and_one_not_taken_is_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        // One an earlier run left goes at start.
+        std::fs::write(dir.path().join("wal-spare-1.tmp"), b"left over").unwrap();
+        let mut spares = Spares::start(dir.path(), 2 * SPARE_CHUNK as u64).unwrap();
+        let mut take = || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Some(spare) = spares.take() {
+                    return spare;
+                }
+                assert!(std::time::Instant::now() < deadline, "no spare came");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        let first = take();
+        assert_eq!(first.file.metadata().unwrap().len(), 2 * SPARE_CHUNK as u64);
+        drop(Wal::from_spare(dir.path(), 1, first).unwrap());
+        // Taking the first asked for a second, under another name.
+        let second = take();
+        assert_eq!(
+            second.file.metadata().unwrap().len(),
+            2 * SPARE_CHUNK as u64
+        );
+        drop(Wal::from_spare(dir.path(), 2, second).unwrap());
+        // And taking that one for a third, which dropping the handle deletes, ready or not.
+        drop(spares);
+        assert_eq!(spares_in(dir.path()), 0);
+        assert_eq!(segments(dir.path()).unwrap().len(), 2);
     }
 
     #[test]
