@@ -23,6 +23,7 @@
 //! After a crash, opening the store replays the log records after fjall's last checkpoint into fjall.
 //! See `docs/decisions/0010-write-ahead-log-and-fjall.md` for why, and what was measured.
 
+mod dedupe;
 mod priority;
 mod wal;
 
@@ -44,6 +45,7 @@ use switchboard_actors::store::{
 };
 use tokio::sync::oneshot;
 
+use dedupe::DedupeFilter;
 use wal::{Spares, Wal};
 
 /// fjall's directory inside the data directory.
@@ -443,6 +445,7 @@ impl EmbeddedStore {
         let applied = recover(&db, &ks, dir)?;
         let wal = Wal::create(dir, applied + 1).map_err(unavailable)?;
         let spares = Spares::start(dir, MAX_SEGMENT_BYTES).map_err(unavailable)?;
+        let stored = ks.dedupe.approximate_len();
         let shared = Arc::new(Shared {
             db,
             ks,
@@ -466,6 +469,15 @@ impl EmbeddedStore {
                 Box::new(move || Applier::new(shared, dir, apply_every).run(&applier_rx)),
             )?
         };
+        let dedupe = {
+            let shared = shared.clone();
+            DedupeFilter::start(
+                Box::new(move |visit| scan_dedupe_keys(&shared, visit)),
+                stored,
+                dedupe::MAX_KEYS,
+            )
+            .map_err(unavailable)?
+        };
         let writer = {
             let (shared, dir) = (shared.clone(), dir.to_owned());
             spawn(
@@ -476,6 +488,7 @@ impl EmbeddedStore {
                         dir,
                         wal,
                         spares,
+                        dedupe,
                         next_lsn: applied + 1,
                         to_applier,
                         last_seqs: HashMap::new(),
@@ -597,6 +610,8 @@ struct Writer {
     wal: Wal,
     /// The next preallocated segment, prepared in the background.
     spares: Spares,
+    /// Which new messages surely have no earlier copy, without reading fjall.
+    dedupe: DedupeFilter,
     next_lsn: u64,
     to_applier: mpsc::Sender<ToApplier>,
     /// The last seq of each conversation written lately. Every append goes through this thread, so it is
@@ -624,6 +639,7 @@ impl Writer {
             metrics::histogram!("switchboard_store_commit_seconds")
                 .record(started.elapsed().as_secs_f64());
             metrics::histogram!("switchboard_store_commit_jobs").record(last_group as f64);
+            metrics::gauge!("switchboard_store_dedupe_filter_keys").set(self.dedupe.keys() as f64);
         }
     }
 
@@ -752,11 +768,21 @@ impl Writer {
                 found,
             });
         }
-        let originals = batch
-            .iter()
-            .map(|m| self.original(group, conv, &m.from, &m.msg_id))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut keys = Vec::with_capacity(batch.len());
+        let mut originals = Vec::with_capacity(batch.len());
+        for m in &batch {
+            let key = key::with_str(&[conv, &m.from], &m.msg_id)?;
+            originals.push(if self.dedupe.surely_new(&key) {
+                None
+            } else {
+                self.original(group, conv, &m.from, &m.msg_id, &key)?
+            });
+            keys.push(key);
+        }
         let results = plan_append(conv, first_seq, batch, originals);
+        for key in &keys {
+            self.dedupe.insert(key);
+        }
         let last = results
             .iter()
             .filter_map(|r| match r {
@@ -774,14 +800,15 @@ impl Writer {
         Ok(results)
     }
 
-    /// The stored message `(conv, from, msg_id)` names, if any: in this group (`group`: its messages for
-    /// `conv`), the overlay, or fjall.
+    /// The stored message `(conv, from, msg_id)` names (its dedupe key: `dedupe_key`), if any: in this
+    /// group (`group`: its messages for `conv`), the overlay, or fjall.
     fn original(
         &self,
         group: &[Message],
         conv: &str,
         from: &str,
         msg_id: &str,
+        dedupe_key: &[u8],
     ) -> Result<Option<Message>, StoreError> {
         if let Some(m) = group.iter().find(|m| m.from == from && m.msg_id == msg_id) {
             return Ok(Some(m.clone()));
@@ -793,7 +820,6 @@ impl Writer {
         // could miss a message the applier wrote to fjall and took out of the overlay in between.
         let snapshot = self.shared.snapshot();
         let ks = &self.shared.ks;
-        let dedupe_key = key::with_str(&[conv, from], msg_id)?;
         let Some(seq) = snapshot.get(&ks.dedupe, dedupe_key).map_err(unavailable)? else {
             return Ok(None);
         };
@@ -995,6 +1021,19 @@ fn chunks(batch: Vec<ToApplier>, max: usize) -> Vec<Vec<ToApplier>> {
         chunks.last_mut().expect("a chunk was started").push(m);
     }
     chunks
+}
+
+/// Call `visit` with each dedupe key in fjall now, until it returns `false`.
+fn scan_dedupe_keys(
+    shared: &Shared,
+    visit: &mut dyn FnMut(&[u8]) -> bool,
+) -> Result<(), StoreError> {
+    for entry in shared.snapshot().iter(&shared.ks.dedupe) {
+        if !visit(&entry.key().map_err(unavailable)?) {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// Write logged messages and their dedupe entries (idempotent: a replay may write them again).
@@ -1502,6 +1541,47 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["a", "b", "c"]
         );
+    }
+
+    #[test]
+    fn the_dedupe_scan_reads_the_keys_the_writer_checks_and_resends_stay_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        rt.block_on(store.append("c", 1, vec![new("a"), new("b")]))
+            .unwrap();
+        drop(store);
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let mut scanned = Vec::new();
+        scan_dedupe_keys(&store.shared, &mut |key| {
+            scanned.push(key.to_vec());
+            true
+        })
+        .unwrap();
+        let expected: Vec<Vec<u8>> = ["a", "b"]
+            .iter()
+            .map(|id| key::with_str(&["c", "alice"], id).unwrap())
+            .collect();
+        assert_eq!(scanned, expected);
+        // Give the writer's scan of those two keys time to end, then check through its filter: a resend of
+        // a stored message, one of a message planned since, and a new one.
+        std::thread::sleep(Duration::from_millis(300));
+        let stored = history(&store, "c");
+        let appended = rt
+            .block_on(store.append("c", 3, vec![new("b"), new("d"), new("d"), new("e")]))
+            .unwrap();
+        assert_eq!(appended[0], Appended::Duplicate(stored[1].clone()));
+        let Appended::New(d) = &appended[1] else {
+            panic!("{appended:?}")
+        };
+        assert_eq!((d.seq, d.msg_id.as_str()), (3, "d"));
+        assert_eq!(appended[2], Appended::Duplicate(d.clone()));
+        assert!(matches!(&appended[3], Appended::New(e) if e.seq == 4));
+        let resent = rt.block_on(store.append("c", 5, vec![new("d")])).unwrap();
+        assert_eq!(resent, vec![Appended::Duplicate(d.clone())]);
     }
 
     #[test]
