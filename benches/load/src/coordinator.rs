@@ -107,6 +107,8 @@ pub(crate) struct RunSpec {
     pub(crate) clients: usize,
     pub(crate) rate: f64,
     pub(crate) duration_s: u64,
+    /// Dm, group: seconds of sending before the measured `duration_s`, whose latencies are kept apart.
+    pub(crate) warmup_s: u64,
     pub(crate) senders: usize,
     pub(crate) history: u32,
     pub(crate) storm_timeout_s: u64,
@@ -126,6 +128,7 @@ impl RunSpec {
             Scenario::Dm | Scenario::Group => {
                 p.insert("rate".into(), sig3(self.rate));
                 p.insert("duration_s".into(), self.duration_s.to_string());
+                p.insert("warmup_s".into(), self.warmup_s.to_string());
                 if self.scenario == Scenario::Group {
                     p.insert("senders".into(), self.senders.to_string());
                 }
@@ -143,7 +146,7 @@ fn check_bounds(run: &RunSpec, common: &Common) -> Result<(), Error> {
     if run.clients == 0 || run.clients > MAX_CLIENTS {
         return Err(format!("clients must be 1..={MAX_CLIENTS} (got {})", run.clients).into());
     }
-    if run.duration_s > MAX_SECONDS || run.storm_timeout_s > MAX_SECONDS {
+    if run.duration_s + run.warmup_s > MAX_SECONDS || run.storm_timeout_s > MAX_SECONDS {
         return Err(format!("runs are bounded to {MAX_SECONDS} s").into());
     }
     if matches!(run.scenario, Scenario::Dm | Scenario::Group)
@@ -472,6 +475,8 @@ struct Merged {
     counters: Counters,
     ack: Histogram<u64>,
     deliver: Histogram<u64>,
+    warmup_ack: Histogram<u64>,
+    warmup_deliver: Histogram<u64>,
     connect: Histogram<u64>,
     resync: Histogram<u64>,
     errors: BTreeMap<String, u64>,
@@ -488,6 +493,8 @@ fn merge(results: &[WorkerResult]) -> Merged {
         counters: Counters::default(),
         ack: latency_histogram(),
         deliver: latency_histogram(),
+        warmup_ack: latency_histogram(),
+        warmup_deliver: latency_histogram(),
         connect: latency_histogram(),
         resync: latency_histogram(),
         errors: BTreeMap::new(),
@@ -502,6 +509,8 @@ fn merge(results: &[WorkerResult]) -> Merged {
         m.counters.add(&r.counters);
         stats::add_pairs(&mut m.ack, &r.ack_us);
         stats::add_pairs(&mut m.deliver, &r.deliver_us);
+        stats::add_pairs(&mut m.warmup_ack, &r.warmup_ack_us);
+        stats::add_pairs(&mut m.warmup_deliver, &r.warmup_deliver_us);
         stats::add_pairs(&mut m.connect, &r.connect_us);
         stats::add_pairs(&mut m.resync, &r.resync_us);
         for (k, v) in &r.errors {
@@ -674,7 +683,8 @@ async fn run_once(
     let workers = net::workers_needed(n, per_worker, common.workers);
     let ranges = net::split_even(n, workers);
     let total_senders = clients.iter().filter(|c| c.sender).count();
-    let lifetime_s = run.duration_s + run.storm_timeout_s + SETUP_TIMEOUT.as_secs() + 120;
+    let lifetime_s =
+        run.duration_s + run.warmup_s + run.storm_timeout_s + SETUP_TIMEOUT.as_secs() + 120;
     let specs: Vec<WorkerSpec> = ranges
         .iter()
         .enumerate()
@@ -774,10 +784,14 @@ async fn run_once(
             fleet
                 .send_all(Command::Run {
                     duration_ms: run.duration_s * 1000,
+                    warmup_ms: run.warmup_s * 1000,
                 })
                 .await?;
             fleet
-                .pump_until(tokio::time::Instant::now() + Duration::from_secs(run.duration_s))
+                .pump_until(
+                    tokio::time::Instant::now()
+                        + Duration::from_secs(run.warmup_s + run.duration_s),
+                )
                 .await;
             fleet.set_phase("drain");
             let drain_end = tokio::time::Instant::now() + Duration::from_secs(common.drain);
@@ -928,7 +942,7 @@ async fn run_once(
             report.push(
                 "send_rate",
                 "achieved send rate",
-                sent as f64 / run.duration_s.max(1) as f64,
+                sent as f64 / (run.warmup_s + run.duration_s).max(1) as f64,
                 "msg/s",
             );
             report.push("acked", "acked", acked as f64, "");
@@ -960,6 +974,20 @@ async fn run_once(
                 "/s",
             );
             push_latency(&mut report, "deliver", "send→deliver", &m.deliver);
+            if run.warmup_s > 0 {
+                push_latency(
+                    &mut report,
+                    "warmup_ack",
+                    &format!("warm-up ({} s) send→ack", run.warmup_s),
+                    &m.warmup_ack,
+                );
+                push_latency(
+                    &mut report,
+                    "warmup_deliver",
+                    &format!("warm-up ({} s) send→deliver", run.warmup_s),
+                    &m.warmup_deliver,
+                );
+            }
             report.push(
                 "lost_conns",
                 "connections lost during the run",
@@ -987,7 +1015,7 @@ async fn run_once(
                     report.targets.push(Goal {
                         what: format!(
                             "DM send→deliver p99 at {} msg/s",
-                            sig3(sent as f64 / run.duration_s.max(1) as f64)
+                            sig3(sent as f64 / (run.warmup_s + run.duration_s).max(1) as f64)
                         ),
                         goal: "≤ 5 ms at 10,000 msg/s (aim 2 ms)".into(),
                         measured: fmt_us(d.p99),

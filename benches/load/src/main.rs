@@ -70,9 +70,13 @@ enum Cmd {
         /// Total messages per second, over all senders.
         #[arg(long, default_value_t = 1000.0)]
         rate: f64,
-        /// Seconds of sending.
+        /// Seconds of sending, measured.
         #[arg(long, default_value_t = 10)]
         duration: u64,
+        /// Seconds of sending at the same rate before the measured ones: their latencies are reported
+        /// apart (the first messages start the conversations' actors, while the setup's last work ends).
+        #[arg(long, default_value_t = 2)]
+        warmup: u64,
     },
     /// One group: M messages per second to G members; deliveries per second and delivery latency.
     Group {
@@ -87,9 +91,12 @@ enum Cmd {
         /// Members that send (round-robin).
         #[arg(long, default_value_t = 10)]
         senders: usize,
-        /// Seconds of sending.
+        /// Seconds of sending, measured.
         #[arg(long, default_value_t = 10)]
         duration: u64,
+        /// Seconds of sending at the same rate before the measured ones, reported apart.
+        #[arg(long, default_value_t = 2)]
+        warmup: u64,
     },
     /// N connected clients all drop and reconnect and sync at once: time until all are back and synced.
     Storm {
@@ -136,6 +143,7 @@ fn run(cli: Cli) -> Result<(), Error> {
         clients,
         rate: 0.0,
         duration_s: 0,
+        warmup_s: 0,
         senders: 0,
         history: 0,
         storm_timeout_s: 0,
@@ -160,11 +168,13 @@ fn run(cli: Cli) -> Result<(), Error> {
             pairs,
             rate,
             duration,
+            warmup,
         } => scenario(
             common,
             RunSpec {
                 rate,
                 duration_s: duration,
+                warmup_s: warmup,
                 ..base(Scenario::Dm, pairs.saturating_mul(2))
             },
         ),
@@ -174,11 +184,13 @@ fn run(cli: Cli) -> Result<(), Error> {
             rate,
             senders,
             duration,
+            warmup,
         } => scenario(
             common,
             RunSpec {
                 rate,
                 duration_s: duration,
+                warmup_s: warmup,
                 senders,
                 ..base(Scenario::Group, members)
             },

@@ -63,8 +63,9 @@ pub(crate) struct ClientSpec {
 pub(crate) enum Command {
     /// Open every connection, sync, prefill; answer with [`Event::Ready`].
     Connect,
-    /// Send at the worker's rate for this long (answer with nothing: the coordinator watches progress).
-    Run { duration_ms: u64 },
+    /// Send at the worker's rate for `warmup_ms + duration_ms` (answer with nothing: the coordinator
+    /// watches progress); the latencies of what is sent in the first `warmup_ms` are kept apart.
+    Run { duration_ms: u64, warmup_ms: u64 },
     /// Drop every connection at once and reconnect and sync; answer with [`Event::StormDone`].
     Drop { timeout_ms: u64 },
     /// Close everything and answer with [`Event::Final`].
@@ -146,6 +147,9 @@ pub(crate) struct WorkerResult {
     pub(crate) ack_us: Vec<(u64, u64)>,
     /// send → deliver, µs.
     pub(crate) deliver_us: Vec<(u64, u64)>,
+    /// The same two, of what was sent during the warm-up.
+    pub(crate) warmup_ack_us: Vec<(u64, u64)>,
+    pub(crate) warmup_deliver_us: Vec<(u64, u64)>,
     /// TCP connect + upgrade, µs.
     pub(crate) connect_us: Vec<(u64, u64)>,
     /// Storm: drop → this client synced again, µs.

@@ -72,11 +72,33 @@ impl AtomicCounters {
     }
 }
 
+impl Shared {
+    /// The histogram for a send made at wall-clock µs `sent_us`: `measured`, or `warmup` before the
+    /// measured part of the run.
+    fn latencies<'a>(
+        &self,
+        sent_us: u64,
+        measured: &'a Mutex<Histogram<u64>>,
+        warmup: &'a Mutex<Histogram<u64>>,
+    ) -> std::sync::MutexGuard<'a, Histogram<u64>> {
+        let which = if sent_us < self.measured_from_us.load(Relaxed) {
+            warmup
+        } else {
+            measured
+        };
+        which.lock().unwrap()
+    }
+}
+
 struct Shared {
     spec: WorkerSpec,
     c: AtomicCounters,
     ack: Mutex<Histogram<u64>>,
     deliver: Mutex<Histogram<u64>>,
+    warmup_ack: Mutex<Histogram<u64>>,
+    warmup_deliver: Mutex<Histogram<u64>>,
+    /// Wall-clock µs from which sends are measured (before it: the warm-up).
+    measured_from_us: AtomicU64,
     connect: Mutex<Histogram<u64>>,
     resync: Mutex<Histogram<u64>>,
     errors: Mutex<BTreeMap<String, u64>>,
@@ -150,6 +172,9 @@ async fn run() -> Result<(), Error> {
         c: AtomicCounters::default(),
         ack: Mutex::new(latency_histogram()),
         deliver: Mutex::new(latency_histogram()),
+        warmup_ack: Mutex::new(latency_histogram()),
+        warmup_deliver: Mutex::new(latency_histogram()),
+        measured_from_us: AtomicU64::new(0),
         connect: Mutex::new(latency_histogram()),
         resync: Mutex::new(latency_histogram()),
         errors: Mutex::default(),
@@ -233,13 +258,18 @@ async fn run() -> Result<(), Error> {
                     }
                 });
             }
-            Command::Run { duration_ms } => {
+            Command::Run {
+                duration_ms,
+                warmup_ms,
+            } => {
+                sh.measured_from_us
+                    .store(frame::now_us() + warmup_ms * 1000, Relaxed);
                 let _ = phase_tx.send(Phase::Run);
                 let senders = std::mem::take(&mut senders);
                 tokio::spawn(pace(
                     sh.clone(),
                     senders,
-                    Duration::from_millis(duration_ms),
+                    Duration::from_millis(warmup_ms + duration_ms),
                 ));
             }
             Command::Drop { timeout_ms } => {
@@ -295,6 +325,8 @@ fn result(sh: &Shared) -> WorkerResult {
         counters: sh.c.snapshot(),
         ack_us: stats::to_pairs(&sh.ack.lock().unwrap()),
         deliver_us: stats::to_pairs(&sh.deliver.lock().unwrap()),
+        warmup_ack_us: stats::to_pairs(&sh.warmup_ack.lock().unwrap()),
+        warmup_deliver_us: stats::to_pairs(&sh.warmup_deliver.lock().unwrap()),
         connect_us: stats::to_pairs(&sh.connect.lock().unwrap()),
         resync_us: stats::to_pairs(&sh.resync.lock().unwrap()),
         errors: sh.errors.lock().unwrap().clone(),
@@ -351,8 +383,8 @@ enum Mode {
 }
 
 struct Conn {
-    /// Unanswered sends: msg id → when it was written.
-    pending: HashMap<u64, Instant>,
+    /// Unanswered sends: msg id → when it was written (and its wall-clock µs).
+    pending: HashMap<u64, (Instant, u64)>,
     next_id: u64,
 }
 
@@ -372,9 +404,7 @@ impl Conn {
                     sh.c.delivered.fetch_add(1, Relaxed);
                     let now = frame::now_us();
                     if let Some(stamp) = frame::body_stamp(text) {
-                        sh.deliver
-                            .lock()
-                            .unwrap()
+                        sh.latencies(stamp, &sh.deliver, &sh.warmup_deliver)
                             .saturating_record(now.saturating_sub(stamp).max(1));
                     }
                     sh.last_delivery_us.fetch_max(now, Relaxed);
@@ -383,10 +413,8 @@ impl Conn {
             Op::Ack => {
                 sh.c.acked.fetch_add(1, Relaxed);
                 let id = frame::str_field(text, "msg_id").and_then(|s| s.parse::<u64>().ok());
-                if let Some(at) = id.and_then(|id| self.pending.remove(&id)) {
-                    sh.ack
-                        .lock()
-                        .unwrap()
+                if let Some((at, stamp)) = id.and_then(|id| self.pending.remove(&id)) {
+                    sh.latencies(stamp, &sh.ack, &sh.warmup_ack)
                         .saturating_record((at.elapsed().as_micros() as u64).max(1));
                 }
             }
@@ -415,7 +443,7 @@ impl Conn {
         self.next_id += 1;
         let now = frame::now_us();
         let text = frame::send_frame(conv, self.next_id, &frame::body(now, sh.spec.body_bytes));
-        self.pending.insert(self.next_id, Instant::now());
+        self.pending.insert(self.next_id, (Instant::now(), now));
         ws.send(Message::Text(text.into())).await?;
         sh.c.sent.fetch_add(1, Relaxed);
         let _ = sh.first_send_us.compare_exchange(0, now, Relaxed, Relaxed);
