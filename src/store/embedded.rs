@@ -18,7 +18,10 @@
 //!   more than [`MAX_UNAPPLIED_BYTES`] wait for it, the writer waits too.
 //!
 //! The applier and fjall's own flush and compaction workers run at idle priority (`priority`): they use the
-//! cores only when a message's path does not.
+//! cores only when a message's path does not. So do the writer's two helpers: `store-spares` prepares the
+//! next log segment (`wal::Spares`: preallocated, so an `fdatasync` writes no file-system metadata), and
+//! `store-dedupe` reads the stored dedupe keys once after the start, for the writer's `DedupeFilter` (which
+//! spares a new message's dedupe check a fjall lookup).
 //!
 //! After a crash, opening the store replays the log records after fjall's last checkpoint into fjall.
 //! See `docs/decisions/0010-write-ahead-log-and-fjall.md` for why, and what was measured.
