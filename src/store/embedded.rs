@@ -1624,7 +1624,6 @@ mod tests {
             Some(&MAX_SEGMENT_BYTES),
             "appends did not grow it"
         );
-        drop(append);
         let logged = history(&store, "c");
         assert_eq!(logged.len() as u64, seq - 1);
         assert!(logged.iter().zip(1..).all(|(m, seq)| m.seq == seq));
