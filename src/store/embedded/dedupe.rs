@@ -5,14 +5,16 @@
 //! forever, per sender and conversation), and the answer is "none" for all but a client's resend. Asking
 //! fjall for that costs memtable lookups on the writer's thread, on every acknowledgement's path, and waits
 //! on fjall's version lock whenever one of its idle-priority workers holds it. The filter answers "surely
-//! none" for ~99 % of new keys without fjall: two Bloom filters, one of the keys fjall held when the store
+//! none" for ~98 % of new keys without fjall: two Bloom filters, one of the keys fjall held when the store
 //! opened (read by a scan in the background, at idle priority), one of the keys the writer planned since.
 //! A Bloom filter has no false negatives, so a key in neither has no message. For any other key — one that
 //! either filter may hold, or any key while the scan runs — the writer checks as before (its group, the
 //! overlay, fjall): the answer stays exact.
 //!
-//! Memory: ~1.5 bytes a key at a 1 % false-positive rate. Past [`MAX_KEYS`] keys the filter turns itself off
-//! and frees it, and every check goes to fjall again. See `docs/decisions/0014-store-writer-dedupe-filter.md`.
+//! Each Bloom filter grows by adding a filter twice the size of the last, sized for a rate 0.85 times the
+//! last's (scalable Bloom filters): the rate stays under 0.5 % / (1 − 0.85) ≈ 3.3 %, and is ~2 % after tens
+//! of millions of keys. Memory: ~2 bytes a key. Past [`MAX_KEYS`] keys the filter turns itself off and frees
+//! it, and every check goes to fjall again. See `docs/decisions/0014-store-writer-dedupe-filter.md`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -21,10 +23,13 @@ use std::thread::JoinHandle;
 use growable_bloom_filter::GrowableBloom;
 use switchboard_actors::store::StoreError;
 
-/// The false-positive rate each filter is sized for: the share of new keys still checked in fjall.
-const FALSE_POSITIVES: f64 = 0.01;
+/// The false-positive rate each filter starts with (the share of new keys still checked in fjall).
+const FALSE_POSITIVES: f64 = 0.005;
 
-/// Past this many keys (about 75 MB of filters), the filter is turned off.
+/// The keys the filter of keys planned since the start is first sized for; it doubles as it fills.
+const RECENT_KEYS: usize = 1_000_000;
+
+/// Past this many keys (about 100 MB of filters), the filter is turned off.
 pub(super) const MAX_KEYS: usize = 50_000_000;
 
 /// A scan of the stored keys: calls its argument with each key until that returns `false`.
@@ -83,7 +88,7 @@ impl DedupeFilter {
         };
         Ok(Self {
             at_open: AtOpen::Scanning(scanned),
-            recent: GrowableBloom::new(FALSE_POSITIVES, 100_000),
+            recent: GrowableBloom::new(FALSE_POSITIVES, RECENT_KEYS),
             max_keys,
             stop,
             scanner: Some(scanner),
@@ -201,8 +206,28 @@ mod tests {
             .filter(|i| filter.surely_new(format!("fresh-{i}").as_bytes()))
             .count();
         assert!(
-            fresh > 9_700,
+            fresh > 9_900,
             "only {fresh} of 10,000 new keys were surely new"
+        );
+    }
+
+    #[test]
+    fn a_grown_filter_still_rules_out_most_new_keys() {
+        let (go, wait) = mpsc::channel();
+        let mut filter = DedupeFilter::start(scan_of(vec![], wait), 0, MAX_KEYS).unwrap();
+        go.send(()).unwrap();
+        wait_for_scan(&mut filter);
+        // Three times what the filter of planned keys starts with: it has grown twice.
+        for i in 0..3 * RECENT_KEYS as u64 {
+            filter.insert(&i.to_le_bytes());
+        }
+        assert!((0..1_000u64).all(|i| !filter.surely_new(&(i * 2_999).to_le_bytes())));
+        let fresh = (0..100_000u64)
+            .filter(|i| filter.surely_new(&(u64::MAX - i).to_le_bytes()))
+            .count();
+        assert!(
+            fresh > 98_500,
+            "only {fresh} of 100,000 new keys were surely new"
         );
     }
 
