@@ -434,16 +434,13 @@ impl EmbeddedStore {
         // Opened from a thread at idle priority, which fjall's flush and compaction workers, started by
         // `open`, inherit.
         let path = dir.join(STORE_DIR);
-        let db = std::thread::Builder::new()
-            .name("store-open".into())
-            .spawn(move || {
-                priority::become_idle("fjall workers");
-                SingleWriterTxDatabase::builder(path).open()
-            })
-            .map_err(unavailable)?
-            .join()
-            .map_err(|_| unavailable("opening fjall panicked"))?
-            .map_err(unavailable)?;
+        let db = priority::spawn_idle("store-open", move || {
+            SingleWriterTxDatabase::builder(path).open()
+        })
+        .map_err(unavailable)?
+        .join()
+        .map_err(|_| unavailable("opening fjall panicked"))?
+        .map_err(unavailable)?;
         let ks = Keyspaces::open(&db)?;
         let applied = recover(&db, &ks, dir)?;
         let wal = Wal::create(dir, applied + 1).map_err(unavailable)?;
@@ -459,18 +456,12 @@ impl EmbeddedStore {
         });
         let (to_applier, applier_rx) = mpsc::channel();
         let (to_writer, writer_rx) = mpsc::channel();
-        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new()
-                .name(name.into())
-                .spawn(f)
-                .map_err(unavailable)
-        };
         let applier = {
             let (shared, dir) = (shared.clone(), dir.to_owned());
-            spawn(
-                "store-applier",
-                Box::new(move || Applier::new(shared, dir, apply_every).run(&applier_rx)),
-            )?
+            priority::spawn_idle("store-applier", move || {
+                Applier::new(shared, dir, apply_every).run(&applier_rx)
+            })
+            .map_err(unavailable)?
         };
         let dedupe = {
             let shared = shared.clone();
@@ -483,9 +474,9 @@ impl EmbeddedStore {
         };
         let writer = {
             let (shared, dir) = (shared.clone(), dir.to_owned());
-            spawn(
-                "store-writer",
-                Box::new(move || {
+            std::thread::Builder::new()
+                .name("store-writer".into())
+                .spawn(move || {
                     Writer {
                         shared,
                         dir,
@@ -498,8 +489,8 @@ impl EmbeddedStore {
                         max_unapplied,
                     }
                     .run(&writer_rx)
-                }),
-            )?
+                })
+                .map_err(unavailable)?
         };
         Ok(Self {
             shared,
@@ -885,7 +876,6 @@ impl Applier {
     }
 
     fn run(mut self, rx: &mpsc::Receiver<ToApplier>) {
-        priority::become_idle("store-applier");
         loop {
             let first = if self.dirty {
                 let due = self.last_checkpoint + CHECKPOINT_EVERY;

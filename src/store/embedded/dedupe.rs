@@ -63,18 +63,16 @@ impl DedupeFilter {
         let (done, scanned) = mpsc::channel();
         let scanner = {
             let stop = stop.clone();
-            std::thread::Builder::new()
-                .name("store-dedupe".into())
-                .spawn(move || {
-                    super::priority::become_idle("store-dedupe");
-                    let mut filter = GrowableBloom::new(FALSE_POSITIVES, stored.min(max_keys).max(1_000));
-                    let mut too_many = false;
-                    let result = scan(&mut |key| {
-                        filter.insert(key);
-                        too_many = filter.len() > max_keys;
-                        !too_many && !stop.load(Ordering::Relaxed)
-                    });
-                    match result {
+            super::priority::spawn_idle("store-dedupe", move || {
+                let mut filter =
+                    GrowableBloom::new(FALSE_POSITIVES, stored.min(max_keys).max(1_000));
+                let mut too_many = false;
+                let result = scan(&mut |key| {
+                    filter.insert(key);
+                    too_many = filter.len() > max_keys;
+                    !too_many && !stop.load(Ordering::Relaxed)
+                });
+                match result {
                         Err(e) => tracing::warn!(error = %e,
                             "the store's dedupe filter could not read the stored keys; every dedupe check reads the store"),
                         Ok(()) if too_many => tracing::info!(max_keys,
@@ -84,7 +82,7 @@ impl DedupeFilter {
                             let _ = done.send(filter);
                         }
                     }
-                })?
+            })?
         };
         Ok(Self {
             at_open: AtOpen::Scanning(scanned),

@@ -5,10 +5,25 @@
 //! cycle. Lowering a thread's priority needs no privilege; raising it back would (`RLIMIT_NICE`), so these
 //! threads stay idle for their whole life. See `docs/decisions/0012-background-store-work-at-idle-priority.md`.
 
+/// Start a thread named `name` that runs `f` at idle priority ([`become_idle`]): every background thread
+/// of the store starts here.
+pub(super) fn spawn_idle<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<T>> {
+    let role = name.to_owned();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            become_idle(&role);
+            f()
+        })
+}
+
 /// Put the calling thread under `SCHED_IDLE`; the threads it starts from now on inherit it. Elsewhere than
 /// Linux, or when the system refuses (a seccomp profile, say), it logs why and leaves the priority as it
 /// is: the store works the same, only with a longer latency tail while it writes in the background.
-pub(super) fn become_idle(role: &str) {
+fn become_idle(role: &str) {
     #[cfg(target_os = "linux")]
     {
         let param = libc::sched_param { sched_priority: 0 };

@@ -220,32 +220,29 @@ impl Spares {
         let (want, wanted) = mpsc::channel();
         let (made, ready) = mpsc::channel();
         let dir = dir.to_owned();
-        let thread = std::thread::Builder::new()
-            .name("store-spares".into())
-            .spawn(move || {
-                super::priority::become_idle("store-spares");
-                // Each spare has a name of its own: the last one taken may not be renamed yet.
-                let mut n = 0u64;
-                while wanted.recv().is_ok() {
-                    n += 1;
-                    let path = dir.join(format!("{SPARE_PREFIX}{n}{SPARE_SUFFIX}"));
-                    match prepare_spare(&path, bytes, &wanted) {
-                        Ok(Some(spare)) => {
-                            if made.send(spare).is_err() {
-                                break;
-                            }
-                        }
-                        // Stopped while preparing.
-                        Ok(None) => break,
-                        Err(e) => {
-                            tracing::warn!(error = %e, path = %path.display(),
-                                "could not preallocate the store's next log segment; the log grows its files instead");
-                            let _ = std::fs::remove_file(&path);
+        let thread = super::priority::spawn_idle("store-spares", move || {
+            // Each spare has a name of its own: the last one taken may not be renamed yet.
+            let mut n = 0u64;
+            while wanted.recv().is_ok() {
+                n += 1;
+                let path = dir.join(format!("{SPARE_PREFIX}{n}{SPARE_SUFFIX}"));
+                match prepare_spare(&path, bytes, &wanted) {
+                    Ok(Some(spare)) => {
+                        if made.send(spare).is_err() {
                             break;
                         }
                     }
+                    // Stopped while preparing.
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, path = %path.display(),
+                                "could not preallocate the store's next log segment; the log grows its files instead");
+                        let _ = std::fs::remove_file(&path);
+                        break;
+                    }
                 }
-            })?;
+            }
+        })?;
         want.send(()).expect("the thread was just started");
         Ok(Self {
             want: Some(want),
