@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use switchboard_cluster::NodeId;
+
 use crate::store::cassandra::CassandraConfig;
 
 /// Every setting, all optional so that the layers can be merged.
@@ -78,6 +80,52 @@ pub struct Settings {
     /// Log filter, tracing's EnvFilter syntax [default: info].
     #[arg(long, env = "SWITCHBOARD_LOG")]
     pub log: Option<String>,
+    /// Close connections over this many seconds when the node drains, so that their clients do not all
+    /// reconnect at once [default: 5].
+    #[arg(long, env = "SWITCHBOARD_DRAIN_WINDOW_SECS")]
+    pub drain_window_secs: Option<f64>,
+    /// Bearer token for `POST /v1/admin/drain`; without it only loopback callers may drain the node.
+    #[arg(long, env = "SWITCHBOARD_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// This node's name in the cluster [default: a random `n_…`].
+    #[arg(long, env = "SWITCHBOARD_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Where to listen for other nodes; setting it makes the node a cluster member (needs `store` =
+    /// cassandra and `redis`).
+    #[arg(long, env = "SWITCHBOARD_CLUSTER_LISTEN")]
+    pub cluster_listen: Option<SocketAddr>,
+    /// Cluster listeners of nodes to join, comma-separated `host:port`.
+    #[arg(long, env = "SWITCHBOARD_SEEDS", value_delimiter = ',')]
+    pub seeds: Option<Vec<String>>,
+    /// The secret every node of the cluster shares (required with `cluster_listen`).
+    #[arg(long, env = "SWITCHBOARD_COOKIE", hide_env_values = true)]
+    pub cookie: Option<String>,
+    /// Redis for the connection registry, `redis://host:port[/db]` (required with `cluster_listen`).
+    #[arg(long, env = "SWITCHBOARD_REDIS")]
+    pub redis: Option<String>,
+    /// Registry entries of a node that stops refreshing them expire after this many seconds [default: 90].
+    #[arg(long, env = "SWITCHBOARD_REGISTRY_TTL_SECS")]
+    pub registry_ttl_secs: Option<f64>,
+    /// How often a node refreshes (and after a Redis outage, rewrites) its registry entries [default: 15].
+    #[arg(long, env = "SWITCHBOARD_REGISTRY_HEARTBEAT_SECS")]
+    pub registry_heartbeat_secs: Option<f64>,
+}
+
+/// A node's cluster settings (present when `cluster_listen` is set).
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    /// Cluster listen address.
+    pub listen: SocketAddr,
+    /// Seeds.
+    pub seeds: Vec<String>,
+    /// Shared secret.
+    pub cookie: String,
+    /// Redis URL.
+    pub redis: String,
+    /// Registry TTL.
+    pub registry_ttl: Duration,
+    /// Registry heartbeat.
+    pub registry_heartbeat: Duration,
 }
 
 /// Which message store a node uses.
@@ -143,6 +191,14 @@ pub struct Config {
     pub http_workers: usize,
     /// Log filter.
     pub log: String,
+    /// Drain window.
+    pub drain_window: Duration,
+    /// Admin token.
+    pub admin_token: Option<String>,
+    /// Node name.
+    pub node_name: String,
+    /// Cluster membership, if any.
+    pub cluster: Option<ClusterSettings>,
 }
 
 /// A configuration that cannot be used.
@@ -234,6 +290,60 @@ impl Settings {
             http_workers: pick!(http_workers)
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
             log: pick!(log).unwrap_or_else(|| "info".into()),
+            drain_window: match pick!(drain_window_secs) {
+                Some(v) if v == 0.0 => Duration::ZERO,
+                v => secs(v, 5.0, "drain_window_secs")?,
+            },
+            admin_token: pick!(admin_token),
+            node_name: pick!(node_name).unwrap_or_else(|| NodeId::random().0),
+            cluster: None,
+        };
+        let valid_name = |n: &str| {
+            !n.is_empty()
+                && n.len() <= 64
+                && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        };
+        if !valid_name(&config.node_name) {
+            return Err(ConfigError::Invalid(
+                "node_name: 1 to 64 of A-Z a-z 0-9 - _ .".into(),
+            ));
+        }
+        let seeds = pick!(seeds).unwrap_or_default();
+        let (cookie, redis) = (pick!(cookie), pick!(redis));
+        let config = match pick!(cluster_listen) {
+            None if !seeds.is_empty() || redis.is_some() => {
+                return Err(ConfigError::Invalid(
+                    "seeds and redis need cluster_listen".into(),
+                ))
+            }
+            None => config,
+            Some(listen) => {
+                let (Some(cookie), Some(redis)) = (cookie, redis) else {
+                    return Err(ConfigError::Invalid(
+                        "a cluster node (cluster_listen) needs cookie and redis".into(),
+                    ));
+                };
+                if config.store == StoreKind::Embedded {
+                    return Err(ConfigError::Invalid(
+                        "a cluster node needs a shared store: store = cassandra://…".into(),
+                    ));
+                }
+                Config {
+                    cluster: Some(ClusterSettings {
+                        listen,
+                        seeds,
+                        cookie,
+                        redis,
+                        registry_ttl: secs(pick!(registry_ttl_secs), 90.0, "registry_ttl_secs")?,
+                        registry_heartbeat: secs(
+                            pick!(registry_heartbeat_secs),
+                            15.0,
+                            "registry_heartbeat_secs",
+                        )?,
+                    }),
+                    ..config
+                }
+            }
         };
         if config.max_body_bytes == 0 || config.max_body_bytes >= config.max_frame_bytes {
             return Err(ConfigError::Invalid(

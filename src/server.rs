@@ -18,6 +18,9 @@ use switchboard_actors::conversation::ConversationConfig;
 use switchboard_actors::conversations::Conversations;
 use switchboard_actors::supervisor::RestartIntensity;
 use switchboard_actors::system::{ActorSystem, SystemConfig};
+use switchboard_actors::cluster::SharedCluster;
+use switchboard_cluster::node::{ClusterConfig, ClusterNode};
+use switchboard_cluster::registry::RegistryConfig;
 use switchboard_cluster::NodeId;
 use tracing::{info, warn};
 
@@ -78,6 +81,7 @@ impl Server {
                 max_body: config.max_body_bytes,
                 outbound_queue: config.outbound_queue,
                 max_unacked: config.max_unacked,
+                drain_window: config.drain_window,
             },
             intensity: RestartIntensity {
                 max_restarts: config.max_restarts,
@@ -85,9 +89,39 @@ impl Server {
             },
             ..SystemConfig::default()
         };
-        let system = ActorSystem::start(system_config, store.clone()).await?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let node = NodeId(config.node_name.clone());
+        let cluster = match &config.cluster {
+            None => None,
+            Some(c) => Some(ClusterNode::new(ClusterConfig {
+                node: node.clone(),
+                listen: c.listen,
+                seeds: c.seeds.clone(),
+                cookie: c.cookie.clone(),
+                http: addr,
+                registry: RegistryConfig {
+                    url: c.redis.clone(),
+                    node: node.clone(),
+                    ttl: c.registry_ttl,
+                    heartbeat: c.registry_heartbeat,
+                    prefix: "sb".into(),
+                },
+                call_timeout: Duration::from_secs(5),
+            })?),
+        };
+        let shared: Option<SharedCluster> = cluster.clone().map(|c| c as SharedCluster);
+        let system = ActorSystem::start(system_config, store.clone(), shared).await?;
+        if let Some(c) = &cluster {
+            c.attach(
+                system.conversations.clone(),
+                system.sessions.directory().clone(),
+            )
+            .await?;
+        }
+        let drain_requested = Arc::new(tokio::sync::Notify::new());
         let state = web::Data::new(AppState {
-            node: NodeId::random(),
+            node,
             store: store.clone(),
             conversations: system.conversations.clone(),
             sessions: system.sessions.clone(),
@@ -99,9 +133,11 @@ impl Server {
             draining: AtomicBool::new(false),
             metrics,
             runtime: tokio::runtime::Handle::current(),
+            http_addr: addr,
+            cluster,
+            admin_token: config.admin_token.clone(),
+            drain_requested,
         });
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
         let app_state = state.clone();
         let dev_login = config.dev_login;
         // actix-web's `HttpServer` cannot take an upgrade service, so the HTTP service is assembled here as
@@ -161,10 +197,16 @@ impl Server {
         &self.system.conversations
     }
 
-    /// Serve until `shutdown` resolves (then drain) or a supervisor escalates (then drain and fail).
+    /// Serve until `shutdown` resolves or an operator asks for a drain (`POST /v1/admin/drain`) — then drain —
+    /// or a supervisor escalates (then drain and fail).
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let drain_requested = self.state.drain_requested.clone();
         let escalated = tokio::select! {
             () = shutdown => None,
+            () = drain_requested.notified() => {
+                info!("drain requested over HTTP");
+                None
+            }
             reason = self.system.escalated() => Some(reason),
         };
         self.shutdown().await;
@@ -191,6 +233,10 @@ impl Server {
         info!("draining");
         state.ready.store(false, Ordering::Release);
         state.draining.store(true, Ordering::Release);
+        if let Some(cluster) = &state.cluster {
+            // The other nodes take this node's conversations from now on; its connections' sends follow them.
+            cluster.drain();
+        }
         if tokio::time::timeout(drain_timeout, system.drain())
             .await
             .is_err()
@@ -200,6 +246,9 @@ impl Server {
         stopping.notify_waiters();
         http.stop(true).await;
         let _ = http_task.await;
+        if let Some(cluster) = &state.cluster {
+            cluster.leave().await;
+        }
         system.stop().await;
         drop(system);
         store.close();

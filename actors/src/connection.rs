@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
 
+use crate::cluster::Origin;
 use crate::conversation::SendRequest;
 use crate::conversations::{Conversations, PendingReply};
 use crate::history;
@@ -43,6 +44,18 @@ pub struct ConnectionLimits {
     pub outbound_queue: usize,
     /// Sends of one connection awaiting their ack; past that a send gets `rate_limited`.
     pub max_unacked: usize,
+    /// A drain closes the node's connections spread over this window, so their clients do not all
+    /// reconnect at the same instant.
+    pub drain_window: Duration,
+}
+
+impl ConnectionLimits {
+    /// When, within the drain window, connection `id` closes: ids are consecutive, and multiplying by the
+    /// golden ratio's 64-bit fraction spreads consecutive ones evenly over the window.
+    pub fn drain_turn(&self, id: ConnId) -> Duration {
+        let fraction = id.wrapping_mul(0x9e37_79b9_7f4a_7c15) as f64 / u64::MAX as f64;
+        self.drain_window.mul_f64(fraction)
+    }
 }
 
 impl Default for ConnectionLimits {
@@ -51,6 +64,7 @@ impl Default for ConnectionLimits {
             max_body: 4 * 1024,
             outbound_queue: 1024,
             max_unacked: 1024,
+            drain_window: Duration::ZERO,
         }
     }
 }
@@ -224,16 +238,28 @@ impl Connection {
         tokio::pin!(silent);
         let outbound = self.replier.outbound.clone();
         let drain = self.drain.clone();
+        // Once the node drains, the connection goes on serving until its turn in the drain window, which
+        // `silent` then times: no second timer in every idle connection's task.
+        let mut draining = false;
         loop {
             tokio::select! {
                 biased;
-                () = drain.cancelled() => return Box::pin(self.drain()).await,
+                () = drain.cancelled(), if !draining => {
+                    draining = true;
+                    silent.as_mut().reset(Instant::now() + self.ctx.limits.drain_turn(self.id));
+                }
                 // Closed by someone else: a slow consumer, the transport gone.
                 () = outbound.closing() => return,
                 Some(answer) = self.pending.next(), if !self.pending.is_empty() => self.answer(answer),
-                () = &mut silent => return self.close(CloseCode::IdleTimeout),
+                () = &mut silent => return if draining {
+                    Box::pin(self.drain()).await
+                } else {
+                    self.close(CloseCode::IdleTimeout)
+                },
                 next = frames.next() => {
-                    silent.as_mut().reset(Instant::now() + heartbeat);
+                    if !draining {
+                        silent.as_mut().reset(Instant::now() + heartbeat);
+                    }
                     match next.unwrap_or(Inbound::Closed) {
                         // Boxed: an idle connection's task does not carry room for a send in flight.
                         Inbound::Text(text) => Box::pin(self.inbound(&text)).await,
@@ -302,7 +328,7 @@ impl Connection {
                     from: self.link.user.clone(),
                     msg_id,
                     body,
-                    origin: Some(self.id),
+                    origin: Some(Origin::Here(self.id)),
                 };
                 // Submitting here, before reading the next frame, keeps one connection's sends in order.
                 match self.ctx.conversations.submit(&conv, request.clone()).await {
@@ -311,13 +337,17 @@ impl Connection {
                 }
             }
             ClientFrame::Sync { conv, after_seq } => {
-                let (store, user, replier) = (
+                let (store, user, replier, conversations) = (
                     self.ctx.store.clone(),
                     self.link.user.clone(),
                     self.replier.clone(),
+                    self.ctx.conversations.clone(),
                 );
                 self.syncs.spawn_on(
                     async move {
+                        // In a cluster, the owner must know this connection before history is read, or a
+                        // message committed in between would be in neither the replay nor the live feed.
+                        conversations.barrier(&conv).await;
                         match history::sync(&*store, &user, &conv, after_seq).await {
                             Ok(page) => {
                                 for m in &page.messages {

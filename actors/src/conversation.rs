@@ -17,9 +17,10 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tracing::{debug, warn};
 
+use crate::cluster::{Origin, SharedCluster};
 use crate::conversations::ConversationsMsg;
 use crate::protocol::{self, ErrorCode, ProtocolError, ServerFrame};
-use crate::session::{ConnId, Recipients, SessionDirectory};
+use crate::session::{Recipients, SessionDirectory};
 use crate::store::{
     Appended, ConvId, ConversationKind, Message, NewMessage, SharedStore, StoreError, UserId,
     MAX_MEMBERS,
@@ -57,6 +58,8 @@ pub struct ConversationContext {
     pub sessions: SessionDirectory,
     /// Tunables.
     pub config: ConversationConfig,
+    /// The cluster, if this node is in one: members online elsewhere get the batch through it.
+    pub cluster: Option<SharedCluster>,
 }
 
 /// A send as the edge hands it over.
@@ -69,7 +72,7 @@ pub struct SendRequest {
     /// Text, already checked against the body limit.
     pub body: String,
     /// The connection it came from, which gets the `ack` instead of the `msg`.
-    pub origin: Option<ConnId>,
+    pub origin: Option<Origin>,
 }
 
 /// Messages of a [`ConversationActor`].
@@ -111,6 +114,8 @@ pub enum ConversationMsg {
     Crash,
 }
 
+impl ractor::Message for ConversationMsg {}
+
 /// The conversation actor (stateless: everything lives in [`ConversationState`]).
 pub struct ConversationActor;
 
@@ -135,7 +140,7 @@ pub enum StartError {
 
 struct PendingSend {
     message: NewMessage,
-    origin: Option<ConnId>,
+    origin: Option<Origin>,
     replies: Vec<RpcReplyPort<SendResult>>,
 }
 
@@ -333,6 +338,15 @@ impl WriteJob {
                         .sessions
                         .resolve(&self.members, self.members_version, &mut recipients);
                     recipients.deliver(&frames);
+                    if let Some(cluster) = &self.ctx.cluster {
+                        cluster.fan_out(
+                            &self.conv,
+                            &self.members,
+                            self.members_version,
+                            &frames,
+                            &mut recipients.remote,
+                        );
+                    }
                 }
                 Some(next)
             }

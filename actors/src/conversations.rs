@@ -10,9 +10,18 @@
 //!
 //! A send whose actor dies or stops before answering is resubmitted by [`PendingReply::wait`]; the store's
 //! dedupe index makes that safe.
+//!
+//! In a cluster, [`Conversations`] routes: a conversation placed on another node is reached through the
+//! [`Cluster`] (its sends forwarded in order, its member changes asked of its owner), and the sends other
+//! nodes forward here arrive through [`Conversations::forward_here`], queued by the supervisor in arrival
+//! order behind a start. When placement changes, [`Conversations::release`] drains the actors this node no
+//! longer owns, as if they were idle.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use ractor::concurrency::oneshot;
@@ -23,6 +32,7 @@ use ractor::{
 };
 use tracing::{error, info, warn};
 
+use crate::cluster::{Lost, MemberChange, Origin, RemoteReply, SharedCluster};
 use crate::conversation::{
     ConversationActor, ConversationArgs, ConversationContext, ConversationMsg, SendRequest,
     SendResult, StartError,
@@ -36,6 +46,10 @@ type StartReply = RpcReplyPort<Result<ActorRef<ConversationMsg>, ProtocolError>>
 
 /// How many times a send is resubmitted after its conversation actor went away without answering.
 const RESUBMITS: u32 = 3;
+
+/// How long a send keeps trying to reach a conversation's owner that cannot be reached (a node that just
+/// died stays in the placement until the cluster sees its link drop).
+const ROUTE_PATIENCE: Duration = Duration::from_secs(5);
 
 /// Messages of the conversation supervisor.
 pub enum ConversationsMsg {
@@ -53,14 +67,26 @@ pub enum ConversationsMsg {
         /// The new actor, or why it did not start.
         result: Result<ActorRef<ConversationMsg>, ProtocolError>,
     },
-    /// A conversation actor has been idle for its idle time.
+    /// A conversation actor has been idle for its idle time, or is no longer placed on this node: drain it.
     Idle {
         /// Conversation id.
         conv: ConvId,
         /// The reporting actor (it may have been replaced since).
         actor: ActorId,
     },
+    /// A send another node forwarded to this one, the conversation's owner: queued in arrival order, behind
+    /// the actor's start if it is not running.
+    Forward {
+        /// Conversation id.
+        conv: ConvId,
+        /// The send.
+        request: SendRequest,
+        /// Where the outcome goes.
+        reply: RpcReplyPort<SendResult>,
+    },
 }
+
+impl ractor::Message for ConversationsMsg {}
 
 /// Supervises every conversation actor of this node.
 pub struct ConversationSupervisor;
@@ -81,6 +107,8 @@ pub struct ConversationSupervisorState {
     children: HashMap<ActorId, ConvId>,
     /// Conversations being started, with who waits for each.
     starting: HashMap<ConvId, Vec<StartReply>>,
+    /// Forwarded sends waiting for their conversation's start, in arrival order.
+    forwards: HashMap<ConvId, Vec<(SendRequest, RpcReplyPort<SendResult>)>>,
     budget: RestartBudget,
     intensity: RestartIntensity,
 }
@@ -135,6 +163,18 @@ impl ConversationSupervisorState {
                     .write()
                     .expect("directory lock")
                     .remove(&conv);
+            }
+        }
+        let forwards = self.forwards.remove(&conv).unwrap_or_default();
+        for (request, reply) in forwards {
+            match &result {
+                // A failed send drops the reply: the sender's node resubmits.
+                Ok(actor) => {
+                    let _ = actor.send_message(ConversationMsg::Send { request, reply });
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.clone().for_msg(Some(&request.msg_id))));
+                }
             }
         }
         let waiters = self.starting.remove(&conv).unwrap_or_default();
@@ -192,6 +232,7 @@ impl Actor for ConversationSupervisor {
             directory: args.directory,
             children: HashMap::new(),
             starting: HashMap::new(),
+            forwards: HashMap::new(),
             budget: RestartBudget::new(args.intensity),
             intensity: args.intensity,
         })
@@ -211,6 +252,23 @@ impl Actor for ConversationSupervisor {
                 None => state.start(&myself, &conv, Some(reply)),
             },
             ConversationsMsg::Started { conv, result } => state.started(conv, result),
+            ConversationsMsg::Forward {
+                conv,
+                request,
+                reply,
+            } => match state.live(&conv) {
+                Some(actor) => {
+                    let _ = actor.send_message(ConversationMsg::Send { request, reply });
+                }
+                None => {
+                    state
+                        .forwards
+                        .entry(conv.clone())
+                        .or_default()
+                        .push((request, reply));
+                    state.start(&myself, &conv, None);
+                }
+            },
             ConversationsMsg::Idle { conv, actor } => {
                 let current = state
                     .directory
@@ -280,6 +338,7 @@ pub struct Conversations {
     directory: Directory,
     supervisor: ActorRef<ConversationsMsg>,
     reply_timeout: Duration,
+    cluster: Option<SharedCluster>,
 }
 
 impl Conversations {
@@ -290,6 +349,7 @@ impl Conversations {
         reply_timeout: Duration,
         parent: ractor::ActorCell,
     ) -> Result<Self, SpawnErr> {
+        let cluster = ctx.cluster.clone();
         let directory = Directory::default();
         let args = ConversationSupervisorArgs {
             ctx,
@@ -302,7 +362,14 @@ impl Conversations {
             directory,
             supervisor,
             reply_timeout,
+            cluster,
         })
+    }
+
+    /// The node that owns `conv`, when it is another one.
+    fn remote_owner(&self, conv: &str) -> Option<(&SharedCluster, crate::cluster::NodeName)> {
+        let cluster = self.cluster.as_ref()?;
+        cluster.owner(conv).map(|node| (cluster, node))
     }
 
     /// The running actor of `conv`, started on demand.
@@ -351,27 +418,96 @@ impl Conversations {
         })
     }
 
-    async fn enqueue(
-        &self,
-        conv: &str,
-        request: &SendRequest,
-    ) -> Result<ractor::concurrency::OneshotReceiver<SendResult>, ProtocolError> {
-        for _ in 0..RESUBMITS {
+    async fn enqueue(&self, conv: &str, request: &SendRequest) -> Result<Reply, ProtocolError> {
+        let unavailable = || {
+            ProtocolError::new(ErrorCode::Internal, "conversation unavailable")
+                .for_msg(Some(&request.msg_id))
+        };
+        let give_up = tokio::time::Instant::now() + ROUTE_PATIENCE;
+        let mut local_tries = 0;
+        loop {
+            if let Some((cluster, node)) = self.remote_owner(conv) {
+                let origin = match &request.origin {
+                    Some(Origin::Here(c)) => Some(*c),
+                    _ => None,
+                };
+                let forwarded = cluster.forward_send(
+                    &node,
+                    conv,
+                    &request.from,
+                    &request.msg_id,
+                    &request.body,
+                    origin,
+                );
+                match forwarded {
+                    Ok(reply) => return Ok(Reply::Remote(reply)),
+                    // The owner's link is down: wait for the cluster to place the conversation elsewhere.
+                    Err(Lost) if tokio::time::Instant::now() < give_up => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                    Err(Lost) => return Err(unavailable()),
+                }
+            }
             let actor = self.actor(conv).await?;
             let (tx, rx) = oneshot();
             match actor.send_message(ConversationMsg::Send {
                 request: request.clone(),
                 reply: tx.into(),
             }) {
-                Ok(()) => return Ok(rx),
+                Ok(()) => return Ok(Reply::Local(rx)),
                 // Stopped or draining between lookup and send: look again.
-                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                Err(_) if local_tries + 1 < RESUBMITS => {
+                    local_tries += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(_) => return Err(unavailable()),
             }
         }
-        Err(
-            ProtocolError::new(ErrorCode::Internal, "conversation unavailable")
-                .for_msg(Some(&request.msg_id)),
-        )
+    }
+
+    /// Queue a send that another node forwarded to this one, the conversation's owner. Synchronous and in
+    /// order: the supervisor queues it behind the conversation's start if the actor is not running.
+    pub fn forward_here(
+        &self,
+        conv: ConvId,
+        request: SendRequest,
+        reply: RpcReplyPort<SendResult>,
+    ) {
+        let _ = self.supervisor.send_message(ConversationsMsg::Forward {
+            conv,
+            request,
+            reply,
+        });
+    }
+
+    /// Resolves once this node's session changes so far have reached `conv`'s owner, so that what it commits
+    /// from now on reaches this node's connections (a `sync` waits for it before reading history).
+    pub async fn barrier(&self, conv: &str) {
+        if let Some((cluster, node)) = self.remote_owner(conv) {
+            // A lost owner re-homes the conversation; its new owner reloads and sees our sessions afresh.
+            let _ = cluster.barrier(&node).await;
+        }
+    }
+
+    /// Drain every running conversation actor for which `keep` says no (placement moved it to another
+    /// node); returns how many. Their queued sends are resubmitted by their senders to the new owner.
+    pub fn release(&self, keep: impl Fn(&str) -> bool) -> usize {
+        let moved: Vec<(ConvId, ActorId)> = self
+            .directory
+            .read()
+            .expect("directory lock")
+            .iter()
+            .filter(|(conv, _)| !keep(conv))
+            .map(|(conv, actor)| (conv.clone(), actor.get_id()))
+            .collect();
+        for (conv, actor) in &moved {
+            let _ = self.supervisor.send_message(ConversationsMsg::Idle {
+                conv: conv.clone(),
+                actor: *actor,
+            });
+        }
+        moved.len()
     }
 
     /// Send and wait for the outcome (REST and bots).
@@ -381,19 +517,47 @@ impl Conversations {
 
     /// Add a member through the conversation's single writer.
     pub async fn add_member(&self, conv: &str, user: UserId) -> Result<bool, ProtocolError> {
-        let actor = self.actor(conv).await?;
-        self.ask(&actor, |reply| ConversationMsg::AddMember { user, reply })
-            .await?
+        self.change_member(conv, user, MemberChange::Add).await
     }
 
     /// Remove a member through the conversation's single writer.
     pub async fn remove_member(&self, conv: &str, user: UserId) -> Result<bool, ProtocolError> {
+        self.change_member(conv, user, MemberChange::Remove).await
+    }
+
+    async fn change_member(
+        &self,
+        conv: &str,
+        user: UserId,
+        change: MemberChange,
+    ) -> Result<bool, ProtocolError> {
+        match self.remote_owner(conv) {
+            Some((cluster, node)) => cluster
+                .forward_member(&node, conv, &user, change)
+                .await
+                .unwrap_or_else(|Lost| Err(owner_unreachable())),
+            None => self.change_member_here(conv, user, change).await,
+        }
+    }
+
+    /// Change a member through this node's actor of `conv` (another node routed the change here).
+    pub async fn change_member_here(
+        &self,
+        conv: &str,
+        user: UserId,
+        change: MemberChange,
+    ) -> Result<bool, ProtocolError> {
         let actor = self.actor(conv).await?;
-        self.ask(&actor, |reply| ConversationMsg::RemoveMember {
-            user,
-            reply,
-        })
-        .await?
+        match change {
+            MemberChange::Add => {
+                self.ask(&actor, |reply| ConversationMsg::AddMember { user, reply })
+                    .await?
+            }
+            MemberChange::Remove => {
+                self.ask(&actor, |reply| ConversationMsg::RemoveMember { user, reply })
+                    .await?
+            }
+        }
     }
 
     /// Wait until every running conversation has made its accepted sends durable and acknowledged them.
@@ -454,12 +618,36 @@ impl Conversations {
     }
 }
 
+fn owner_unreachable() -> ProtocolError {
+    ProtocolError::new(
+        ErrorCode::Internal,
+        "the conversation's node did not answer; retry",
+    )
+}
+
+/// Where a queued send's answer comes from: this node's actor, or the owner on another node.
+enum Reply {
+    Local(ractor::concurrency::OneshotReceiver<SendResult>),
+    Remote(RemoteReply),
+}
+
+impl Future for Reply {
+    type Output = Result<SendResult, Lost>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Reply::Local(rx) => Pin::new(rx).poll(cx).map(|r| r.map_err(|_dropped| Lost)),
+            Reply::Remote(reply) => reply.as_mut().poll(cx),
+        }
+    }
+}
+
 /// A send queued in its conversation, not yet answered.
 pub struct PendingReply {
     conversations: Conversations,
     conv: ConvId,
     request: SendRequest,
-    rx: ractor::concurrency::OneshotReceiver<SendResult>,
+    rx: Reply,
 }
 
 impl PendingReply {
@@ -470,14 +658,14 @@ impl PendingReply {
         for attempt in 0..=RESUBMITS {
             match tokio::time::timeout(timeout, &mut self.rx).await {
                 Ok(Ok(result)) => return result,
-                Ok(Err(_dropped)) if attempt < RESUBMITS => {
+                Ok(Err(Lost)) if attempt < RESUBMITS => {
                     self.rx = self
                         .conversations
                         .enqueue(&self.conv, &self.request)
                         .await
                         .map_err(|e| e.for_msg(Some(&self.request.msg_id)))?;
                 }
-                Ok(Err(_dropped)) => break,
+                Ok(Err(Lost)) => break,
                 Err(_elapsed) => {
                     return Err(ProtocolError::new(
                         ErrorCode::StoreUnavailable,

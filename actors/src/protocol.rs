@@ -4,7 +4,7 @@
 //! message and the same bytes are handed to every recipient connection.
 
 use bytes::Bytes;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::store::Message;
@@ -36,7 +36,7 @@ pub enum ClientFrame {
 }
 
 /// Stable, documented error codes (see `docs/protocol.md`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The frame is not valid JSON (or not a JSON object).
@@ -86,7 +86,7 @@ impl ErrorCode {
 }
 
 /// An error to report to a client: a code, a human-readable message and, for a `send`, its `msg_id`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProtocolError {
     /// The stable code.
     pub code: ErrorCode,

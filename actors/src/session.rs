@@ -11,8 +11,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
-use bytes::Bytes;
 
+use crate::cluster::{Origin, Outgoing, RemoteRecipients, SharedCluster};
 use crate::connection::slow_consumer;
 use crate::outbound::{Outbound, PushError};
 use crate::store::UserId;
@@ -29,9 +29,6 @@ pub struct ConnHandle {
     pub outbound: Outbound,
 }
 
-/// A message frame on its way to members, and the connection that sent it (which gets an `ack` instead).
-pub type Outgoing = (Bytes, Option<ConnId>);
-
 /// The connections of a conversation's online members, resolved once and reused until a session or the
 /// member list changes: fan-out then costs no lookup per member.
 #[derive(Default)]
@@ -39,25 +36,15 @@ pub struct Recipients {
     /// Directory generation and member-list version this was resolved at; `None` until resolved.
     resolved_at: Option<(u64, u64)>,
     conns: Vec<ConnHandle>,
+    /// The members online on other nodes (cluster only), resolved by the cluster.
+    pub remote: RemoteRecipients,
 }
 
 impl Recipients {
     /// Push `frames` onto every recipient connection's queue — all of them in one push per connection,
     /// skipping each frame's own sender. A connection whose queue is full is told it overflowed.
     pub fn deliver(&self, frames: &[Outgoing]) {
-        let mut delivered = 0u64;
-        for conn in &self.conns {
-            let mine = frames
-                .iter()
-                .filter(|(_, origin)| *origin != Some(conn.id))
-                .map(|(frame, _)| frame);
-            match conn.outbound.push_frames(mine) {
-                Ok(n) => delivered += n as u64,
-                Err(PushError::Full) => slow_consumer(&conn.outbound, conn.id),
-                Err(PushError::Closed) => {}
-            }
-        }
-        metrics::counter!("switchboard_deliveries_total").increment(delivered);
+        push_to(&self.conns, frames);
     }
 
     /// Connections resolved.
@@ -71,14 +58,36 @@ impl Recipients {
     }
 }
 
+/// Push `frames` onto each of `conns`, all of them in one push per connection, skipping each frame's own
+/// sender; a connection whose queue is full is told it overflowed.
+fn push_to<'a>(conns: impl IntoIterator<Item = &'a ConnHandle>, frames: &[Outgoing]) {
+    let mut delivered = 0u64;
+    for conn in conns {
+        let mine = frames
+            .iter()
+            .filter(|(_, origin)| !matches!(origin, Some(Origin::Here(c)) if *c == conn.id))
+            .map(|(frame, _)| frame);
+        match conn.outbound.push_frames(mine) {
+            Ok(n) => delivered += n as u64,
+            Err(PushError::Full) => slow_consumer(&conn.outbound, conn.id),
+            Err(PushError::Closed) => {}
+        }
+    }
+    metrics::counter!("switchboard_deliveries_total").increment(delivered);
+}
+
 /// Online users on this node and their connections' queues: read by conversations for fan-out. A
 /// connection is listed when it opens — before it reads anything, so a `sync` never reads the store before
 /// its connection is listed for what is committed after — and unlisted when it ends; a user with no
 /// connection left has no entry. Every change bumps a generation, which tells conversations their
 /// [`Recipients`] are stale.
+///
+/// In a cluster, the directory tells the [`crate::cluster::Cluster`] of every change while it holds its lock,
+/// so the other nodes hear of them in the order they happened.
 #[derive(Clone, Default)]
 pub struct SessionDirectory {
     inner: Arc<RwLock<Entries>>,
+    cluster: Option<SharedCluster>,
 }
 
 #[derive(Default)]
@@ -115,6 +124,40 @@ impl SessionDirectory {
         recipients.resolved_at = Some(now);
     }
 
+    /// A directory that tells `cluster` of every connection opened and closed.
+    pub fn with_cluster(cluster: Option<SharedCluster>) -> Self {
+        Self {
+            inner: Arc::default(),
+            cluster,
+        }
+    }
+
+    /// Deliver frames committed on another node to the connections of `users` on this one.
+    pub fn deliver_to(&self, users: &[UserId], frames: &[Outgoing]) {
+        let dir = self.read();
+        push_to(
+            users.iter().filter_map(|u| dir.online.get(u)).flatten(),
+            frames,
+        );
+    }
+
+    /// Call `f` with every online user, under the directory's read lock: no change lands while it runs, so
+    /// what `f` sends is ordered with the changes' own notices.
+    pub fn with_online_users<R>(&self, f: impl FnOnce(&mut dyn Iterator<Item = &UserId>) -> R) -> R {
+        let dir = self.read();
+        f(&mut dir.online.keys())
+    }
+
+    /// Number of connections on this node.
+    pub fn connection_count(&self) -> usize {
+        self.read().online.values().map(Vec::len).sum()
+    }
+
+    /// Number of online users on this node.
+    pub fn online_users(&self) -> usize {
+        self.read().online.len()
+    }
+
     /// Every connection on this node.
     pub fn connections(&self) -> Vec<ConnHandle> {
         self.read().online.values().flatten().cloned().collect()
@@ -122,29 +165,47 @@ impl SessionDirectory {
 
     /// List `conn` under `user`, opening the user's entry if it is the first.
     pub(crate) fn attach(&self, user: &str, conn: ConnHandle) {
-        self.change(|online| match online.get_mut(user) {
-            Some(conns) => conns.push(conn),
-            None => {
-                online.insert(user.to_owned(), vec![conn]);
-            }
+        let id = conn.id;
+        self.change(|online| {
+            let first = match online.get_mut(user) {
+                Some(conns) => {
+                    conns.push(conn);
+                    false
+                }
+                None => {
+                    online.insert(user.to_owned(), vec![conn]);
+                    true
+                }
+            };
+            move |cluster: &SharedCluster| cluster.connected(user, id, first)
         });
     }
 
     /// Unlist connection `id` of `user`; the entry goes with its last connection.
     pub(crate) fn detach(&self, user: &str, id: ConnId) {
         self.change(|online| {
+            let mut last = false;
             if let Some(conns) = online.get_mut(user) {
                 conns.retain(|c| c.id != id);
                 if conns.is_empty() {
                     online.remove(user);
+                    last = true;
                 }
             }
+            move |cluster: &SharedCluster| cluster.disconnected(user, id, last)
         });
     }
 
-    fn change(&self, f: impl FnOnce(&mut HashMap<UserId, Vec<ConnHandle>>)) {
+    /// Apply a change and, still under the lock, tell the cluster what it was.
+    fn change<N: FnOnce(&SharedCluster)>(
+        &self,
+        f: impl FnOnce(&mut HashMap<UserId, Vec<ConnHandle>>) -> N,
+    ) {
         let mut dir = self.inner.write().unwrap_or_else(|e| e.into_inner());
-        f(&mut dir.online);
+        let notice = f(&mut dir.online);
+        if let Some(cluster) = &self.cluster {
+            notice(cluster);
+        }
         dir.generation += 1;
         metrics::gauge!("switchboard_online_users").set(dir.online.len() as f64);
     }

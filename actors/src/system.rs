@@ -18,6 +18,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, SpawnErr, SupervisionEvent};
 use tokio::sync::watch;
 use tracing::error;
 
+use crate::cluster::SharedCluster;
 use crate::connection::{ConnectionContext, ConnectionLimits};
 use crate::conversation::{ConversationConfig, ConversationContext};
 use crate::conversations::Conversations;
@@ -92,15 +93,20 @@ impl Actor for RootSupervisor {
 }
 
 impl ActorSystem {
-    /// Start the tree on the current Tokio runtime.
-    pub async fn start(config: SystemConfig, store: SharedStore) -> Result<Self, SpawnErr> {
+    /// Start the tree on the current Tokio runtime; `cluster` when this node is in one.
+    pub async fn start(
+        config: SystemConfig,
+        store: SharedStore,
+        cluster: Option<SharedCluster>,
+    ) -> Result<Self, SpawnErr> {
         let (report, escalation) = watch::channel(None);
         let (root, _) = Actor::spawn(None, RootSupervisor, report).await?;
-        let directory = SessionDirectory::default();
+        let directory = SessionDirectory::with_cluster(cluster.clone());
         let conv_ctx = Arc::new(ConversationContext {
             store: store.clone(),
             sessions: directory.clone(),
             config: config.conversation.clone(),
+            cluster,
         });
         let conversations = Conversations::start(
             conv_ctx,

@@ -46,6 +46,14 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// The actors' runtime, where upgraded connections run (see `ws::upgrade`).
     pub runtime: tokio::runtime::Handle,
+    /// The address HTTP and WebSocket clients reach this node at.
+    pub http_addr: std::net::SocketAddr,
+    /// The cluster, when this node is in one.
+    pub cluster: Option<std::sync::Arc<switchboard_cluster::node::ClusterNode>>,
+    /// Bearer token for `POST /v1/admin/drain` (loopback callers only without it).
+    pub admin_token: Option<String>,
+    /// Notified by `POST /v1/admin/drain`: the server then drains and stops as on SIGTERM.
+    pub drain_requested: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl AppState {

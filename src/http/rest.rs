@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::json;
 use switchboard_actors::conversation::{now_ms, store_error, SendRequest};
@@ -24,6 +24,8 @@ type State = web::Data<AppState>;
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
+        .route("/v1/cluster", web::get().to(cluster_status))
+        .route("/v1/admin/drain", web::post().to(admin_drain))
         .route("/metrics", web::get().to(metrics))
         .route("/v1/conversations", web::post().to(create_conversation))
         .route("/v1/conversations", web::get().to(list_conversations))
@@ -52,12 +54,72 @@ async fn healthz(state: State) -> HttpResponse {
     HttpResponse::Ok().json(json!({"status":"ok","node": state.node}))
 }
 
+/// How long `/readyz` waits for the store to answer its probe.
+const STORE_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 async fn readyz(state: State) -> HttpResponse {
-    if state.ready.load(Ordering::Acquire) && !state.is_draining() {
-        HttpResponse::Ok().json(json!({"ready":true}))
+    let reason = if !state.ready.load(Ordering::Acquire) {
+        Some("starting".to_owned())
+    } else if state.is_draining() {
+        Some("draining".to_owned())
+    } else if let Some(why) = state.cluster.as_ref().and_then(|c| c.unready()) {
+        Some(why)
     } else {
-        HttpResponse::ServiceUnavailable().json(json!({"ready":false}))
+        // A read of a conversation that does not exist: one cheap round trip to the store.
+        let probe = state.store.conversation("_readyz");
+        match tokio::time::timeout(STORE_PROBE_TIMEOUT, probe).await {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(format!("store: {e}")),
+            Err(_) => Some("store: no answer within 2 s".to_owned()),
+        }
+    };
+    match reason {
+        None => HttpResponse::Ok().json(json!({"ready":true})),
+        Some(reason) => {
+            HttpResponse::ServiceUnavailable().json(json!({"ready":false,"reason":reason}))
+        }
     }
+}
+
+/// `GET /v1/cluster`: every node this one knows, with its state, connections and conversations. One node
+/// outside a cluster reports itself alone.
+async fn cluster_status(state: State) -> HttpResponse {
+    let nodes = match &state.cluster {
+        Some(cluster) => cluster.cluster_status().await,
+        None => vec![switchboard_cluster::wire::NodeStatus {
+            name: state.node.0.clone(),
+            state: if state.is_draining() { "draining" } else { "up" }.into(),
+            http: state.http_addr.to_string(),
+            cluster: String::new(),
+            connections: state.sessions.directory().connection_count() as u64,
+            online_users: state.sessions.directory().online_users() as u64,
+            conversations: state.conversations.running() as u64,
+        }],
+    };
+    HttpResponse::Ok().json(json!({"node": state.node, "nodes": nodes}))
+}
+
+/// Compare secrets in time that depends on their length only.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `POST /v1/admin/drain`: drain this node and stop it, as SIGTERM does. Needs the admin token when one is
+/// configured, else a loopback caller.
+async fn admin_drain(state: State, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let allowed = match &state.admin_token {
+        Some(expected) => crate::http::bearer_token(&req)
+            .is_ok_and(|t| same_secret(t.as_bytes(), expected.as_bytes())),
+        None => req.peer_addr().is_some_and(|a| a.ip().is_loopback()),
+    };
+    if !allowed {
+        return Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            "draining needs the admin token (or, without one, a loopback caller)",
+        ));
+    }
+    state.drain_requested.notify_one();
+    Ok(HttpResponse::Accepted().json(json!({"draining": true, "node": state.node})))
 }
 
 async fn metrics(state: State) -> HttpResponse {

@@ -1,0 +1,123 @@
+//! What the actors need from a cluster, and nothing more: where a conversation's actor lives, how to reach it
+//! there, and how to reach members connected to other nodes. `switchboard-cluster` implements [`Cluster`]
+//! with ractor_cluster; on one node there is none and every conversation is local.
+//!
+//! The contract keeps the single-node guarantees across nodes:
+//! - **Order.** [`Cluster::forward_send`] is called in the order a connection made its sends and must hand
+//!   them to the owner in that order (one ordered link per node pair does it).
+//! - **No loss.** A forwarded send whose owner went away unanswered comes back as [`Lost`], and
+//!   [`crate::conversations::PendingReply`] resubmits it to whoever owns the conversation now (the store's
+//!   dedupe makes that safe, its seq fence keeps seqs unique if two nodes briefly both write).
+//! - **Fan-out.** The owner's write job calls [`Cluster::fan_out`] once per batch, after the local fan-out:
+//!   one message per node that has online members, whatever the group's size.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::conversation::SendResult;
+use crate::protocol::ProtocolError;
+use crate::session::ConnId;
+use crate::store::UserId;
+
+/// A node's name in the cluster.
+pub type NodeName = Arc<str>;
+
+/// The connection a send came from: it gets the `ack` and not the `msg`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// A connection on this node.
+    Here(ConnId),
+    /// A connection on another node (a send forwarded to this owner).
+    Remote {
+        /// The node the connection is on.
+        node: NodeName,
+        /// Its id there.
+        conn: ConnId,
+    },
+}
+
+/// A message frame on its way to members, and the connection that sent it (which gets an `ack` instead).
+pub type Outgoing = (Bytes, Option<Origin>);
+
+/// The owner went away (or could not be reached) before answering: resubmit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lost;
+
+/// The answer to a send forwarded to its owner.
+pub type RemoteReply = Pin<Box<dyn Future<Output = Result<SendResult, Lost>> + Send>>;
+
+/// A membership change routed to the conversation's owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberChange {
+    /// Add the user.
+    Add,
+    /// Remove the user.
+    Remove,
+}
+
+/// Which members of a conversation are online on which other node, resolved by the cluster and kept by the
+/// conversation until the cluster's view of who is online where, or the member list, changes.
+#[derive(Debug, Default)]
+pub struct RemoteRecipients {
+    /// The cluster's interest generation and the member-list version this was resolved at.
+    pub resolved_at: Option<(u64, u64)>,
+    /// Per node, its online members.
+    pub nodes: Vec<(NodeName, Vec<UserId>)>,
+}
+
+/// The cluster, as the actors see it.
+#[async_trait]
+pub trait Cluster: Send + Sync + 'static {
+    /// The node whose actor serves `conv`, or `None` when it is this node.
+    fn owner(&self, conv: &str) -> Option<NodeName>;
+
+    /// Hand a send to `node`, which owns `conv`. Must keep the order of calls for each node; the returned
+    /// future answers the send.
+    fn forward_send(
+        &self,
+        node: &NodeName,
+        conv: &str,
+        from: &str,
+        msg_id: &str,
+        body: &str,
+        origin: Option<ConnId>,
+    ) -> Result<RemoteReply, Lost>;
+
+    /// Change a member through the owner's single writer.
+    async fn forward_member(
+        &self,
+        node: &NodeName,
+        conv: &str,
+        user: &str,
+        change: MemberChange,
+    ) -> Result<Result<bool, ProtocolError>, Lost>;
+
+    /// Resolves once `node` has seen every session change this node made before the call (they travel on
+    /// the same ordered link): after it, a message that node commits reaches this node's new connections.
+    async fn barrier(&self, node: &NodeName) -> Result<(), Lost>;
+
+    /// Send a committed batch (seq order) to every other node where a member is online, one message per node.
+    fn fan_out(
+        &self,
+        conv: &str,
+        members: &HashSet<UserId>,
+        members_version: u64,
+        frames: &[Outgoing],
+        cache: &mut RemoteRecipients,
+    );
+
+    /// A connection of `user` opened on this node (`first`: the user had none here). Called under the session
+    /// directory's lock, so calls come in the order of the changes: must not block.
+    fn connected(&self, user: &str, conn: ConnId, first: bool);
+
+    /// A connection of `user` closed on this node (`last`: the user has none left here). Same rules.
+    fn disconnected(&self, user: &str, conn: ConnId, last: bool);
+}
+
+/// A shared cluster handle.
+pub type SharedCluster = Arc<dyn Cluster>;

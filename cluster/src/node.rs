@@ -1,0 +1,841 @@
+//! [`ClusterNode`]: this node's place in the cluster, and the actors' [`Cluster`].
+//!
+//! ```text
+//! NodeServer (ractor_cluster)      cookie-authenticated links to the other nodes, one TCP session each
+//! Gateway                          this node's remote-facing actor: every message another node sends here
+//! Membership                       reconnects to seeds and peers, reads the live view from `pg`, re-homes
+//! ```
+//!
+//! **Finding nodes.** Remote actors are not in ractor's name registry, so each node's gateway joins the
+//! process groups `switchboard.node.<name>` (reachable) and, unless it drains, `switchboard.place.<name>`
+//! (takes conversations). ractor_cluster synchronises `pg` when a link comes up and removes a node's actors
+//! when its link drops, so `pg` is the live membership: [`Membership`] reads it every tick into a [`View`].
+//!
+//! **Placement.** A conversation's owner is the rendezvous winner over the placement members
+//! ([`crate::placement`]). Two nodes may briefly disagree while a view changes; both may then write the same
+//! conversation, and the store's seq fence (Cassandra's conditional batch) keeps seqs unique and gap-free.
+//!
+//! **Interest.** Each node tells every other which users came online or went offline on it (in the order
+//! of its session directory's changes, on the same ordered link as everything else), and sends a snapshot
+//! to a node that appears. The owner of a conversation uses that to send one [`Cast::Deliver`] per node that
+//! has online members. Redis (the registry) records the same connections for operators and for rebuilding;
+//! it is never on a message's path.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use ractor::concurrency::oneshot;
+use ractor::rpc::CallResult;
+use ractor::{pg, Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor_cluster::{NodeServer, NodeServerMessage, RactorClusterMessage, RactorMessage};
+use serde::Serialize;
+use switchboard_actors::cluster::{
+    Cluster, Lost, MemberChange, NodeName, Origin, Outgoing, RemoteRecipients, RemoteReply,
+};
+use switchboard_actors::conversations::Conversations;
+use switchboard_actors::protocol::{ErrorCode, ProtocolError};
+use switchboard_actors::session::{ConnId, SessionDirectory};
+use switchboard_actors::store::UserId;
+use tracing::{debug, info, warn};
+
+use crate::registry::{RedisRegistry, RegistryConfig};
+use crate::wire::{self, Call, Cast, Envelope, NodeStatus, SendReply, WireFrame};
+use crate::{placement, NodeId};
+
+const NODE_GROUP: &str = "switchboard.node.";
+const PLACE_GROUP: &str = "switchboard.place.";
+/// How often [`Membership`] reads the view and reconnects.
+const TICK: Duration = Duration::from_millis(200);
+/// Longest wait between two attempts to reach a seed or a peer.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long `GET /v1/cluster` waits for each node.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How a node joins the cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// This node's name, unique in the cluster.
+    pub node: NodeId,
+    /// Where the node listens for other nodes (its IP is also the host it advertises).
+    pub listen: SocketAddr,
+    /// Nodes to join (`host:port` of their cluster listeners).
+    pub seeds: Vec<String>,
+    /// The shared secret nodes authenticate each other with.
+    pub cookie: String,
+    /// This node's HTTP/WebSocket address, reported to operators and clients.
+    pub http: SocketAddr,
+    /// The Redis connection registry.
+    pub registry: RegistryConfig,
+    /// Longest wait for another node's answer to a request (member changes, barriers).
+    pub call_timeout: Duration,
+}
+
+/// The live membership, as this node last read it.
+#[derive(Debug, Default, Clone)]
+struct View {
+    /// Nodes that take conversations, sorted.
+    placement: Vec<NodeName>,
+    /// Every reachable node's gateway (this one's included).
+    gateways: BTreeMap<NodeName, ActorRef<GatewayMsg>>,
+}
+
+impl PartialEq for View {
+    /// Same placement and the same gateway actors (ractor's `ActorRef` has no `PartialEq`).
+    fn eq(&self, other: &Self) -> bool {
+        self.placement == other.placement
+            && self.gateways.len() == other.gateways.len()
+            && self
+                .gateways
+                .iter()
+                .zip(&other.gateways)
+                .all(|((a, x), (b, y))| a == b && x.get_id() == y.get_id())
+    }
+}
+
+/// Which other nodes each user is online on.
+#[derive(Default)]
+struct Interest {
+    users: HashMap<UserId, Vec<NodeName>>,
+    /// Bumped on every change: conversations re-resolve their [`RemoteRecipients`] then.
+    generation: u64,
+}
+
+impl Interest {
+    fn add(&mut self, user: &str, node: &NodeName) {
+        let nodes = self.users.entry(user.to_owned()).or_default();
+        if !nodes.contains(node) {
+            nodes.push(node.clone());
+        }
+        self.generation += 1;
+    }
+
+    fn remove(&mut self, user: &str, node: &NodeName) {
+        if let Some(nodes) = self.users.get_mut(user) {
+            nodes.retain(|n| n != node);
+            if nodes.is_empty() {
+                self.users.remove(user);
+            }
+        }
+        self.generation += 1;
+    }
+
+    fn forget(&mut self, node: &NodeName) {
+        self.users.retain(|_, nodes| {
+            nodes.retain(|n| n != node);
+            !nodes.is_empty()
+        });
+        self.generation += 1;
+    }
+
+    fn replace(&mut self, node: &NodeName, users: Vec<String>) {
+        self.forget(node);
+        for u in users {
+            self.add(&u, node);
+        }
+    }
+
+    /// Per node, the members of `members` online there.
+    fn resolve(&self, members: &HashSet<UserId>) -> Vec<(NodeName, Vec<UserId>)> {
+        let mut by_node: BTreeMap<NodeName, Vec<UserId>> = BTreeMap::new();
+        let mut add = |user: &UserId, nodes: &Vec<NodeName>| {
+            for n in nodes {
+                by_node.entry(n.clone()).or_default().push(user.clone());
+            }
+        };
+        if members.len() <= self.users.len() {
+            for m in members {
+                if let Some(nodes) = self.users.get(m) {
+                    add(m, nodes);
+                }
+            }
+        } else {
+            for (u, nodes) in self.users.iter().filter(|(u, _)| members.contains(*u)) {
+                add(u, nodes);
+            }
+        }
+        by_node.into_iter().collect()
+    }
+}
+
+/// What the node holds once the actor tree runs.
+struct Attached {
+    conversations: Conversations,
+    directory: SessionDirectory,
+    gateway: ActorRef<GatewayMsg>,
+    membership: ActorRef<MembershipMsg>,
+}
+
+/// This node's place in the cluster: the [`Cluster`] the actors route through.
+pub struct ClusterNode {
+    me: NodeName,
+    config: ClusterConfig,
+    view: RwLock<Arc<View>>,
+    interest: RwLock<Interest>,
+    draining: AtomicBool,
+    registry: RedisRegistry,
+    attached: OnceLock<Attached>,
+    /// Nodes seen since the start, with their last status: the ones gone are reported `down`.
+    seen: RwLock<BTreeMap<String, NodeStatus>>,
+}
+
+/// Counts an inter-node message this node sends.
+fn sent(kind: &'static str) {
+    metrics::counter!("switchboard_cluster_messages_sent_total", "kind" => kind).increment(1);
+}
+
+impl ClusterNode {
+    /// Create the node's cluster state and start its Redis registry. Nothing listens until [`Self::attach`].
+    pub fn new(config: ClusterConfig) -> Result<Arc<Self>, crate::registry::RegistryError> {
+        let registry = RedisRegistry::start(config.registry.clone())?;
+        Ok(Arc::new(Self {
+            me: Arc::from(config.node.0.as_str()),
+            view: RwLock::default(),
+            interest: RwLock::default(),
+            draining: AtomicBool::new(false),
+            registry,
+            attached: OnceLock::new(),
+            seen: RwLock::default(),
+            config,
+        }))
+    }
+
+    /// Start the node server, the gateway and the membership actor, serving `conversations` and
+    /// `directory`; the node then joins its seeds.
+    pub async fn attach(
+        self: &Arc<Self>,
+        conversations: Conversations,
+        directory: SessionDirectory,
+    ) -> anyhow::Result<()> {
+        let listen = self.config.listen;
+        let server = NodeServer::new(
+            listen.port(),
+            self.config.cookie.clone(),
+            self.config.node.0.clone(),
+            listen.ip().to_string(),
+            None,
+            Some(ractor_cluster::node::NodeConnectionMode::Transitive),
+        )
+        .with_listen_addr(listen.ip());
+        let (server, _) = Actor::spawn(None, server, ()).await?;
+        let (gateway, _) = Actor::spawn(None, Gateway, self.clone()).await?;
+        let groups = [
+            format!("{NODE_GROUP}{}", self.me),
+            format!("{PLACE_GROUP}{}", self.me),
+        ];
+        for g in groups {
+            pg::join(g, vec![gateway.get_cell()]);
+        }
+        let (membership, _) = Actor::spawn(
+            None,
+            Membership,
+            MembershipArgs {
+                node: self.clone(),
+                server,
+            },
+        )
+        .await?;
+        let attached = Attached {
+            conversations,
+            directory,
+            gateway,
+            membership,
+        };
+        if self.attached.set(attached).is_err() {
+            anyhow::bail!("cluster node attached twice");
+        }
+        info!(node = %self.me, listen = %listen, seeds = ?self.config.seeds, "cluster node started");
+        Ok(())
+    }
+
+    fn attached(&self) -> &Attached {
+        self.attached.get().expect("cluster node attached")
+    }
+
+    /// This node's name.
+    pub fn name(&self) -> &str {
+        &self.me
+    }
+
+    fn view(&self) -> Arc<View> {
+        self.view.read().expect("view lock").clone()
+    }
+
+    fn gateway(&self, node: &str) -> Option<ActorRef<GatewayMsg>> {
+        self.view().gateways.get(node).cloned()
+    }
+
+    /// Why the node cannot take traffic, if it cannot (for `/readyz`).
+    pub fn unready(&self) -> Option<String> {
+        self.registry.health().err().map(|e| format!("registry: {e}"))
+    }
+
+    /// Stop taking conversations: leave the placement, so that the other nodes place this node's
+    /// conversations elsewhere, and release the ones running here.
+    pub fn drain(&self) {
+        if self.draining.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        info!(node = %self.me, "draining: leaving the placement");
+        if let Some(a) = self.attached.get() {
+            pg::leave(
+                format!("{PLACE_GROUP}{}", self.me),
+                vec![a.gateway.get_cell()],
+            );
+            let _ = a.membership.send_message(MembershipMsg::Tick);
+        }
+    }
+
+    /// Leave the cluster at a graceful stop: forget this node's connections in Redis and stop the actors.
+    pub async fn leave(&self) {
+        self.registry.close().await;
+        if let Some(a) = self.attached.get() {
+            a.membership.stop(None);
+            a.gateway.stop(None);
+        }
+    }
+
+    fn status(&self) -> NodeStatus {
+        let a = self.attached();
+        NodeStatus {
+            name: self.me.to_string(),
+            state: if self.draining.load(Ordering::Acquire) {
+                "draining".into()
+            } else {
+                "up".into()
+            },
+            http: self.config.http.to_string(),
+            cluster: self.config.listen.to_string(),
+            connections: a.directory.connection_count() as u64,
+            online_users: a.directory.online_users() as u64,
+            conversations: a.conversations.running() as u64,
+        }
+    }
+
+    /// Every node this one knows: the reachable ones as they report themselves, the ones seen earlier and
+    /// gone as `down`, and this one as `joining` until it reaches a peer it was told to join.
+    pub async fn cluster_status(&self) -> Vec<NodeStatus> {
+        let view = self.view();
+        let asks = view.gateways.iter().map(|(name, gw)| async move {
+            if **name == *self.me {
+                return Some(self.status());
+            }
+            let reply = gw
+                .call(|r| GatewayMsg::Call(wire::encode(&Call::Status), r), Some(STATUS_TIMEOUT))
+                .await;
+            match reply {
+                Ok(CallResult::Success(bytes)) => wire::decode::<NodeStatus>(&bytes).ok(),
+                _ => None,
+            }
+        });
+        let answers = futures_util::future::join_all(asks).await;
+        let mut seen = self.seen.write().expect("seen lock");
+        let mut reachable = HashSet::new();
+        for s in answers.into_iter().flatten() {
+            reachable.insert(s.name.clone());
+            seen.insert(s.name.clone(), s);
+        }
+        let alone = view.gateways.len() <= 1 && !self.config.seeds.is_empty();
+        seen.values()
+            .map(|s| {
+                let mut s = s.clone();
+                if !reachable.contains(&s.name) {
+                    s.state = "down".into();
+                } else if alone && s.name == *self.me && s.state == "up" {
+                    s.state = "joining".into();
+                }
+                s
+            })
+            .collect()
+    }
+
+    /// Read the live view from `pg`; on a change, re-home what moved and tell new nodes who is online here.
+    fn refresh(&self) {
+        let mut gateways = BTreeMap::new();
+        let mut placement = Vec::new();
+        for group in pg::which_groups() {
+            let member = pg::get_members(&group).into_iter().next();
+            let Some(cell) = member else { continue };
+            if let Some(name) = group.strip_prefix(NODE_GROUP) {
+                gateways.insert(Arc::<str>::from(name), ActorRef::<GatewayMsg>::from(cell));
+            } else if let Some(name) = group.strip_prefix(PLACE_GROUP) {
+                placement.push(Arc::<str>::from(name));
+            }
+        }
+        placement.sort();
+        let fresh = View {
+            placement,
+            gateways,
+        };
+        let old = self.view();
+        if *old == fresh {
+            return;
+        }
+        let gone: Vec<NodeName> = old
+            .gateways
+            .keys()
+            .filter(|n| !fresh.gateways.contains_key(*n))
+            .cloned()
+            .collect();
+        let new: Vec<(NodeName, ActorRef<GatewayMsg>)> = fresh
+            .gateways
+            .iter()
+            .filter(|(n, _)| !old.gateways.contains_key(*n) && ***n != *self.me)
+            .map(|(n, g)| (n.clone(), g.clone()))
+            .collect();
+        info!(
+            node = %self.me,
+            placement = ?fresh.placement,
+            reachable = fresh.gateways.len(),
+            "cluster view changed"
+        );
+        metrics::gauge!("switchboard_cluster_nodes").set(fresh.gateways.len() as f64);
+        *self.view.write().expect("view lock") = Arc::new(fresh);
+        for node in &gone {
+            warn!(node = %self.me, peer = %node, "node left the cluster");
+            self.interest.write().expect("interest lock").forget(node);
+            self.registry.forget_node(&NodeId(node.to_string()));
+        }
+        let a = self.attached();
+        // Snapshots go after the view is stored: a session change made from now on goes to the new nodes
+        // too, and one made before is in the snapshot (taken under the directory's lock, after it).
+        for (node, gw) in &new {
+            a.directory.with_online_users(|users| {
+                let users = users.cloned().collect();
+                self.cast(gw, Cast::Snapshot { users }, "snapshot");
+            });
+            debug!(peer = %node, "sent snapshot");
+        }
+        let released = a.conversations.release(|conv| self.owner(conv).is_none());
+        if released > 0 {
+            info!(node = %self.me, released, "conversations re-homed to other nodes");
+            metrics::counter!("switchboard_cluster_rehomed_total").increment(released as u64);
+        }
+    }
+
+    fn cast(&self, gw: &ActorRef<GatewayMsg>, cast: Cast, kind: &'static str) {
+        let envelope = Envelope {
+            from: self.me.to_string(),
+            cast,
+        };
+        if gw
+            .send_message(GatewayMsg::Cast(wire::encode(&envelope)))
+            .is_ok()
+        {
+            sent(kind);
+        }
+    }
+
+    fn cast_others(&self, cast: impl Fn() -> Cast, kind: &'static str) {
+        for (name, gw) in &self.view().gateways {
+            if **name != *self.me {
+                self.cast(gw, cast(), kind);
+            }
+        }
+    }
+
+    async fn call(&self, node: &str, call: &Call) -> Result<Vec<u8>, Lost> {
+        let gw = self.gateway(node).ok_or(Lost)?;
+        sent("call");
+        match gw
+            .call(
+                |r| GatewayMsg::Call(wire::encode(call), r),
+                Some(self.config.call_timeout),
+            )
+            .await
+        {
+            Ok(CallResult::Success(bytes)) => Ok(bytes),
+            _ => Err(Lost),
+        }
+    }
+}
+
+#[async_trait]
+impl Cluster for ClusterNode {
+    fn owner(&self, conv: &str) -> Option<NodeName> {
+        let view = self.view();
+        match placement::owner(conv, &view.placement) {
+            Some(n) if **n != *self.me => Some(n.clone()),
+            _ => None,
+        }
+    }
+
+    fn forward_send(
+        &self,
+        node: &NodeName,
+        conv: &str,
+        from: &str,
+        msg_id: &str,
+        body: &str,
+        origin: Option<ConnId>,
+    ) -> Result<RemoteReply, Lost> {
+        let gw = self.gateway(node).ok_or(Lost)?;
+        let call = Call::Send {
+            from_node: self.me.to_string(),
+            conv: conv.to_owned(),
+            from: from.to_owned(),
+            msg_id: msg_id.to_owned(),
+            body: body.to_owned(),
+            origin,
+        };
+        let (tx, rx) = oneshot();
+        gw.send_message(GatewayMsg::Call(wire::encode(&call), tx.into()))
+            .map_err(|_| Lost)?;
+        sent("send");
+        Ok(Box::pin(async move {
+            let bytes = rx.await.map_err(|_| Lost)?;
+            match wire::decode::<SendReply>(&bytes) {
+                Ok(SendReply::Done(result)) => Ok(result),
+                Ok(SendReply::Retry) => Err(Lost),
+                Err(e) => {
+                    warn!(error = %e, "undecodable send reply");
+                    Err(Lost)
+                }
+            }
+        }))
+    }
+
+    async fn forward_member(
+        &self,
+        node: &NodeName,
+        conv: &str,
+        user: &str,
+        change: MemberChange,
+    ) -> Result<Result<bool, ProtocolError>, Lost> {
+        let call = Call::Member {
+            conv: conv.to_owned(),
+            user: user.to_owned(),
+            add: change == MemberChange::Add,
+        };
+        let bytes = self.call(node, &call).await?;
+        wire::decode(&bytes).map_err(|_| Lost)
+    }
+
+    async fn barrier(&self, node: &NodeName) -> Result<(), Lost> {
+        self.call(node, &Call::Barrier).await.map(|_| ())
+    }
+
+    fn fan_out(
+        &self,
+        conv: &str,
+        members: &HashSet<UserId>,
+        members_version: u64,
+        frames: &[Outgoing],
+        cache: &mut RemoteRecipients,
+    ) {
+        {
+            let interest = self.interest.read().expect("interest lock");
+            let now = (interest.generation, members_version);
+            if cache.resolved_at != Some(now) {
+                cache.nodes = interest.resolve(members);
+                cache.resolved_at = Some(now);
+            }
+        }
+        if cache.nodes.is_empty() {
+            return;
+        }
+        let view = self.view();
+        for (node, users) in &cache.nodes {
+            let Some(gw) = view.gateways.get(node) else {
+                continue;
+            };
+            let frames = frames
+                .iter()
+                .map(|(json, origin)| WireFrame {
+                    json: json.to_vec(),
+                    skip: match origin {
+                        Some(Origin::Remote { node: n, conn }) if n == node => Some(*conn),
+                        _ => None,
+                    },
+                })
+                .collect();
+            let deliver = Cast::Deliver {
+                conv: conv.to_owned(),
+                users: users.clone(),
+                frames,
+            };
+            self.cast(gw, deliver, "deliver");
+        }
+    }
+
+    fn connected(&self, user: &str, conn: ConnId, first: bool) {
+        self.registry.register(user, conn);
+        if first {
+            self.cast_others(
+                || Cast::Online {
+                    user: user.to_owned(),
+                },
+                "online",
+            );
+        }
+    }
+
+    fn disconnected(&self, user: &str, conn: ConnId, last: bool) {
+        self.registry.unregister(user, conn);
+        if last {
+            self.cast_others(
+                || Cast::Offline {
+                    user: user.to_owned(),
+                },
+                "offline",
+            );
+        }
+    }
+}
+
+/// The gateway's ractor message: bytes that [`crate::wire`] decodes (never a panic on bad input).
+#[derive(RactorClusterMessage)]
+pub enum GatewayMsg {
+    /// A postcard [`Envelope`].
+    Cast(Vec<u8>),
+    /// A postcard [`Call`]; the answer is postcard too.
+    #[rpc]
+    Call(Vec<u8>, RpcReplyPort<Vec<u8>>),
+}
+
+impl std::fmt::Debug for GatewayMsg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cast(b) => write!(f, "Cast({} bytes)", b.len()),
+            Self::Call(b, _) => write!(f, "Call({} bytes)", b.len()),
+        }
+    }
+}
+
+/// The node's remote-facing actor: handles what other nodes send, never waits in its handler.
+struct Gateway;
+
+impl Gateway {
+    fn cast(node: &ClusterNode, envelope: Envelope) {
+        let from: NodeName = Arc::from(envelope.from.as_str());
+        match envelope.cast {
+            Cast::Deliver {
+                conv: _,
+                users,
+                frames,
+            } => {
+                let frames: Vec<Outgoing> = frames
+                    .into_iter()
+                    .map(|f| (Bytes::from(f.json), f.skip.map(Origin::Here)))
+                    .collect();
+                node.attached().directory.deliver_to(&users, &frames);
+            }
+            Cast::Online { user } => node
+                .interest
+                .write()
+                .expect("interest lock")
+                .add(&user, &from),
+            Cast::Offline { user } => node
+                .interest
+                .write()
+                .expect("interest lock")
+                .remove(&user, &from),
+            Cast::Snapshot { users } => node
+                .interest
+                .write()
+                .expect("interest lock")
+                .replace(&from, users),
+        }
+    }
+
+    fn call(node: &Arc<ClusterNode>, call: Call, reply: RpcReplyPort<Vec<u8>>) {
+        let conversations = node.attached().conversations.clone();
+        match call {
+            Call::Send {
+                from_node,
+                conv,
+                from,
+                msg_id,
+                body,
+                origin,
+            } => {
+                let request = switchboard_actors::conversation::SendRequest {
+                    from,
+                    msg_id,
+                    body,
+                    origin: origin.map(|conn| Origin::Remote {
+                        node: Arc::from(from_node.as_str()),
+                        conn,
+                    }),
+                };
+                let (tx, rx) = oneshot();
+                conversations.forward_here(conv, request, tx.into());
+                tokio::spawn(async move {
+                    let answer = match rx.await {
+                        Ok(result) => SendReply::Done(result),
+                        Err(_) => SendReply::Retry,
+                    };
+                    reply_with(reply, &answer, "send_reply");
+                });
+            }
+            Call::Member { conv, user, add } => {
+                tokio::spawn(async move {
+                    let change = if add {
+                        MemberChange::Add
+                    } else {
+                        MemberChange::Remove
+                    };
+                    let result = conversations.change_member_here(&conv, user, change).await;
+                    reply_with(reply, &result, "member_reply");
+                });
+            }
+            Call::Barrier => reply_with(reply, &(), "barrier_reply"),
+            Call::Status => reply_with(reply, &node.status(), "status_reply"),
+        }
+    }
+}
+
+fn reply_with<T: Serialize>(reply: RpcReplyPort<Vec<u8>>, value: &T, kind: &'static str) {
+    if reply.send(wire::encode(value)).is_ok() {
+        sent(kind);
+    }
+}
+
+impl Actor for Gateway {
+    type Msg = GatewayMsg;
+    type State = Arc<ClusterNode>;
+    type Arguments = Arc<ClusterNode>;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<GatewayMsg>,
+        node: Arc<ClusterNode>,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(node)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<GatewayMsg>,
+        message: GatewayMsg,
+        node: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            GatewayMsg::Cast(bytes) => match wire::decode::<Envelope>(&bytes) {
+                Ok(envelope) => Self::cast(node, envelope),
+                Err(e) => warn!(error = %e, "undecodable cluster message dropped"),
+            },
+            GatewayMsg::Call(bytes, reply) => match wire::decode::<Call>(&bytes) {
+                Ok(call) => Self::call(node, call, reply),
+                Err(e) => {
+                    warn!(error = %e, "undecodable cluster request refused");
+                    let refused: Result<bool, ProtocolError> = Err(ProtocolError::new(
+                        ErrorCode::Internal,
+                        "undecodable cluster request",
+                    ));
+                    reply_with(reply, &refused, "error_reply");
+                }
+            },
+        }
+        Ok(())
+    }
+}
+
+/// Messages of [`Membership`].
+#[derive(RactorMessage)]
+enum MembershipMsg {
+    /// Read the view, reconnect what is missing.
+    Tick,
+}
+
+struct MembershipArgs {
+    node: Arc<ClusterNode>,
+    server: ActorRef<NodeServerMessage>,
+}
+
+/// Keeps this node joined: dials seeds and known peers with backoff (ractor_cluster does not reconnect),
+/// and refreshes the view every tick.
+struct Membership;
+
+struct MembershipState {
+    node: Arc<ClusterNode>,
+    server: ActorRef<NodeServerMessage>,
+    /// Addresses to keep a link to, with the next attempt's time and backoff.
+    dial: HashMap<String, (Instant, Duration)>,
+}
+
+impl MembershipState {
+    /// Dial every known address that has no link and whose backoff has passed.
+    async fn reconnect(&mut self) {
+        let sessions = match ractor::call_t!(self.server, NodeServerMessage::GetSessions, 500) {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        let mut linked = HashSet::new();
+        for s in sessions.values() {
+            if let Some(peer) = &s.peer_name {
+                linked.insert(peer.connection_string.clone());
+                self.dial
+                    .entry(peer.connection_string.clone())
+                    .or_insert((Instant::now(), TICK));
+            }
+        }
+        let me = self.node.config.listen.to_string();
+        let now = Instant::now();
+        for (addr, (next, backoff)) in self.dial.iter_mut() {
+            if *addr == me {
+                continue;
+            }
+            if linked.contains(addr) {
+                *backoff = TICK;
+                continue;
+            }
+            if now < *next {
+                continue;
+            }
+            *next = now + *backoff;
+            *backoff = (*backoff * 2).min(MAX_BACKOFF);
+            let (server, addr) = (self.server.clone(), addr.clone());
+            tokio::spawn(async move {
+                if let Err(e) = ractor_cluster::client_connect(&server, addr.as_str()).await {
+                    debug!(peer = %addr, error = %e, "cannot reach node; will retry");
+                }
+            });
+        }
+    }
+}
+
+impl Actor for Membership {
+    type Msg = MembershipMsg;
+    type State = MembershipState;
+    type Arguments = MembershipArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<MembershipMsg>,
+        args: MembershipArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        myself.send_interval(TICK, || MembershipMsg::Tick);
+        let dial = args
+            .node
+            .config
+            .seeds
+            .iter()
+            .map(|s| (s.clone(), (Instant::now(), TICK)))
+            .collect();
+        Ok(MembershipState {
+            node: args.node,
+            server: args.server,
+            dial,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<MembershipMsg>,
+        message: MembershipMsg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            MembershipMsg::Tick => {
+                state.node.refresh();
+                state.reconnect().await;
+            }
+        }
+        Ok(())
+    }
+}
