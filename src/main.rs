@@ -30,6 +30,21 @@ enum Command {
         #[command(flatten)]
         settings: Settings,
     },
+    /// Show the cluster as a node sees it: every node, its state, connections and conversations.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+    /// Drain a node: it stops taking connections, hands its conversations to the others, closes its
+    /// clients with 1012 over its drain window and exits (what SIGTERM does).
+    Drain {
+        /// The node's HTTP address.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        node: String,
+        /// The node's admin token, if it has one.
+        #[arg(long, env = "SWITCHBOARD_ADMIN_TOKEN", hide_env_values = true)]
+        admin_token: Option<String>,
+    },
     /// Print a JWT for USER signed with the configured HS256 secret (or the data directory's dev secret).
     Token {
         /// The user id (the token's `sub`).
@@ -42,6 +57,19 @@ enum Command {
         config: Option<PathBuf>,
         #[command(flatten)]
         settings: Settings,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Print every node the asked node knows (`GET /v1/cluster`).
+    Status {
+        /// The node to ask, by its HTTP address.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        node: String,
+        /// Print the JSON as the node answered it.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -65,6 +93,12 @@ fn main() -> anyhow::Result<()> {
             println!("{}", Auth::from_config(&config)?.mint(&user, ttl_secs)?);
             Ok(())
         }
+        Command::Cluster {
+            command: ClusterCommand::Status { node, json },
+        } => admin_runtime()?.block_on(cluster_status(&node, json)),
+        Command::Drain { node, admin_token } => {
+            admin_runtime()?.block_on(drain(&node, admin_token.as_deref()))
+        }
         Command::Serve { config, settings } => {
             let config = load(config, settings)?;
             tracing_subscriber::fmt()
@@ -76,6 +110,54 @@ fn main() -> anyhow::Result<()> {
                 .block_on(serve(config))
         }
     }
+}
+
+fn admin_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+async fn cluster_status(node: &str, json: bool) -> anyhow::Result<()> {
+    let url = format!("{}/v1/cluster", node.trim_end_matches('/'));
+    let answer: serde_json::Value = reqwest::get(&url).await?.error_for_status()?.json().await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<9} {:<22} {:<22} {:>11} {:>7} {:>13}",
+        "NODE", "STATE", "HTTP", "CLUSTER", "CONNECTIONS", "USERS", "CONVERSATIONS"
+    );
+    for n in answer["nodes"].as_array().into_iter().flatten() {
+        let text = |k: &str| n[k].as_str().unwrap_or("-").to_owned();
+        let count = |k: &str| n[k].as_u64().map_or("-".into(), |v| v.to_string());
+        println!(
+            "{:<16} {:<9} {:<22} {:<22} {:>11} {:>7} {:>13}",
+            text("name"),
+            text("state"),
+            text("http"),
+            text("cluster"),
+            count("connections"),
+            count("online_users"),
+            count("conversations")
+        );
+    }
+    Ok(())
+}
+
+async fn drain(node: &str, admin_token: Option<&str>) -> anyhow::Result<()> {
+    let url = format!("{}/v1/admin/drain", node.trim_end_matches('/'));
+    let mut request = reqwest::Client::new().post(&url);
+    if let Some(token) = admin_token {
+        request = request.bearer_auth(token);
+    }
+    let answer = request.send().await?;
+    let status = answer.status();
+    let body = answer.text().await?;
+    anyhow::ensure!(status.is_success(), "{url}: {status}: {body}");
+    println!("{body}");
+    Ok(())
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

@@ -344,7 +344,9 @@ impl ClusterNode {
             .map(|s| {
                 let mut s = s.clone();
                 if !reachable.contains(&s.name) {
-                    s.state = "down".into();
+                    // Gone: after a drain it left on purpose; otherwise it died or is cut off.
+                    s.state = if s.state == "draining" { "left" } else { "down" }.into();
+                    (s.connections, s.online_users, s.conversations) = (0, 0, 0);
                 } else if alone && s.name == *self.me && s.state == "up" {
                     s.state = "joining".into();
                 }
