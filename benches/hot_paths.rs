@@ -61,7 +61,11 @@ fn fanout(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
     let system = rt
-        .block_on(ActorSystem::start(SystemConfig::default(), store.clone(), None))
+        .block_on(ActorSystem::start(
+            SystemConfig::default(),
+            store.clone(),
+            None,
+        ))
         .unwrap();
     let frame = encode(&ServerFrame::Msg(&sample_message()));
     let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());

@@ -301,7 +301,8 @@ impl Settings {
         let valid_name = |n: &str| {
             !n.is_empty()
                 && n.len() <= 64
-                && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
         };
         if !valid_name(&config.node_name) {
             return Err(ConfigError::Invalid(

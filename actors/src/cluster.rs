@@ -9,7 +9,9 @@
 //!   [`crate::conversations::PendingReply`] resubmits it to whoever owns the conversation now (the store's
 //!   dedupe makes that safe, its seq fence keeps seqs unique if two nodes briefly both write).
 //! - **Fan-out.** The owner's write job calls [`Cluster::fan_out`] once per batch, after the local fan-out:
-//!   one message per node that has online members, whatever the group's size.
+//!   one message per node that has online members, whatever the group's size, which also carries the
+//!   answers to the batch's sends from that node. A send made on another node thus costs its forward, and
+//!   nothing more than the fan-out: at most three inter-node messages on three nodes.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -48,8 +50,63 @@ pub type Outgoing = (Bytes, Option<Origin>);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lost;
 
+/// What the owner says of a forwarded send: its outcome, or [`Lost`] when its actor went away first.
+pub type Outcome = Result<SendResult, Lost>;
+
 /// The answer to a send forwarded to its owner.
-pub type RemoteReply = Pin<Box<dyn Future<Output = Result<SendResult, Lost>> + Send>>;
+pub type RemoteReply = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
+/// Where the owner answers a send another node forwarded: the sender's node and its tag there. The answer
+/// travels with the batch's fan-out to that node (one message carries both), or on its own for a refusal.
+/// Dropped unanswered (its actor died), it answers [`Lost`], as a dropped reply port would.
+pub struct RemoteAnswer {
+    cluster: SharedCluster,
+    node: NodeName,
+    tag: u64,
+    answered: bool,
+}
+
+impl RemoteAnswer {
+    /// The answer to send `tag` from `node`.
+    pub fn new(cluster: SharedCluster, node: NodeName, tag: u64) -> Self {
+        Self {
+            cluster,
+            node,
+            tag,
+            answered: false,
+        }
+    }
+
+    /// The sender's node and tag, to answer with a batch's fan-out.
+    pub fn take(mut self) -> (NodeName, u64) {
+        self.answered = true;
+        (self.node.clone(), self.tag)
+    }
+
+    /// Answer now, on its own.
+    pub fn send(self, outcome: SendResult) {
+        let cluster = self.cluster.clone();
+        let (node, tag) = self.take();
+        cluster.answer(&node, vec![(tag, Ok(outcome))]);
+    }
+}
+
+impl Drop for RemoteAnswer {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.cluster.answer(&self.node, vec![(self.tag, Err(Lost))]);
+        }
+    }
+}
+
+impl std::fmt::Debug for RemoteAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RemoteAnswer({}#{})", self.node, self.tag)
+    }
+}
+
+/// Answers to forwarded sends, by the sender's node: `(node, tag, outcome)`.
+pub type RemoteAnswers = Vec<(NodeName, u64, Outcome)>;
 
 /// A membership change routed to the conversation's owner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +134,7 @@ pub trait Cluster: Send + Sync + 'static {
     fn owner(&self, conv: &str) -> Option<NodeName>;
 
     /// Hand a send to `node`, which owns `conv`. Must keep the order of calls for each node; the returned
-    /// future answers the send.
+    /// future answers the send (the owner answers through a [`RemoteAnswer`]).
     fn forward_send(
         &self,
         node: &NodeName,
@@ -101,15 +158,21 @@ pub trait Cluster: Send + Sync + 'static {
     /// the same ordered link): after it, a message that node commits reaches this node's new connections.
     async fn barrier(&self, node: &NodeName) -> Result<(), Lost>;
 
-    /// Send a committed batch (seq order) to every other node where a member is online, one message per node.
+    /// Send a committed batch (seq order) to every other node where a member is online, together with the
+    /// answers to the batch's sends that came from other nodes: one message per node, whatever the group's
+    /// size.
     fn fan_out(
         &self,
         conv: &str,
         members: &HashSet<UserId>,
         members_version: u64,
         frames: &[Outgoing],
+        answers: RemoteAnswers,
         cache: &mut RemoteRecipients,
     );
+
+    /// Answer sends that `node` forwarded, outside a fan-out (a refusal, a lost actor).
+    fn answer(&self, node: &NodeName, answers: Vec<(u64, Outcome)>);
 
     /// A connection of `user` opened on this node (`first`: the user had none here). Called under the session
     /// directory's lock, so calls come in the order of the changes: must not block.

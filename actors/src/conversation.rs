@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tracing::{debug, warn};
 
-use crate::cluster::{Origin, SharedCluster};
+use crate::cluster::{Origin, Outgoing, RemoteAnswer, RemoteAnswers, SharedCluster};
 use crate::conversations::ConversationsMsg;
 use crate::protocol::{self, ErrorCode, ProtocolError, ServerFrame};
 use crate::session::{Recipients, SessionDirectory};
@@ -75,6 +75,33 @@ pub struct SendRequest {
     pub origin: Option<Origin>,
 }
 
+/// Who waits for a send's outcome.
+#[derive(Debug)]
+pub enum Answer {
+    /// A caller on this node.
+    Port(RpcReplyPort<SendResult>),
+    /// A sender on another node: answered with the batch's fan-out to that node.
+    Remote(RemoteAnswer),
+}
+
+impl Answer {
+    /// Answer now.
+    pub fn send(self, outcome: SendResult) {
+        match self {
+            Self::Port(port) => {
+                let _ = port.send(outcome);
+            }
+            Self::Remote(remote) => remote.send(outcome),
+        }
+    }
+}
+
+impl From<RpcReplyPort<SendResult>> for Answer {
+    fn from(port: RpcReplyPort<SendResult>) -> Self {
+        Self::Port(port)
+    }
+}
+
 /// Messages of a [`ConversationActor`].
 pub enum ConversationMsg {
     /// Store, ack and fan out a message.
@@ -82,7 +109,7 @@ pub enum ConversationMsg {
         /// The send.
         request: SendRequest,
         /// Where the ack or error goes.
-        reply: RpcReplyPort<SendResult>,
+        reply: Answer,
     },
     /// The write task finished a batch (sent by the actor's own task).
     Committed {
@@ -141,7 +168,7 @@ pub enum StartError {
 struct PendingSend {
     message: NewMessage,
     origin: Option<Origin>,
-    replies: Vec<RpcReplyPort<SendResult>>,
+    replies: Vec<Answer>,
 }
 
 /// The state of one conversation.
@@ -165,10 +192,8 @@ pub struct ConversationState {
 
 impl ConversationState {
     /// Queue a send; `Err` answers it at once.
-    fn accept(&mut self, request: SendRequest, reply: RpcReplyPort<SendResult>) {
-        let refuse = |reply: RpcReplyPort<SendResult>, e: ProtocolError| {
-            let _ = reply.send(Err(e));
-        };
+    fn accept(&mut self, request: SendRequest, reply: Answer) {
+        let refuse = |reply: Answer, e: ProtocolError| reply.send(Err(e));
         if !self.members.contains(&request.from) {
             let e = ProtocolError::new(
                 ErrorCode::NotMember,
@@ -317,49 +342,62 @@ impl WriteJob {
     /// Each new message is serialised once; the whole batch then goes to each recipient connection in one
     /// push (one lock, one wake-up), in seq order. The next batch starts only after this fan-out, so every
     /// connection sees the conversation in order.
-    async fn run(self) -> Option<u64> {
+    async fn run(mut self) -> Option<u64> {
         let messages: Vec<NewMessage> = self.batch.iter().map(|p| p.message.clone()).collect();
+        let batch = std::mem::take(&mut self.batch);
         match self.append(messages).await {
             Ok((results, next)) => {
                 let mut frames = Vec::with_capacity(results.len());
-                for (pending, outcome) in self.batch.into_iter().zip(results) {
+                let mut remote = RemoteAnswers::new();
+                for (pending, outcome) in batch.into_iter().zip(results) {
                     if let Appended::New(m) = &outcome {
                         frames.push((protocol::encode(&ServerFrame::Msg(m)), pending.origin));
                     }
-                    for reply in pending.replies {
-                        let _ = reply.send(Ok(outcome.message().clone()));
-                    }
+                    answer(pending.replies, Ok(outcome.message()), &mut remote);
                 }
                 if !frames.is_empty() {
                     metrics::counter!("switchboard_messages_stored_total")
                         .increment(frames.len() as u64);
-                    let mut recipients = self.recipients.lock().unwrap_or_else(|e| e.into_inner());
+                }
+                let mut recipients = self.recipients.lock().unwrap_or_else(|e| e.into_inner());
+                if !frames.is_empty() {
                     self.ctx
                         .sessions
                         .resolve(&self.members, self.members_version, &mut recipients);
                     recipients.deliver(&frames);
-                    if let Some(cluster) = &self.ctx.cluster {
-                        cluster.fan_out(
-                            &self.conv,
-                            &self.members,
-                            self.members_version,
-                            &frames,
-                            &mut recipients.remote,
-                        );
-                    }
                 }
+                self.fan_out(&frames, remote, &mut recipients);
                 Some(next)
             }
             Err(e) => {
                 warn!(conv_id = %self.conv, error = %e, "batch not stored");
                 let err = store_error(e);
-                for pending in self.batch {
-                    for reply in pending.replies {
-                        let _ = reply.send(Err(err.clone().for_msg(Some(&pending.message.msg_id))));
-                    }
+                let mut remote = RemoteAnswers::new();
+                for pending in batch {
+                    let e = err.clone().for_msg(Some(&pending.message.msg_id));
+                    answer(pending.replies, Err(&e), &mut remote);
                 }
+                let mut recipients = self.recipients.lock().unwrap_or_else(|e| e.into_inner());
+                self.fan_out(&[], remote, &mut recipients);
                 None
             }
+        }
+    }
+
+    /// Hand the batch, and the answers to sends from other nodes, to the cluster (if any).
+    fn fan_out(&self, frames: &[Outgoing], remote: RemoteAnswers, recipients: &mut Recipients) {
+        if frames.is_empty() && remote.is_empty() {
+            return;
+        }
+        if let Some(cluster) = &self.ctx.cluster {
+            cluster.fan_out(
+                &self.conv,
+                &self.members,
+                self.members_version,
+                frames,
+                remote,
+                &mut recipients.remote,
+            );
         }
     }
 
@@ -386,6 +424,26 @@ impl WriteJob {
                     tries += 1;
                 }
                 Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Answer the local waiters of one send at once; collect the remote ones for the fan-out.
+fn answer(
+    replies: Vec<Answer>,
+    outcome: Result<&Message, &ProtocolError>,
+    remote: &mut RemoteAnswers,
+) {
+    for reply in replies {
+        let owned = outcome.map(Message::clone).map_err(ProtocolError::clone);
+        match reply {
+            Answer::Port(port) => {
+                let _ = port.send(owned);
+            }
+            Answer::Remote(r) => {
+                let (node, tag) = r.take();
+                remote.push((node, tag, Ok(owned)));
             }
         }
     }

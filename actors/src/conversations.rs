@@ -34,7 +34,7 @@ use tracing::{error, info, warn};
 
 use crate::cluster::{Lost, MemberChange, Origin, RemoteReply, SharedCluster};
 use crate::conversation::{
-    ConversationActor, ConversationArgs, ConversationContext, ConversationMsg, SendRequest,
+    Answer, ConversationActor, ConversationArgs, ConversationContext, ConversationMsg, SendRequest,
     SendResult, StartError,
 };
 use crate::protocol::{ErrorCode, ProtocolError};
@@ -82,7 +82,7 @@ pub enum ConversationsMsg {
         /// The send.
         request: SendRequest,
         /// Where the outcome goes.
-        reply: RpcReplyPort<SendResult>,
+        reply: Answer,
     },
 }
 
@@ -108,7 +108,7 @@ pub struct ConversationSupervisorState {
     /// Conversations being started, with who waits for each.
     starting: HashMap<ConvId, Vec<StartReply>>,
     /// Forwarded sends waiting for their conversation's start, in arrival order.
-    forwards: HashMap<ConvId, Vec<(SendRequest, RpcReplyPort<SendResult>)>>,
+    forwards: HashMap<ConvId, Vec<(SendRequest, Answer)>>,
     budget: RestartBudget,
     intensity: RestartIntensity,
 }
@@ -172,9 +172,7 @@ impl ConversationSupervisorState {
                 Ok(actor) => {
                     let _ = actor.send_message(ConversationMsg::Send { request, reply });
                 }
-                Err(e) => {
-                    let _ = reply.send(Err(e.clone().for_msg(Some(&request.msg_id))));
-                }
+                Err(e) => reply.send(Err(e.clone().for_msg(Some(&request.msg_id)))),
             }
         }
         let waiters = self.starting.remove(&conv).unwrap_or_default();
@@ -453,7 +451,7 @@ impl Conversations {
             let (tx, rx) = oneshot();
             match actor.send_message(ConversationMsg::Send {
                 request: request.clone(),
-                reply: tx.into(),
+                reply: Answer::Port(tx.into()),
             }) {
                 Ok(()) => return Ok(Reply::Local(rx)),
                 // Stopped or draining between lookup and send: look again.
@@ -468,12 +466,7 @@ impl Conversations {
 
     /// Queue a send that another node forwarded to this one, the conversation's owner. Synchronous and in
     /// order: the supervisor queues it behind the conversation's start if the actor is not running.
-    pub fn forward_here(
-        &self,
-        conv: ConvId,
-        request: SendRequest,
-        reply: RpcReplyPort<SendResult>,
-    ) {
+    pub fn forward_here(&self, conv: ConvId, request: SendRequest, reply: Answer) {
         let _ = self.supervisor.send_message(ConversationsMsg::Forward {
             conv,
             request,
@@ -554,8 +547,11 @@ impl Conversations {
                     .await?
             }
             MemberChange::Remove => {
-                self.ask(&actor, |reply| ConversationMsg::RemoveMember { user, reply })
-                    .await?
+                self.ask(&actor, |reply| ConversationMsg::RemoveMember {
+                    user,
+                    reply,
+                })
+                .await?
             }
         }
     }

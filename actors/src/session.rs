@@ -11,7 +11,6 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
-
 use crate::cluster::{Origin, Outgoing, RemoteRecipients, SharedCluster};
 use crate::connection::slow_consumer;
 use crate::outbound::{Outbound, PushError};
@@ -143,7 +142,10 @@ impl SessionDirectory {
 
     /// Call `f` with every online user, under the directory's read lock: no change lands while it runs, so
     /// what `f` sends is ordered with the changes' own notices.
-    pub fn with_online_users<R>(&self, f: impl FnOnce(&mut dyn Iterator<Item = &UserId>) -> R) -> R {
+    pub fn with_online_users<R>(
+        &self,
+        f: impl FnOnce(&mut dyn Iterator<Item = &UserId>) -> R,
+    ) -> R {
         let dir = self.read();
         f(&mut dir.online.keys())
     }

@@ -32,4 +32,3 @@ impl std::fmt::Display for NodeId {
         f.write_str(&self.0)
     }
 }
-

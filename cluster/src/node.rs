@@ -23,20 +23,22 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use ractor::concurrency::oneshot;
+use ractor::concurrency::{oneshot, OneshotSender};
 use ractor::rpc::CallResult;
 use ractor::{pg, Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::{NodeServer, NodeServerMessage, RactorClusterMessage, RactorMessage};
 use serde::Serialize;
 use switchboard_actors::cluster::{
-    Cluster, Lost, MemberChange, NodeName, Origin, Outgoing, RemoteRecipients, RemoteReply,
+    Cluster, Lost, MemberChange, NodeName, Origin, Outcome, Outgoing, RemoteAnswer, RemoteAnswers,
+    RemoteRecipients, RemoteReply, SharedCluster,
 };
+use switchboard_actors::conversation::Answer;
 use switchboard_actors::conversations::Conversations;
 use switchboard_actors::protocol::{ErrorCode, ProtocolError};
 use switchboard_actors::session::{ConnId, SessionDirectory};
@@ -44,7 +46,7 @@ use switchboard_actors::store::UserId;
 use tracing::{debug, info, warn};
 
 use crate::registry::{RedisRegistry, RegistryConfig};
-use crate::wire::{self, Call, Cast, Envelope, NodeStatus, SendReply, WireFrame};
+use crate::wire::{self, Call, Cast, Envelope, NodeStatus, WireAnswer, WireFrame, WireOutcome};
 use crate::{placement, NodeId};
 
 const NODE_GROUP: &str = "switchboard.node.";
@@ -162,6 +164,24 @@ impl Interest {
     }
 }
 
+/// Sends forwarded to their owners and not answered yet: tag → (owner, waiter).
+type Forwarded = Arc<Mutex<HashMap<u64, (NodeName, OneshotSender<Outcome>)>>>;
+
+/// Removes a forwarded send's tag when its wait ends.
+struct ForwardedTag {
+    tag: u64,
+    forwarded: Forwarded,
+}
+
+impl Drop for ForwardedTag {
+    fn drop(&mut self) {
+        self.forwarded
+            .lock()
+            .expect("forwarded lock")
+            .remove(&self.tag);
+    }
+}
+
 /// What the node holds once the actor tree runs.
 struct Attached {
     conversations: Conversations,
@@ -181,6 +201,32 @@ pub struct ClusterNode {
     attached: OnceLock<Attached>,
     /// Nodes seen since the start, with their last status: the ones gone are reported `down`.
     seen: RwLock<BTreeMap<String, NodeStatus>>,
+    /// Sends forwarded to their owners and not answered yet, by tag.
+    forwarded: Forwarded,
+    next_tag: AtomicU64,
+}
+
+/// An outcome as it travels.
+trait IntoWire {
+    fn into_wire(self) -> WireOutcome;
+}
+
+impl IntoWire for Outcome {
+    fn into_wire(self) -> WireOutcome {
+        match self {
+            Ok(Ok(m)) => WireOutcome::Stored(m),
+            Ok(Err(e)) => WireOutcome::Refused(e),
+            Err(Lost) => WireOutcome::Retry,
+        }
+    }
+}
+
+fn from_wire(outcome: WireOutcome) -> Outcome {
+    match outcome {
+        WireOutcome::Stored(m) => Ok(Ok(m)),
+        WireOutcome::Refused(e) => Ok(Err(e)),
+        WireOutcome::Retry => Err(Lost),
+    }
 }
 
 /// Counts an inter-node message this node sends.
@@ -200,6 +246,8 @@ impl ClusterNode {
             registry,
             attached: OnceLock::new(),
             seen: RwLock::default(),
+            forwarded: Forwarded::default(),
+            next_tag: AtomicU64::new(1),
             config,
         }))
     }
@@ -271,7 +319,10 @@ impl ClusterNode {
 
     /// Why the node cannot take traffic, if it cannot (for `/readyz`).
     pub fn unready(&self) -> Option<String> {
-        self.registry.health().err().map(|e| format!("registry: {e}"))
+        self.registry
+            .health()
+            .err()
+            .map(|e| format!("registry: {e}"))
     }
 
     /// Stop taking conversations: leave the placement, so that the other nodes place this node's
@@ -325,7 +376,10 @@ impl ClusterNode {
                 return Some(self.status());
             }
             let reply = gw
-                .call(|r| GatewayMsg::Call(wire::encode(&Call::Status), r), Some(STATUS_TIMEOUT))
+                .call(
+                    |r| GatewayMsg::Call(wire::encode(&Call::Status), r),
+                    Some(STATUS_TIMEOUT),
+                )
                 .await;
             match reply {
                 Ok(CallResult::Success(bytes)) => wire::decode::<NodeStatus>(&bytes).ok(),
@@ -345,7 +399,12 @@ impl ClusterNode {
                 let mut s = s.clone();
                 if !reachable.contains(&s.name) {
                     // Gone: after a drain it left on purpose; otherwise it died or is cut off.
-                    s.state = if s.state == "draining" { "left" } else { "down" }.into();
+                    s.state = if s.state == "draining" {
+                        "left"
+                    } else {
+                        "down"
+                    }
+                    .into();
                     (s.connections, s.online_users, s.conversations) = (0, 0, 0);
                 } else if alone && s.name == *self.me && s.state == "up" {
                     s.state = "joining".into();
@@ -399,6 +458,11 @@ impl ClusterNode {
         *self.view.write().expect("view lock") = Arc::new(fresh);
         for node in &gone {
             warn!(node = %self.me, peer = %node, "node left the cluster");
+            // Its answers will not come: the senders resubmit to the conversations' new owners.
+            self.forwarded
+                .lock()
+                .expect("forwarded lock")
+                .retain(|_, (n, _)| n != node);
             self.interest.write().expect("interest lock").forget(node);
             self.registry.forget_node(&NodeId(node.to_string()));
         }
@@ -416,6 +480,19 @@ impl ClusterNode {
         if released > 0 {
             info!(node = %self.me, released, "conversations re-homed to other nodes");
             metrics::counter!("switchboard_cluster_rehomed_total").increment(released as u64);
+        }
+    }
+
+    /// Hand the answers the owners sent back to the sends waiting for them.
+    fn answered(&self, answers: Vec<WireAnswer>) {
+        if answers.is_empty() {
+            return;
+        }
+        let mut forwarded = self.forwarded.lock().expect("forwarded lock");
+        for a in answers {
+            if let Some((_, waiter)) = forwarded.remove(&a.tag) {
+                let _ = waiter.send(from_wire(a.outcome));
+            }
         }
     }
 
@@ -476,28 +553,34 @@ impl Cluster for ClusterNode {
         origin: Option<ConnId>,
     ) -> Result<RemoteReply, Lost> {
         let gw = self.gateway(node).ok_or(Lost)?;
-        let call = Call::Send {
-            from_node: self.me.to_string(),
-            conv: conv.to_owned(),
-            from: from.to_owned(),
-            msg_id: msg_id.to_owned(),
-            body: body.to_owned(),
-            origin,
-        };
+        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot();
-        gw.send_message(GatewayMsg::Call(wire::encode(&call), tx.into()))
+        self.forwarded
+            .lock()
+            .expect("forwarded lock")
+            .insert(tag, (node.clone(), tx));
+        // Forgets the tag however the wait ends (answered, timed out, abandoned).
+        let guard = ForwardedTag {
+            tag,
+            forwarded: self.forwarded.clone(),
+        };
+        let envelope = Envelope {
+            from: self.me.to_string(),
+            cast: Cast::Send {
+                tag,
+                conv: conv.to_owned(),
+                from: from.to_owned(),
+                msg_id: msg_id.to_owned(),
+                body: body.to_owned(),
+                origin,
+            },
+        };
+        gw.send_message(GatewayMsg::Cast(wire::encode(&envelope)))
             .map_err(|_| Lost)?;
         sent("send");
         Ok(Box::pin(async move {
-            let bytes = rx.await.map_err(|_| Lost)?;
-            match wire::decode::<SendReply>(&bytes) {
-                Ok(SendReply::Done(result)) => Ok(result),
-                Ok(SendReply::Retry) => Err(Lost),
-                Err(e) => {
-                    warn!(error = %e, "undecodable send reply");
-                    Err(Lost)
-                }
-            }
+            let _guard = guard;
+            rx.await.unwrap_or(Err(Lost))
         }))
     }
 
@@ -527,9 +610,10 @@ impl Cluster for ClusterNode {
         members: &HashSet<UserId>,
         members_version: u64,
         frames: &[Outgoing],
+        answers: RemoteAnswers,
         cache: &mut RemoteRecipients,
     ) {
-        {
+        if !frames.is_empty() {
             let interest = self.interest.read().expect("interest lock");
             let now = (interest.generation, members_version);
             if cache.resolved_at != Some(now) {
@@ -537,31 +621,68 @@ impl Cluster for ClusterNode {
                 cache.resolved_at = Some(now);
             }
         }
-        if cache.nodes.is_empty() {
+        // One message per node: its online members' frames and its senders' answers together.
+        let mut by_node: BTreeMap<NodeName, (&[UserId], Vec<WireAnswer>)> = BTreeMap::new();
+        if !frames.is_empty() {
+            for (node, users) in &cache.nodes {
+                by_node.insert(node.clone(), (users.as_slice(), Vec::new()));
+            }
+        }
+        for (node, tag, outcome) in answers {
+            let answer = WireAnswer {
+                tag,
+                outcome: outcome.into_wire(),
+            };
+            by_node
+                .entry(node)
+                .or_insert((&[], Vec::new()))
+                .1
+                .push(answer);
+        }
+        if by_node.is_empty() {
             return;
         }
         let view = self.view();
-        for (node, users) in &cache.nodes {
-            let Some(gw) = view.gateways.get(node) else {
+        for (node, (users, answers)) in by_node {
+            let Some(gw) = view.gateways.get(&node) else {
                 continue;
             };
-            let frames = frames
-                .iter()
-                .map(|(json, origin)| WireFrame {
-                    json: json.to_vec(),
-                    skip: match origin {
-                        Some(Origin::Remote { node: n, conn }) if n == node => Some(*conn),
-                        _ => None,
-                    },
-                })
-                .collect();
+            let frames = if users.is_empty() {
+                Vec::new()
+            } else {
+                frames
+                    .iter()
+                    .map(|(json, origin)| WireFrame {
+                        json: json.to_vec(),
+                        skip: match origin {
+                            Some(Origin::Remote { node: n, conn }) if *n == node => Some(*conn),
+                            _ => None,
+                        },
+                    })
+                    .collect()
+            };
             let deliver = Cast::Deliver {
                 conv: conv.to_owned(),
-                users: users.clone(),
+                users: users.to_vec(),
                 frames,
+                answers,
             };
             self.cast(gw, deliver, "deliver");
         }
+    }
+
+    fn answer(&self, node: &NodeName, answers: Vec<(u64, Outcome)>) {
+        let Some(gw) = self.gateway(node) else {
+            return;
+        };
+        let answers = answers
+            .into_iter()
+            .map(|(tag, outcome)| WireAnswer {
+                tag,
+                outcome: outcome.into_wire(),
+            })
+            .collect();
+        self.cast(&gw, Cast::Answers { answers }, "answers");
     }
 
     fn connected(&self, user: &str, conn: ConnId, first: bool) {
@@ -612,19 +733,47 @@ impl std::fmt::Debug for GatewayMsg {
 struct Gateway;
 
 impl Gateway {
-    fn cast(node: &ClusterNode, envelope: Envelope) {
+    fn cast(node: &Arc<ClusterNode>, envelope: Envelope) {
         let from: NodeName = Arc::from(envelope.from.as_str());
         match envelope.cast {
             Cast::Deliver {
                 conv: _,
                 users,
                 frames,
+                answers,
             } => {
-                let frames: Vec<Outgoing> = frames
-                    .into_iter()
-                    .map(|f| (Bytes::from(f.json), f.skip.map(Origin::Here)))
-                    .collect();
-                node.attached().directory.deliver_to(&users, &frames);
+                if !frames.is_empty() {
+                    let frames: Vec<Outgoing> = frames
+                        .into_iter()
+                        .map(|f| (Bytes::from(f.json), f.skip.map(Origin::Here)))
+                        .collect();
+                    node.attached().directory.deliver_to(&users, &frames);
+                }
+                node.answered(answers);
+            }
+            Cast::Answers { answers } => node.answered(answers),
+            Cast::Send {
+                tag,
+                conv,
+                from: sender,
+                msg_id,
+                body,
+                origin,
+            } => {
+                let request = switchboard_actors::conversation::SendRequest {
+                    from: sender,
+                    msg_id,
+                    body,
+                    origin: origin.map(|conn| Origin::Remote {
+                        node: from.clone(),
+                        conn,
+                    }),
+                };
+                let cluster: SharedCluster = node.clone();
+                let answer = Answer::Remote(RemoteAnswer::new(cluster, from, tag));
+                node.attached()
+                    .conversations
+                    .forward_here(conv, request, answer);
             }
             Cast::Online { user } => node
                 .interest
@@ -647,33 +796,6 @@ impl Gateway {
     fn call(node: &Arc<ClusterNode>, call: Call, reply: RpcReplyPort<Vec<u8>>) {
         let conversations = node.attached().conversations.clone();
         match call {
-            Call::Send {
-                from_node,
-                conv,
-                from,
-                msg_id,
-                body,
-                origin,
-            } => {
-                let request = switchboard_actors::conversation::SendRequest {
-                    from,
-                    msg_id,
-                    body,
-                    origin: origin.map(|conn| Origin::Remote {
-                        node: Arc::from(from_node.as_str()),
-                        conn,
-                    }),
-                };
-                let (tx, rx) = oneshot();
-                conversations.forward_here(conv, request, tx.into());
-                tokio::spawn(async move {
-                    let answer = match rx.await {
-                        Ok(result) => SendReply::Done(result),
-                        Err(_) => SendReply::Retry,
-                    };
-                    reply_with(reply, &answer, "send_reply");
-                });
-            }
             Call::Member { conv, user, add } => {
                 tokio::spawn(async move {
                     let change = if add {

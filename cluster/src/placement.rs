@@ -9,12 +9,10 @@
 /// The node, of `nodes`, that owns `conv`; `None` when `nodes` is empty.
 pub fn owner<'a, N: AsRef<str>>(conv: &str, nodes: &'a [N]) -> Option<&'a N> {
     // Ties (astronomically unlikely) go to the greater name, so every node still agrees.
-    nodes
-        .iter()
-        .max_by(|a, b| {
-            let (a, b) = (a.as_ref(), b.as_ref());
-            score(a, conv).cmp(&score(b, conv)).then_with(|| a.cmp(b))
-        })
+    nodes.iter().max_by(|a, b| {
+        let (a, b) = (a.as_ref(), b.as_ref());
+        score(a, conv).cmp(&score(b, conv)).then_with(|| a.cmp(b))
+    })
 }
 
 /// The weight of `node` for `conv`.

@@ -29,6 +29,29 @@ pub enum Cast {
         users: Vec<String>,
         /// The `msg` frames, JSON as clients get it.
         frames: Vec<WireFrame>,
+        /// Answers to the batch's sends that came from the receiver.
+        answers: Vec<WireAnswer>,
+    },
+    /// A send for a conversation the receiver owns; answered by a [`WireAnswer`] with the batch's fan-out
+    /// (or in [`Cast::Answers`]).
+    Send {
+        /// The sender's tag for it.
+        tag: u64,
+        /// Conversation.
+        conv: String,
+        /// Sender.
+        from: String,
+        /// The client's id for the message.
+        msg_id: String,
+        /// Text (already checked against the body limit).
+        body: String,
+        /// The sending connection on the sending node.
+        origin: Option<u64>,
+    },
+    /// Answers to sends from the receiver that no fan-out carried (refusals, a lost actor).
+    Answers {
+        /// The answers.
+        answers: Vec<WireAnswer>,
     },
     /// `user` opened their first connection on the sender.
     Online {
@@ -56,24 +79,29 @@ pub struct WireFrame {
     pub skip: Option<u64>,
 }
 
+/// The answer to a [`Cast::Send`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireAnswer {
+    /// The send's tag.
+    pub tag: u64,
+    /// Its outcome.
+    pub outcome: WireOutcome,
+}
+
+/// What became of a forwarded send.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireOutcome {
+    /// Stored (new or original).
+    Stored(Message),
+    /// Refused.
+    Refused(ProtocolError),
+    /// The conversation's actor went away before answering: resubmit to whoever owns it now.
+    Retry,
+}
+
 /// Requests that expect an answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Call {
-    /// A send for a conversation the receiver owns.
-    Send {
-        /// The node the sender is connected to.
-        from_node: String,
-        /// Conversation.
-        conv: String,
-        /// Sender.
-        from: String,
-        /// The client's id for the message.
-        msg_id: String,
-        /// Text (already checked against the body limit).
-        body: String,
-        /// The sending connection on `from_node`.
-        origin: Option<u64>,
-    },
     /// A member change for a conversation the receiver owns.
     Member {
         /// Conversation.
@@ -87,15 +115,6 @@ pub enum Call {
     Barrier,
     /// The receiver's state, for `GET /v1/cluster`.
     Status,
-}
-
-/// The answer to a [`Call::Send`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum SendReply {
-    /// Stored (new or original), or refused.
-    Done(Result<Message, ProtocolError>),
-    /// The conversation's actor went away before answering: resubmit to whoever owns it now.
-    Retry,
 }
 
 /// What a node says of itself.
@@ -133,13 +152,10 @@ mod tests {
 
     #[test]
     fn round_trips_and_refuses_garbage() {
-        let call = Call::Send {
-            from_node: "n1".into(),
+        let call = Call::Member {
             conv: "c".into(),
-            from: "alice".into(),
-            msg_id: "m1".into(),
-            body: "hi".into(),
-            origin: Some(7),
+            user: "alice".into(),
+            add: true,
         };
         assert_eq!(decode::<Call>(&encode(&call)).unwrap(), call);
         let cast = Envelope {
@@ -150,6 +166,10 @@ mod tests {
                 frames: vec![WireFrame {
                     json: b"{}".to_vec(),
                     skip: None,
+                }],
+                answers: vec![WireAnswer {
+                    tag: 3,
+                    outcome: WireOutcome::Retry,
                 }],
             },
         };

@@ -88,7 +88,12 @@ async fn cluster_status(state: State) -> HttpResponse {
         Some(cluster) => cluster.cluster_status().await,
         None => vec![switchboard_cluster::wire::NodeStatus {
             name: state.node.0.clone(),
-            state: if state.is_draining() { "draining" } else { "up" }.into(),
+            state: if state.is_draining() {
+                "draining"
+            } else {
+                "up"
+            }
+            .into(),
             http: state.http_addr.to_string(),
             cluster: String::new(),
             connections: state.sessions.directory().connection_count() as u64,
