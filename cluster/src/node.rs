@@ -434,6 +434,13 @@ impl ClusterNode {
         };
         let old = self.view();
         if *old == fresh {
+            if self.draining.load(Ordering::Acquire) {
+                // Nodes that have not seen the drain yet may still forward sends here, which start
+                // actors again: hand those over too.
+                self.attached()
+                    .conversations
+                    .release(|conv| self.owner(conv).is_none());
+            }
             return;
         }
         let gone: Vec<NodeName> = old

@@ -1,6 +1,7 @@
-//! The coordinator: prepares a run (tokens, conversations, clients, source addresses), spreads the clients
-//! over worker processes, steps them through the scenario's phases while showing progress, reads the
-//! server's RSS and CPU from `/proc`, and builds the report.
+//! The coordinator: prepares a run (tokens, conversations, clients, source addresses, and with `--servers`
+//! the node each client connects to), spreads the clients over worker processes, steps them through the
+//! scenario's phases while showing progress, reads the servers' RSS and CPU from `/proc` (and a cluster's
+//! inter-node traffic from its nodes' `/metrics`), and builds the report.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -15,6 +16,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin};
 use tokio::sync::mpsc;
 
+use crate::cluster::{self, node_of, placement_name, Placement};
 use crate::net::{self, check_source, parse_loopback_target, source_for};
 use crate::report::{self, Report, Target as Goal};
 use crate::setup::{mint, Api};
@@ -53,12 +55,17 @@ pub(crate) struct Common {
     /// Server address, HOST:PORT in 127.0.0.0/8 (or localhost). Anything else is refused.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub(crate) server: String,
+    /// A cluster's nodes instead of --server: HOST:PORT,HOST:PORT,… (each checked as --server). Setup goes
+    /// to the first; clients are spread over all (see --placement for dm); each node's /metrics is read
+    /// before and after the run for the inter-node traffic.
+    #[arg(long, conflicts_with = "server")]
+    pub(crate) servers: Option<String>,
     /// What kind of server is at --server.
     #[arg(long, value_enum, default_value_t = Target::Switchboard)]
     pub(crate) target: Target,
-    /// The server's pid, to read its RSS and CPU time from /proc.
-    #[arg(long)]
-    pub(crate) server_pid: Option<u32>,
+    /// The server's pid, or one per node (PID,PID,…), to read RSS and CPU time from /proc (summed).
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) server_pid: Vec<u32>,
     /// Mint HS256 tokens with this secret instead of calling dev login.
     #[arg(long)]
     pub(crate) jwt_secret: Option<String>,
@@ -114,6 +121,8 @@ pub(crate) struct RunSpec {
     pub(crate) storm_timeout_s: u64,
     /// Idle: give each pair of clients a DM to sync.
     pub(crate) conv: bool,
+    /// Dm over several nodes: where each pair's two members connect.
+    pub(crate) placement: Placement,
 }
 
 impl RunSpec {
@@ -140,6 +149,32 @@ impl RunSpec {
         }
         p
     }
+}
+
+/// The nodes a run targets: `--servers` (with `true`: the run reports nodes, placement and inter-node
+/// traffic), else `--server`.
+fn targets(common: &Common) -> Result<(Vec<SocketAddrV4>, bool), Error> {
+    let Some(list) = &common.servers else {
+        return Ok((vec![parse_loopback_target(&common.server)?], false));
+    };
+    let mut nodes = Vec::new();
+    for s in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let addr = parse_loopback_target(s)?;
+        if nodes.contains(&addr) {
+            return Err(format!("--servers lists {addr} twice").into());
+        }
+        nodes.push(addr);
+    }
+    if nodes.is_empty() {
+        return Err("--servers needs at least one HOST:PORT".into());
+    }
+    if nodes.len() > 1 && common.target == Target::Baseline {
+        return Err(
+            "several --servers need --target switchboard (baseline servers are not a cluster)"
+                .into(),
+        );
+    }
+    Ok((nodes, true))
 }
 
 fn check_bounds(run: &RunSpec, common: &Common) -> Result<(), Error> {
@@ -173,13 +208,21 @@ fn check_bounds(run: &RunSpec, common: &Common) -> Result<(), Error> {
 /// Entry point of the scenario subcommands.
 pub(crate) async fn main(common: Common, run: RunSpec) -> Result<(), Error> {
     check_bounds(&run, &common)?;
-    let server = parse_loopback_target(&common.server)?;
-    let mut reports =
-        vec![run_once(&common, &run, common.target, server, common.server_pid).await?];
+    let (servers, cluster) = targets(&common)?;
+    let primary = Nodes {
+        addrs: servers,
+        pids: common.server_pid.clone(),
+        cluster,
+    };
+    let mut reports = vec![run_once(&common, &run, common.target, &primary).await?];
     if common.with_baseline {
         let (mut child, addr) = spawn_baseline().await?;
-        let pid = child.id();
-        let r = run_once(&common, &run, Target::Baseline, addr, pid).await;
+        let baseline = Nodes {
+            addrs: vec![addr],
+            pids: child.id().into_iter().collect(),
+            cluster: false,
+        };
+        let r = run_once(&common, &run, Target::Baseline, &baseline).await;
         let _ = child.start_kill();
         let _ = child.wait().await;
         reports.push(r?);
@@ -452,17 +495,33 @@ impl Fleet {
     }
 }
 
-/// Server-side readings at one instant.
+/// The servers one run talks to.
+struct Nodes {
+    /// Their addresses; setup goes to the first.
+    addrs: Vec<SocketAddrV4>,
+    /// Their pids (any number, summed), for RSS and CPU.
+    pids: Vec<u32>,
+    /// Given with `--servers`: report nodes, placement and inter-node traffic.
+    cluster: bool,
+}
+
+/// Server-side readings at one instant, summed over the pids (`None` when any cannot be read).
 #[derive(Clone, Copy)]
 struct ServerSample {
     rss_kb: Option<u64>,
     cpu_s: Option<f64>,
 }
 
-fn sample(pid: Option<u32>) -> ServerSample {
+fn sample(pids: &[u32]) -> ServerSample {
+    if pids.is_empty() {
+        return ServerSample {
+            rss_kb: None,
+            cpu_s: None,
+        };
+    }
     ServerSample {
-        rss_kb: pid.and_then(stats::rss_kb),
-        cpu_s: pid.and_then(stats::cpu_s),
+        rss_kb: pids.iter().map(|&p| stats::rss_kb(p)).sum(),
+        cpu_s: pids.iter().map(|&p| stats::cpu_s(p)).sum(),
     }
 }
 
@@ -559,12 +618,12 @@ fn push_latency(r: &mut Report, key: &str, label: &str, h: &Histogram<u64>) {
     );
 }
 
-/// The clients of a run: users, tokens, conversations, roles, source addresses.
+/// The clients of a run: users, tokens, conversations, roles, source addresses, nodes.
 async fn plan(
     common: &Common,
     run: &RunSpec,
     target: Target,
-    server: SocketAddrV4,
+    servers: &[SocketAddrV4],
 ) -> Result<Vec<ClientSpec>, Error> {
     let n = run.clients;
     let prefix = run_prefix();
@@ -584,7 +643,8 @@ async fn plan(
             )
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let api = Api::new(server)?;
+    // Every node shares the store: setup talks to the first.
+    let api = Api::new(servers[0])?;
     let tokens: Vec<String> = match target {
         Target::Baseline => vec!["baseline".into(); n],
         Target::Switchboard => match secret(common)? {
@@ -638,6 +698,7 @@ async fn plan(
         .map(|i| ClientSpec {
             user: users[i].clone(),
             token: tokens[i].clone(),
+            server: servers[node_of(run.scenario, run.placement, i, run.senders, servers.len())],
             conv: convs[i].clone(),
             source: sources[i],
             sender: match run.scenario {
@@ -658,9 +719,9 @@ async fn run_once(
     common: &Common,
     run: &RunSpec,
     target: Target,
-    server: SocketAddrV4,
-    pid: Option<u32>,
+    nodes: &Nodes,
 ) -> Result<Report, Error> {
+    let pid = nodes.pids.as_slice();
     let label = format!("{} {}", target.name(), run.scenario.name());
     let bar = ProgressBar::new_spinner();
     bar.set_style(ProgressStyle::with_template(
@@ -670,7 +731,7 @@ async fn run_once(
     bar.set_message(format!("{label} setup: tokens and conversations"));
 
     let t_setup = Instant::now();
-    let clients = tokio::time::timeout(SETUP_TIMEOUT, plan(common, run, target, server))
+    let clients = tokio::time::timeout(SETUP_TIMEOUT, plan(common, run, target, &nodes.addrs))
         .await
         .map_err(|_| "setup (tokens, conversations) timed out")??;
     let rest_setup_s = t_setup.elapsed().as_secs_f64();
@@ -693,7 +754,6 @@ async fn run_once(
             WorkerSpec {
                 worker: w,
                 scenario: run.scenario,
-                server,
                 clients: mine.to_vec(),
                 connect_concurrency: common.connect_concurrency,
                 rate: rate_share(
@@ -737,11 +797,51 @@ async fn run_once(
     let mut report = Report {
         scenario: run.scenario.name().into(),
         target: target.name().into(),
-        server: server.to_string(),
+        server: nodes
+            .addrs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
         params: run.params(),
         ..Report::default()
     };
     report.params.insert("workers".into(), workers.to_string());
+    if nodes.cluster {
+        let mut per_node = vec![0usize; nodes.addrs.len()];
+        for c in &clients {
+            if let Some(k) = nodes.addrs.iter().position(|a| *a == c.server) {
+                per_node[k] += 1;
+            }
+        }
+        report
+            .params
+            .insert("nodes".into(), nodes.addrs.len().to_string());
+        report.params.insert(
+            "placement".into(),
+            placement_name(run.scenario, run.placement).into(),
+        );
+        report.params.insert(
+            "clients_per_node".into(),
+            per_node
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("/"),
+        );
+    }
+    if pid.len() > 1 {
+        report
+            .params
+            .insert("server_pids".into(), pid.len().to_string());
+    }
+    // A cluster's inter-node traffic over the run's main phase (hold, send + drain, storm).
+    let scrape = nodes.cluster && target == Target::Switchboard;
+    let metrics_before = if scrape {
+        Some(cluster::scrape(&nodes.addrs).await)
+    } else {
+        None
+    };
     let ports_per_client = if run.scenario == Scenario::Storm {
         2
     } else {
@@ -848,6 +948,11 @@ async fn run_once(
             storm_s2 = Some((back, sfailed, back_ms, synced_ms, wall));
             s
         }
+    };
+    let metrics_after = if scrape {
+        Some(cluster::scrape(&nodes.addrs).await)
+    } else {
+        None
     };
     let results = fleet.finish().await?;
     bar.finish_and_clear();
@@ -1075,6 +1180,22 @@ async fn run_once(
                 });
             }
         }
+    }
+    if let (Some(before), Some(after)) = (&metrics_before, &metrics_after) {
+        let sends = matches!(run.scenario, Scenario::Dm | Scenario::Group);
+        let span_s = if m.last_delivery_us > m.first_send_us {
+            (m.last_delivery_us - m.first_send_us) as f64 / 1e6
+        } else {
+            f64::NAN
+        };
+        cluster::report_traffic(
+            &mut report,
+            &nodes.addrs,
+            before,
+            after,
+            sends.then(|| c.sent - at_ready.sent),
+            span_s,
+        );
     }
     report.push(
         "client_cpu_s",

@@ -5,6 +5,7 @@
 //! switchboard-load dm    --server 127.0.0.1:8080 --pairs 1000 --rate 10000 --duration 20
 //! switchboard-load group --server 127.0.0.1:8080 --members 5000 --rate 200 --duration 20
 //! switchboard-load storm --server 127.0.0.1:8080 --clients 10000
+//! switchboard-load dm    --servers 127.0.0.1:8080,127.0.0.2:8080 --placement cross --pairs 100
 //! switchboard-load baseline --listen 127.0.0.1:9090
 //! ```
 //!
@@ -13,8 +14,10 @@
 //! 127.0.0.2, 127.0.0.3, … because one address has ~28,000 ports, refuses targets outside 127.0.0.0/8, and
 //! is bounded in connections and seconds. `--with-baseline` runs the same scenario against a baseline
 //! server it starts, and prints both with the ratio; `--json` prints the report for machines.
+//! `--servers` spreads the clients over a cluster's nodes and reports its inter-node messages per message.
 
 mod baseline;
+mod cluster;
 mod coordinator;
 mod frame;
 mod net;
@@ -28,6 +31,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use cluster::Placement;
 use coordinator::{Common, RunSpec};
 use spec::Scenario;
 
@@ -77,6 +81,10 @@ enum Cmd {
         /// apart (the first messages start the conversations' actors, while the setup's last work ends).
         #[arg(long, default_value_t = 2)]
         warmup: u64,
+        /// With --servers: `same` puts both members of pair i on node i mod n; `cross` puts the second
+        /// on node (i + 1) mod n, so that every message crosses nodes.
+        #[arg(long, value_enum, default_value_t = Placement::Same)]
+        placement: Placement,
     },
     /// One group: M messages per second to G members; deliveries per second and delivery latency.
     Group {
@@ -148,6 +156,7 @@ fn run(cli: Cli) -> Result<(), Error> {
         history: 0,
         storm_timeout_s: 0,
         conv: false,
+        placement: Placement::Same,
     };
     match cli.command {
         Cmd::Idle {
@@ -169,12 +178,14 @@ fn run(cli: Cli) -> Result<(), Error> {
             rate,
             duration,
             warmup,
+            placement,
         } => scenario(
             common,
             RunSpec {
                 rate,
                 duration_s: duration,
                 warmup_s: warmup,
+                placement,
                 ..base(Scenario::Dm, pairs.saturating_mul(2))
             },
         ),
@@ -251,5 +262,50 @@ mod tests {
         assert_eq!(pairs, 200);
         assert!(common.with_baseline);
         assert!(Cli::try_parse_from(["switchboard-load", "idle", "--bogus"]).is_err());
+    }
+
+    #[test]
+    fn parses_a_cluster_line() {
+        let cli = Cli::try_parse_from([
+            "switchboard-load",
+            "dm",
+            "--servers",
+            "127.0.0.1:8080,127.0.0.2:8080",
+            "--server-pid",
+            "10,11",
+            "--placement",
+            "cross",
+        ])
+        .unwrap();
+        let Cmd::Dm {
+            common, placement, ..
+        } = cli.command
+        else {
+            panic!("not dm")
+        };
+        assert_eq!(placement, Placement::Cross);
+        assert_eq!(common.server_pid, [10, 11]);
+        assert_eq!(
+            common.servers.as_deref(),
+            Some("127.0.0.1:8080,127.0.0.2:8080")
+        );
+        // One pid as before; --server and --servers exclude each other; placement is dm's.
+        let cli = Cli::try_parse_from(["switchboard-load", "idle", "--server-pid", "42"]).unwrap();
+        let Cmd::Idle { common, .. } = cli.command else {
+            panic!("not idle")
+        };
+        assert_eq!(common.server_pid, [42]);
+        assert!(Cli::try_parse_from([
+            "switchboard-load",
+            "dm",
+            "--server",
+            "127.0.0.1:1",
+            "--servers",
+            "127.0.0.1:2"
+        ])
+        .is_err());
+        assert!(
+            Cli::try_parse_from(["switchboard-load", "group", "--placement", "cross"]).is_err()
+        );
     }
 }

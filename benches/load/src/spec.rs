@@ -33,7 +33,6 @@ impl Scenario {
 pub(crate) struct WorkerSpec {
     pub(crate) worker: usize,
     pub(crate) scenario: Scenario,
-    pub(crate) server: SocketAddrV4,
     pub(crate) clients: Vec<ClientSpec>,
     /// Connections being opened at once by this worker (setup phase).
     pub(crate) connect_concurrency: usize,
@@ -49,6 +48,8 @@ pub(crate) struct WorkerSpec {
 pub(crate) struct ClientSpec {
     pub(crate) user: String,
     pub(crate) token: String,
+    /// The node it connects to (and reconnects to in a storm).
+    pub(crate) server: SocketAddrV4,
     /// The conversation it syncs (and sends to, if a sender).
     pub(crate) conv: Option<String>,
     pub(crate) source: Ipv4Addr,

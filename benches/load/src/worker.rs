@@ -536,7 +536,7 @@ async fn connect_retrying(
     let mut attempt = 0;
     loop {
         let t = Instant::now();
-        match connect_ws(sh.spec.server, spec.source, &spec.token, CONNECT_TIMEOUT).await {
+        match connect_ws(spec.server, spec.source, &spec.token, CONNECT_TIMEOUT).await {
             Ok(ws) => {
                 sh.connect
                     .lock()
