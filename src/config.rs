@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use switchboard_cluster::tls::TlsFiles;
 use switchboard_cluster::NodeId;
 
 use crate::store::cassandra::CassandraConfig;
@@ -109,6 +110,16 @@ pub struct Settings {
     /// How often a node refreshes (and after a Redis outage, rewrites) its registry entries [default: 15].
     #[arg(long, env = "SWITCHBOARD_REGISTRY_HEARTBEAT_SECS")]
     pub registry_heartbeat_secs: Option<f64>,
+    /// Mutual TLS between nodes: this node's certificate chain (PEM; with `cluster_tls_key` and
+    /// `cluster_tls_ca`). Its names must include the host its peers dial.
+    #[arg(long, env = "SWITCHBOARD_CLUSTER_TLS_CERT")]
+    pub cluster_tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long, env = "SWITCHBOARD_CLUSTER_TLS_KEY")]
+    pub cluster_tls_key: Option<PathBuf>,
+    /// The CA that signs every node's certificate (PEM).
+    #[arg(long, env = "SWITCHBOARD_CLUSTER_TLS_CA")]
+    pub cluster_tls_ca: Option<PathBuf>,
 }
 
 /// A node's cluster settings (present when `cluster_listen` is set).
@@ -126,6 +137,8 @@ pub struct ClusterSettings {
     pub registry_ttl: Duration,
     /// Registry heartbeat.
     pub registry_heartbeat: Duration,
+    /// Mutual TLS between nodes, if configured.
+    pub tls: Option<TlsFiles>,
 }
 
 /// Which message store a node uses.
@@ -311,10 +324,22 @@ impl Settings {
         }
         let seeds = pick!(seeds).unwrap_or_default();
         let (cookie, redis) = (pick!(cookie), pick!(redis));
+        let tls = match (
+            pick!(cluster_tls_cert),
+            pick!(cluster_tls_key),
+            pick!(cluster_tls_ca),
+        ) {
+            (None, None, None) => None,
+            (Some(cert), Some(key), Some(ca)) => Some(TlsFiles { cert, key, ca }),
+            _ => return Err(ConfigError::Invalid(
+                "cluster TLS needs cluster_tls_cert, cluster_tls_key and cluster_tls_ca together"
+                    .into(),
+            )),
+        };
         let config = match pick!(cluster_listen) {
-            None if !seeds.is_empty() || redis.is_some() => {
+            None if !seeds.is_empty() || redis.is_some() || tls.is_some() => {
                 return Err(ConfigError::Invalid(
-                    "seeds and redis need cluster_listen".into(),
+                    "seeds, redis and cluster TLS need cluster_listen".into(),
                 ))
             }
             None => config,
@@ -341,6 +366,7 @@ impl Settings {
                             15.0,
                             "registry_heartbeat_secs",
                         )?,
+                        tls,
                     }),
                     ..config
                 }

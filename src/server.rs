@@ -21,6 +21,7 @@ use switchboard_actors::supervisor::RestartIntensity;
 use switchboard_actors::system::{ActorSystem, SystemConfig};
 use switchboard_cluster::node::{ClusterConfig, ClusterNode};
 use switchboard_cluster::registry::RegistryConfig;
+use switchboard_cluster::tls::ClusterTls;
 use switchboard_cluster::NodeId;
 use tracing::{info, warn};
 
@@ -108,6 +109,7 @@ impl Server {
                     prefix: "sb".into(),
                 },
                 call_timeout: Duration::from_secs(5),
+                tls: c.tls.as_ref().map(ClusterTls::load).transpose()?,
             })?),
         };
         let shared: Option<SharedCluster> = cluster.clone().map(|c| c as SharedCluster);

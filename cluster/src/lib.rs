@@ -3,12 +3,14 @@
 //! # Layout
 //! - [`node`]: [`node::ClusterNode`], this node's links, gateway and membership; the actors' `Cluster`.
 //! - [`placement`]: rendezvous hashing of conversations over the live nodes.
+//! - [`tls`]: optional mutual TLS between nodes.
 //! - [`wire`]: the typed messages between nodes (postcard).
 //! - [`registry`]: who is connected where, in Redis (user → set of (node, connection), with a TTL).
 
 pub mod node;
 pub mod placement;
 pub mod registry;
+pub mod tls;
 pub mod wire;
 
 use serde::{Deserialize, Serialize};

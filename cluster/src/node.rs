@@ -32,7 +32,10 @@ use bytes::Bytes;
 use ractor::concurrency::{oneshot, OneshotSender};
 use ractor::rpc::CallResult;
 use ractor::{pg, Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use ractor_cluster::{NodeServer, NodeServerMessage, RactorClusterMessage, RactorMessage};
+use ractor_cluster::node::NodeConnectionMode;
+use ractor_cluster::{
+    IncomingEncryptionMode, NodeServer, NodeServerMessage, RactorClusterMessage, RactorMessage,
+};
 use serde::Serialize;
 use switchboard_actors::cluster::{
     Cluster, Lost, MemberChange, NodeName, Origin, Outcome, Outgoing, RemoteAnswer, RemoteAnswers,
@@ -46,6 +49,7 @@ use switchboard_actors::store::UserId;
 use tracing::{debug, info, warn};
 
 use crate::registry::{RedisRegistry, RegistryConfig};
+use crate::tls::ClusterTls;
 use crate::wire::{self, Call, Cast, Envelope, NodeStatus, WireAnswer, WireFrame, WireOutcome};
 use crate::{placement, NodeId};
 
@@ -75,6 +79,8 @@ pub struct ClusterConfig {
     pub registry: RegistryConfig,
     /// Longest wait for another node's answer to a request (member changes, barriers).
     pub call_timeout: Duration,
+    /// Mutual TLS between nodes, if configured.
+    pub tls: Option<ClusterTls>,
 }
 
 /// The live membership, as this node last read it.
@@ -260,13 +266,22 @@ impl ClusterNode {
         directory: SessionDirectory,
     ) -> anyhow::Result<()> {
         let listen = self.config.listen;
+        // ractor_cluster's transitive links dial without TLS; with TLS, `Membership` dials every peer it
+        // learns of itself (seeds, and the nodes that connect to this one).
+        let (encryption, mode) = match &self.config.tls {
+            Some(tls) => (
+                IncomingEncryptionMode::Tls(tls.acceptor.clone()),
+                NodeConnectionMode::Isolated,
+            ),
+            None => (IncomingEncryptionMode::Raw, NodeConnectionMode::Transitive),
+        };
         let server = NodeServer::new(
             listen.port(),
             self.config.cookie.clone(),
             self.config.node.0.clone(),
             listen.ip().to_string(),
-            None,
-            Some(ractor_cluster::node::NodeConnectionMode::Transitive),
+            Some(encryption),
+            Some(mode),
         )
         .with_listen_addr(listen.ip());
         let (server, _) = Actor::spawn(None, server, ()).await?;
@@ -921,8 +936,25 @@ impl MembershipState {
             *next = now + *backoff;
             *backoff = (*backoff * 2).min(MAX_BACKOFF);
             let (server, addr) = (self.server.clone(), addr.clone());
+            let tls = self.node.config.tls.clone();
             tokio::spawn(async move {
-                if let Err(e) = ractor_cluster::client_connect(&server, addr.as_str()).await {
+                let dialled = match tls {
+                    None => ractor_cluster::client_connect(&server, addr.as_str())
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Some(tls) => match ClusterTls::server_name(&addr) {
+                        Ok(name) => ractor_cluster::client_connect_enc(
+                            &server,
+                            addr.as_str(),
+                            tls.connector,
+                            name,
+                        )
+                        .await
+                        .map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    },
+                };
+                if let Err(e) = dialled {
                     debug!(peer = %addr, error = %e, "cannot reach node; will retry");
                 }
             });

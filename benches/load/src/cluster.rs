@@ -17,6 +17,9 @@ use crate::Error;
 const INTERNODE: &str = "switchboard_cluster_messages_sent_total";
 /// Frames a node pushed to its connections' queues.
 const DELIVERIES: &str = "switchboard_deliveries_total";
+/// The kinds a message's own path uses (forward, fan-out, answers to the sender's node): always reported;
+/// other kinds only when they changed.
+const MESSAGE_KINDS: [&str; 3] = ["send", "deliver", "answers"];
 /// One scrape may take this long.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -215,6 +218,12 @@ pub(crate) fn report_traffic(
             }
         }
     }
+    for kind in MESSAGE_KINDS {
+        total.internode.entry(kind.to_string()).or_default();
+    }
+    total
+        .internode
+        .retain(|kind, v| *v != 0.0 || MESSAGE_KINDS.contains(&kind.as_str()));
     let all = total.internode_total();
     report.push(
         "internode_msgs",
@@ -380,6 +389,9 @@ mod tests {
         assert_eq!(r.get("internode_per_msg_send"), Some(0.5));
         assert_eq!(r.get("internode_per_msg_deliver"), Some(1.0));
         assert_eq!(r.get("server_deliveries_per_s"), Some(50.0));
+        // The message path's kinds are listed even when absent; others only when they changed.
+        assert_eq!(r.get("internode_per_msg_answers"), Some(0.0));
+        assert_eq!(r.get("internode_per_msg_snapshot"), None);
         assert!(r.errors.is_empty());
 
         let mut r = Report::default();

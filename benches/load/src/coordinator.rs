@@ -1223,3 +1223,54 @@ async fn run_once(
 fn frame_min() -> usize {
     crate::frame::STAMP_DIGITS
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        common: Common,
+    }
+
+    fn targets_of(args: &[&str]) -> Result<(Vec<SocketAddrV4>, bool), Error> {
+        let mut argv = vec!["t"];
+        argv.extend_from_slice(args);
+        targets(&Cli::try_parse_from(argv).unwrap().common)
+    }
+
+    #[test]
+    fn servers_are_loopback_distinct_and_switchboard() {
+        let (one, cluster) = targets_of(&[]).unwrap();
+        assert_eq!(one, ["127.0.0.1:8080".parse::<SocketAddrV4>().unwrap()]);
+        assert!(!cluster);
+        let (three, cluster) =
+            targets_of(&["--servers", "127.0.0.1:8080, 127.0.0.2:8080,localhost:9"]).unwrap();
+        assert_eq!(three.len(), 3);
+        assert_eq!(three[2], "127.0.0.1:9".parse::<SocketAddrV4>().unwrap());
+        assert!(cluster);
+        assert!(targets_of(&["--servers", "127.0.0.1:8080,10.0.0.1:8080"]).is_err());
+        assert!(targets_of(&["--servers", "127.0.0.1:8080,localhost:8080"]).is_err());
+        assert!(targets_of(&["--servers", ","]).is_err());
+        assert!(targets_of(&[
+            "--servers",
+            "127.0.0.1:1,127.0.0.2:1",
+            "--target",
+            "baseline"
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn server_samples_sum_over_pids() {
+        let me = std::process::id();
+        assert!(sample(&[]).rss_kb.is_none());
+        let one = sample(&[me]).rss_kb.unwrap();
+        let two = sample(&[me, me]).rss_kb.unwrap();
+        assert!(two >= one * 2 - one / 2, "{one} {two}");
+        // A pid that cannot be read makes the sum unknown rather than short.
+        assert!(sample(&[me, u32::MAX]).rss_kb.is_none());
+    }
+}
