@@ -304,7 +304,7 @@ impl Settings {
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
             log: pick!(log).unwrap_or_else(|| "info".into()),
             drain_window: match pick!(drain_window_secs) {
-                Some(v) if v == 0.0 => Duration::ZERO,
+                Some(0.0) => Duration::ZERO,
                 v => secs(v, 5.0, "drain_window_secs")?,
             },
             admin_token: pick!(admin_token),
