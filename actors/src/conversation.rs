@@ -436,7 +436,7 @@ fn answer(
     remote: &mut RemoteAnswers,
 ) {
     for reply in replies {
-        let owned = outcome.map(Message::clone).map_err(ProtocolError::clone);
+        let owned = outcome.cloned().map_err(ProtocolError::clone);
         match reply {
             Answer::Port(port) => {
                 let _ = port.send(owned);
