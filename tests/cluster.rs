@@ -1312,6 +1312,19 @@ async fn check_no_loss(api: &Api, setup: &Setup, devices: &[Device]) -> Report {
 // ---------------------------------------------------------------------------------------------------------
 // Tests
 
+/// Wait until each of `devices` is connected to a node other than `gone`.
+async fn reconnected_elsewhere(devices: &[&Device], gone: usize, what: &str) {
+    for d in devices {
+        eventually(what, Duration::from_secs(10), || async {
+            match d.node() {
+                Some(n) if n != gone => Ok(()),
+                other => Err(format!("{}: {other:?}", d.user)),
+            }
+        })
+        .await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn cluster_forms_and_reports_itself() {
     let _serial = SERIAL.lock().await;
@@ -1498,19 +1511,7 @@ async fn kill_9_under_load_loses_nothing() {
     let killed_at = cluster.kill9(victim).await;
 
     // Its clients reconnect to the others.
-    for d in &on_victim {
-        eventually(
-            "a client of the dead node reconnects",
-            Duration::from_secs(10),
-            || async {
-                match d.node() {
-                    Some(n) if n != victim => Ok(()),
-                    other => Err(format!("{}: {other:?}", d.user)),
-                }
-            },
-        )
-        .await;
-    }
+    reconnected_elsewhere(&on_victim, victim, "a client of the dead node reconnects").await;
     let reconnected = on_victim
         .iter()
         .filter_map(|d| {
@@ -1655,19 +1656,12 @@ async fn drain_hands_over_and_closes_with_1012() {
         });
     }
     closes.sort();
-    for d in &on_victim {
-        eventually(
-            "a client of the drained node reconnects",
-            Duration::from_secs(10),
-            || async {
-                match d.node() {
-                    Some(n) if n != victim => Ok(()),
-                    other => Err(format!("{}: {other:?}", d.user)),
-                }
-            },
-        )
-        .await;
-    }
+    reconnected_elsewhere(
+        &on_victim,
+        victim,
+        "a client of the drained node reconnects",
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     watching.store(false, Ordering::Relaxed);
     let mut seen_states = Vec::new();

@@ -260,11 +260,10 @@ async fn a_node_that_stops_heartbeating_expires_within_the_ttl() {
     n1.close().await;
 }
 
-#[tokio::test]
-async fn forget_node_removes_another_nodes_entries_at_once() {
-    let server = RedisServer::start();
-    let n1 = start(&server, "n1", LONG_TTL);
-    let n2 = start(&server, "n2", LONG_TTL);
+/// Registries n1 and n2 (long TTL) with alice on both and bob on n2, once n1 reads them all back.
+async fn alice_on_two_nodes_and_bob_on_n2(server: &RedisServer) -> (RedisRegistry, RedisRegistry) {
+    let n1 = start(server, "n1", LONG_TTL);
+    let n2 = start(server, "n2", LONG_TTL);
     n1.register("alice", 1);
     n2.register("alice", 2);
     n2.register("bob", 3);
@@ -276,6 +275,13 @@ async fn forget_node_removes_another_nodes_entries_at_once() {
     )
     .await;
     until_connections(&n1, "bob", &[("n2", 3)], Duration::from_secs(1)).await;
+    (n1, n2)
+}
+
+#[tokio::test]
+async fn forget_node_removes_another_nodes_entries_at_once() {
+    let server = RedisServer::start();
+    let (n1, n2) = alice_on_two_nodes_and_bob_on_n2(&server).await;
     drop(n2);
 
     n1.forget_node(&node("n2"));
@@ -333,19 +339,7 @@ async fn the_registry_is_rewritten_after_redis_restarts_empty() {
 #[tokio::test]
 async fn close_removes_the_nodes_entries() {
     let server = RedisServer::start();
-    let n1 = start(&server, "n1", LONG_TTL);
-    let n2 = start(&server, "n2", LONG_TTL);
-    n1.register("alice", 1);
-    n2.register("alice", 2);
-    n2.register("bob", 3);
-    until_connections(
-        &n1,
-        "alice",
-        &[("n1", 1), ("n2", 2)],
-        Duration::from_secs(2),
-    )
-    .await;
-    until_connections(&n1, "bob", &[("n2", 3)], Duration::from_secs(1)).await;
+    let (n1, n2) = alice_on_two_nodes_and_bob_on_n2(&server).await;
 
     let closing = Instant::now();
     n2.close().await;
