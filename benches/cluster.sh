@@ -18,7 +18,7 @@ DURATION=${DURATION:-20}
 RUNS=${RUNS:-2}
 REDIS_PORT=16390
 WORK=$(mktemp -d /tmp/sb-cluster-bench.XXXXXX)
-trap 'stop_nodes; redis-cli -p $REDIS_PORT shutdown nosave >/dev/null 2>&1 || true; rm -rf "$WORK"' EXIT
+trap 'stop_nodes; redis-cli -p $REDIS_PORT shutdown nosave >/dev/null 2>&1 || true; [ -n "${KEEP_LOGS:-}" ] || rm -rf "$WORK"' EXIT
 
 redis-server --port $REDIS_PORT --bind 127.0.0.1 --save '' --appendonly no --daemonize yes >/dev/null
 
@@ -37,7 +37,7 @@ start_nodes() {
     fi
     "$BIN" serve --node-name "bench$i" --listen "127.0.0.$i:18080" --data-dir "$WORK/n$i" \
       --store "cassandra://127.0.0.1:9042/$ks?timeout_ms=30000" --jwt-secret bench --dev-login true \
-      --log warn "${cluster[@]}" > "$WORK/n$i.log" 2>&1 &
+      --log "${NODE_LOG:-warn}" "${cluster[@]}" > "$WORK/n$i.log" 2>&1 &
     PIDS+="$!,"; SERVERS+="127.0.0.$i:18080,"
     [ "$i" = 1 ] && until curl -sf "127.0.0.1:18080/readyz" >/dev/null; do sleep 0.2; done  # creates the keyspace
   done

@@ -3,7 +3,8 @@
 //! ```text
 //! NodeServer (ractor_cluster)      cookie-authenticated links to the other nodes, one TCP session each
 //! Gateway                          this node's remote-facing actor: every message another node sends here
-//! Membership                       reconnects to seeds and peers, reads the live view from `pg`, re-homes
+//! Membership                       reconnects to seeds and peers, reads the live view from `pg` (on every
+//!                                  `pg` change and every tick), re-homes
 //! ```
 //!
 //! **Finding nodes.** Remote actors are not in ractor's name registry, so each node's gateway joins the
@@ -31,7 +32,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use ractor::concurrency::{oneshot, OneshotSender};
 use ractor::rpc::CallResult;
-use ractor::{pg, Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{pg, Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use ractor_cluster::node::NodeConnectionMode;
 use ractor_cluster::{
     IncomingEncryptionMode, NodeServer, NodeServerMessage, RactorClusterMessage, RactorMessage,
@@ -209,6 +210,8 @@ pub struct ClusterNode {
     seen: RwLock<BTreeMap<String, NodeStatus>>,
     /// Sends forwarded to their owners and not answered yet, by tag.
     forwarded: Forwarded,
+    /// Nodes whose link dropped and has not come back: out of the view even while `pg` still lists them.
+    unlinked: RwLock<HashSet<NodeName>>,
     next_tag: AtomicU64,
 }
 
@@ -253,6 +256,7 @@ impl ClusterNode {
             attached: OnceLock::new(),
             seen: RwLock::default(),
             forwarded: Forwarded::default(),
+            unlinked: RwLock::default(),
             next_tag: AtomicU64::new(1),
             config,
         }))
@@ -429,17 +433,33 @@ impl ClusterNode {
             .collect()
     }
 
+    /// ractor_cluster reported a link to `node` up (ready) or down. A node whose link dropped leaves the view
+    /// at once, whatever `pg` still says, until a new link to it is ready.
+    fn link(&self, node: &str, up: bool) {
+        let mut unlinked = self.unlinked.write().expect("unlinked lock");
+        if up {
+            unlinked.remove(node);
+        } else if node != &*self.me {
+            unlinked.insert(Arc::from(node));
+        }
+    }
+
     /// Read the live view from `pg`; on a change, re-home what moved and tell new nodes who is online here.
     fn refresh(&self) {
         let mut gateways = BTreeMap::new();
         let mut placement = Vec::new();
+        let unlinked = self.unlinked.read().expect("unlinked lock").clone();
         for group in pg::which_groups() {
             let member = pg::get_members(&group).into_iter().next();
             let Some(cell) = member else { continue };
             if let Some(name) = group.strip_prefix(NODE_GROUP) {
-                gateways.insert(Arc::<str>::from(name), ActorRef::<GatewayMsg>::from(cell));
+                if !unlinked.contains(name) {
+                    gateways.insert(Arc::<str>::from(name), ActorRef::<GatewayMsg>::from(cell));
+                }
             } else if let Some(name) = group.strip_prefix(PLACE_GROUP) {
-                placement.push(Arc::<str>::from(name));
+                if !unlinked.contains(name) {
+                    placement.push(Arc::<str>::from(name));
+                }
             }
         }
         placement.sort();
@@ -886,6 +906,41 @@ impl Actor for Gateway {
 enum MembershipMsg {
     /// Read the view, reconnect what is missing.
     Tick,
+    /// ractor_cluster says a link to a node came up (ready) or went down.
+    Link {
+        /// The node's name.
+        node: String,
+        /// Up (ready) or down.
+        up: bool,
+    },
+}
+
+/// Forwards ractor_cluster's link events to [`Membership`], so that a lost link is acted on at once.
+struct LinkEvents(ActorRef<MembershipMsg>);
+
+impl LinkEvents {
+    fn tell(&self, ses: &ractor_cluster::node::NodeServerSessionInformation, up: bool) {
+        if let Some(peer) = &ses.peer_name {
+            // ractor_cluster names a node `name@host`.
+            let node = peer.name.split('@').next().unwrap_or_default().to_owned();
+            let _ = self.0.send_message(MembershipMsg::Link { node, up });
+        }
+    }
+}
+
+impl ractor_cluster::NodeEventSubscription for LinkEvents {
+    fn node_session_opened(&self, _ses: ractor_cluster::node::NodeServerSessionInformation) {}
+
+    fn node_session_disconnected(&self, ses: ractor_cluster::node::NodeServerSessionInformation) {
+        self.tell(&ses, false);
+    }
+
+    fn node_session_authenticated(&self, _ses: ractor_cluster::node::NodeServerSessionInformation) {
+    }
+
+    fn node_session_ready(&self, ses: ractor_cluster::node::NodeServerSessionInformation) {
+        self.tell(&ses, true);
+    }
 }
 
 struct MembershipArgs {
@@ -920,6 +975,17 @@ impl MembershipState {
                     .or_insert((Instant::now(), TICK));
             }
         }
+        // A late "down" for an old link must not hide a node that has a live link again.
+        let names: HashSet<&str> = sessions
+            .values()
+            .filter_map(|s| s.peer_name.as_ref())
+            .filter_map(|p| p.name.split('@').next())
+            .collect();
+        self.node
+            .unlinked
+            .write()
+            .expect("unlinked lock")
+            .retain(|n| !names.contains(&**n));
         let me = self.node.config.listen.to_string();
         let now = Instant::now();
         for (addr, (next, backoff)) in self.dial.iter_mut() {
@@ -973,6 +1039,15 @@ impl Actor for Membership {
         args: MembershipArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         myself.send_interval(TICK, || MembershipMsg::Tick);
+        let _ = args
+            .server
+            .send_message(NodeServerMessage::SubscribeToEvents {
+                id: "switchboard-membership".into(),
+                subscription: Box::new(LinkEvents(myself.clone())),
+            });
+        // React to a node's gateway joining or leaving at once, not at the next tick: a lost node's
+        // forwarded sends are failed (and resubmitted) as soon as its link drops.
+        pg::monitor(pg::ALL_GROUPS_NOTIFICATION.to_owned(), myself.get_cell());
         let dial = args
             .node
             .config
@@ -997,6 +1072,25 @@ impl Actor for Membership {
             MembershipMsg::Tick => {
                 state.node.refresh();
                 state.reconnect().await;
+            }
+            MembershipMsg::Link { node, up } => {
+                state.node.link(&node, up);
+                state.node.refresh();
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<MembershipMsg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let SupervisionEvent::ProcessGroupChanged(change) = event {
+            let group = change.get_group();
+            if group.starts_with(NODE_GROUP) || group.starts_with(PLACE_GROUP) {
+                state.node.refresh();
             }
         }
         Ok(())
