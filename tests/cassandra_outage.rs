@@ -76,6 +76,17 @@ async fn a_dead_cassandra_never_acks_and_the_server_recovers() {
         "pong",
         "the server keeps serving while the store is down"
     );
+    let ready = reqwest::get(format!("http://{}/readyz", s.addr))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503, "not ready while the store is down");
+    let why: Value = ready.json().await.unwrap();
+    assert!(
+        why["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("store: ")),
+        "{why}"
+    );
 
     cassandra(&["start", "3"]);
     // Resend what failed, plus new messages, until every one is acknowledged.
@@ -101,6 +112,11 @@ async fn a_dead_cassandra_never_acks_and_the_server_recovers() {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
+
+    let ready = reqwest::get(format!("http://{}/readyz", s.addr))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200, "ready again once the store answers");
 
     // Read at once: every node must already route each range to its owner (scripts/cassandra keeps the
     // saved ring and waits until every node sees every other up), so nothing acked may be missing.
