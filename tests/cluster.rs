@@ -2077,3 +2077,46 @@ async fn nodes_on_mutual_tls_form_a_cluster_and_refuse_another_ca() {
     assert_eq!(v["nodes"].as_array().unwrap().len(), 1, "{v}");
     assert_eq!(v["nodes"][0]["state"], "joining", "{v}");
 }
+
+/// Typing and receipts reach the members on every node, whichever node owns the conversation.
+#[tokio::test(flavor = "multi_thread")]
+async fn typing_and_receipts_cross_nodes() {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::start("signals").await;
+    let api = cluster.api(0);
+    let names = ["alice", "bob", "carol"];
+    let mut tokens = Vec::new();
+    for n in names {
+        tokens.push(api.token(n).await);
+    }
+    let group = api.group(&tokens[0], &["bob".into(), "carol".into()]).await;
+    let mut clients = Vec::new();
+    for (i, t) in tokens.iter().enumerate() {
+        let mut c = Client::connect(cluster.nodes[i].http, t).await;
+        // The sync's barrier: the owner knows this connection before anything is sent.
+        c.send(json!({"op":"sync","conv":group,"after_seq":0}))
+            .await;
+        c.expect_op("synced").await;
+        clients.push(c);
+    }
+    clients[0].send(json!({"op":"typing","conv":group})).await;
+    for c in &mut clients[1..] {
+        assert_eq!(
+            c.frame().await,
+            json!({"op":"typing","conv":group,"user":"alice"})
+        );
+    }
+    clients[1]
+        .send(json!({"op":"read","conv":group,"seq":0}))
+        .await;
+    for i in [0, 2] {
+        assert_eq!(
+            clients[i].frame().await,
+            json!({"op":"receipt","conv":group,"user":"bob","kind":"read","seq":0})
+        );
+    }
+    assert!(
+        clients[1].silent_for(Duration::from_millis(300)).await,
+        "the reading device gets its own receipt back"
+    );
+}

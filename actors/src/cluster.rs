@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::conversation::SendResult;
-use crate::protocol::ProtocolError;
+use crate::protocol::{ProtocolError, ReceiptKind};
 use crate::session::ConnId;
 use crate::store::UserId;
 
@@ -108,6 +108,31 @@ impl std::fmt::Debug for RemoteAnswer {
 /// Answers to forwarded sends, by the sender's node: `(node, tag, outcome)`.
 pub type RemoteAnswers = Vec<(NodeName, u64, Outcome)>;
 
+/// A best-effort signal for a conversation's members: neither stored nor answered.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum SignalKind {
+    /// The sender is typing.
+    Typing,
+    /// The sender's device received or showed the conversation up to `seq`.
+    Receipt {
+        /// Delivered or read.
+        kind: ReceiptKind,
+        /// Up to this seq.
+        seq: u64,
+    },
+}
+
+/// A signal on its way to its conversation's owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signal {
+    /// Who sends it.
+    pub from: UserId,
+    /// What it says.
+    pub kind: SignalKind,
+    /// The connection it came from (which does not get it back).
+    pub origin: Option<Origin>,
+}
+
 /// A membership change routed to the conversation's owner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MemberChange {
@@ -168,6 +193,21 @@ pub trait Cluster: Send + Sync + 'static {
         members_version: u64,
         frames: &[Outgoing],
         answers: RemoteAnswers,
+        cache: &mut RemoteRecipients,
+    );
+
+    /// Hand a signal to `node`, which owns `conv` (best effort: nothing answers).
+    fn forward_signal(&self, node: &NodeName, conv: &str, signal: &Signal) -> Result<(), Lost>;
+
+    /// Send a signal's frame to every other node where a member is online (one message per node); each
+    /// drops it for connections whose queue is half full.
+    fn fan_out_signal(
+        &self,
+        conv: &str,
+        members: &HashSet<UserId>,
+        members_version: u64,
+        frame: &Bytes,
+        origin: Option<&Origin>,
         cache: &mut RemoteRecipients,
     );
 

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
 
-use crate::cluster::Origin;
+use crate::cluster::{Origin, Signal, SignalKind};
 use crate::conversation::SendRequest;
 use crate::conversations::{Conversations, PendingReply};
 use crate::history;
@@ -281,6 +281,14 @@ impl Connection {
         }
     }
 
+    fn signal(&self, kind: SignalKind) -> Signal {
+        Signal {
+            from: self.link.user.clone(),
+            kind,
+            origin: Some(Origin::Here(self.id)),
+        }
+    }
+
     fn reply(&self, frame: &ServerFrame<'_>) {
         self.replier.send(frame);
     }
@@ -335,6 +343,14 @@ impl Connection {
                     Err(e) => self.reply(&ServerFrame::error(&e.for_msg(Some(&request.msg_id)))),
                     Ok(pending) => self.pending.push(pending),
                 }
+            }
+            ClientFrame::Typing { conv } => {
+                let signal = self.signal(SignalKind::Typing);
+                self.ctx.conversations.signal(&conv, signal).await;
+            }
+            ClientFrame::Receipt { conv, kind, seq } => {
+                let signal = self.signal(SignalKind::Receipt { kind, seq });
+                self.ctx.conversations.signal(&conv, signal).await;
             }
             ClientFrame::Sync { conv, after_seq } => {
                 let (store, user, replier, conversations) = (

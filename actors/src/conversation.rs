@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tracing::{debug, warn};
 
-use crate::cluster::{Origin, Outgoing, RemoteAnswer, RemoteAnswers, SharedCluster};
+use crate::cluster::{
+    Origin, Outgoing, RemoteAnswer, RemoteAnswers, SharedCluster, Signal, SignalKind,
+};
 use crate::conversations::ConversationsMsg;
 use crate::protocol::{self, ErrorCode, ProtocolError, ServerFrame};
 use crate::session::{Recipients, SessionDirectory};
@@ -25,6 +27,12 @@ use crate::store::{
     Appended, ConvId, ConversationKind, Message, NewMessage, SharedStore, StoreError, UserId,
     MAX_MEMBERS,
 };
+
+/// Receipts go to the other members in DMs and groups of at most this many members; larger groups send none.
+pub const RECEIPTS_UP_TO: usize = 100;
+
+/// A member's typing events are passed on at most once per this interval per conversation.
+pub const TYPING_EVERY: Duration = Duration::from_secs(1);
 
 /// The answer to a send: the stored message (new or original) or an error for the client.
 pub type SendResult = Result<Message, ProtocolError>;
@@ -135,6 +143,11 @@ pub enum ConversationMsg {
         /// Answered when the queue is empty and no write is in flight.
         reply: RpcReplyPort<()>,
     },
+    /// A best-effort signal (typing, a receipt) for the other members.
+    Signal {
+        /// The signal.
+        signal: Signal,
+    },
     /// Periodic check for idleness.
     IdleCheck,
     /// Fault injection: panic in the handler, as a bug would.
@@ -188,6 +201,8 @@ pub struct ConversationState {
     flush_waiters: Vec<RpcReplyPort<()>>,
     last_activity: Instant,
     idle_reported: bool,
+    /// When each member's last typing event was passed on (the throttle).
+    typing_at: std::collections::HashMap<UserId, Instant>,
 }
 
 impl ConversationState {
@@ -277,6 +292,60 @@ impl ConversationState {
         !self.writing
             && self.queued.is_empty()
             && now.duration_since(self.last_activity) >= self.ctx.config.idle_after
+    }
+
+    /// Pass a signal on to the other members' online devices, unless the sender is not a member, it is a
+    /// typing event within [`TYPING_EVERY`] of the sender's last, or it is a receipt in a group of more than
+    /// [`RECEIPTS_UP_TO`]. Connections whose queue is half full drop it.
+    fn signal(&mut self, signal: Signal) {
+        if !self.members.contains(&signal.from) {
+            return;
+        }
+        let frame = match &signal.kind {
+            SignalKind::Typing => {
+                let now = Instant::now();
+                if self
+                    .typing_at
+                    .get(&signal.from)
+                    .is_some_and(|at| now.duration_since(*at) < TYPING_EVERY)
+                {
+                    return;
+                }
+                self.typing_at
+                    .retain(|_, at| now.duration_since(*at) < TYPING_EVERY);
+                self.typing_at.insert(signal.from.clone(), now);
+                protocol::encode(&ServerFrame::Typing {
+                    conv: &self.id,
+                    user: &signal.from,
+                })
+            }
+            SignalKind::Receipt { .. } if self.members.len() > RECEIPTS_UP_TO => return,
+            SignalKind::Receipt { kind, seq } => protocol::encode(&ServerFrame::Receipt {
+                conv: &self.id,
+                user: &signal.from,
+                kind: *kind,
+                seq: *seq,
+            }),
+        };
+        let mut recipients = self.recipients.lock().unwrap_or_else(|e| e.into_inner());
+        self.ctx
+            .sessions
+            .resolve(&self.members, self.members_version, &mut recipients);
+        let skip = match &signal.origin {
+            Some(Origin::Here(conn)) => Some(*conn),
+            _ => None,
+        };
+        recipients.deliver_signal(&frame, skip);
+        if let Some(cluster) = &self.ctx.cluster {
+            cluster.fan_out_signal(
+                &self.id,
+                &self.members,
+                self.members_version,
+                &frame,
+                signal.origin.as_ref(),
+                &mut recipients.remote,
+            );
+        }
     }
 
     async fn add_member(&mut self, user: UserId) -> Result<bool, ProtocolError> {
@@ -502,6 +571,7 @@ impl Actor for ConversationActor {
             flush_waiters: Vec::new(),
             last_activity: Instant::now(),
             idle_reported: false,
+            typing_at: Default::default(),
             ctx: args.ctx,
         })
     }
@@ -532,6 +602,7 @@ impl Actor for ConversationActor {
                 state.flush_waiters.push(reply);
                 state.answer_flushes();
             }
+            ConversationMsg::Signal { signal } => state.signal(signal),
             ConversationMsg::IdleCheck => {
                 if !state.idle_reported && state.is_idle(Instant::now()) {
                     state.idle_reported = true;

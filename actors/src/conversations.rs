@@ -32,7 +32,7 @@ use ractor::{
 };
 use tracing::{error, info, warn};
 
-use crate::cluster::{Lost, MemberChange, Origin, RemoteReply, SharedCluster};
+use crate::cluster::{Lost, MemberChange, Origin, RemoteReply, SharedCluster, Signal};
 use crate::conversation::{
     Answer, ConversationActor, ConversationArgs, ConversationContext, ConversationMsg, SendRequest,
     SendResult, StartError,
@@ -480,6 +480,24 @@ impl Conversations {
         if let Some((cluster, node)) = self.remote_owner(conv) {
             // A lost owner re-homes the conversation; its new owner reloads and sees our sessions afresh.
             let _ = cluster.barrier(&node).await;
+        }
+    }
+
+    /// Pass a best-effort signal (typing, a receipt) to `conv`'s actor, wherever it runs. Nothing answers;
+    /// a signal for a conversation that cannot be reached is dropped.
+    pub async fn signal(&self, conv: &str, signal: Signal) {
+        match self.remote_owner(conv) {
+            Some((cluster, node)) => {
+                let _ = cluster.forward_signal(&node, conv, &signal);
+            }
+            None => self.signal_here(conv, signal).await,
+        }
+    }
+
+    /// Pass a signal to this node's actor of `conv` (another node routed it here).
+    pub async fn signal_here(&self, conv: &str, signal: Signal) {
+        if let Ok(actor) = self.actor(conv).await {
+            let _ = actor.send_message(ConversationMsg::Signal { signal });
         }
     }
 

@@ -136,6 +136,28 @@ impl Outbound {
         result.map(|()| queued)
     }
 
+    /// Queue a best-effort signal (typing, a receipt) if the queue is at most half full; `false` if it was
+    /// dropped. Signals are the first thing dropped under load: they never take the room messages and
+    /// answers need, and never make a connection a slow consumer.
+    pub fn push_signal(&self, frame: &Bytes) -> bool {
+        let waker = {
+            let mut s = self.0.lock();
+            if s.close.is_some()
+                || s.abort.is_some()
+                || s.finished
+                || s.frames.len() * 2 >= self.0.capacity
+            {
+                return false;
+            }
+            s.frames.push_back(OutFrame::Text(frame.clone()));
+            s.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+        true
+    }
+
     fn push(&self, frame: OutFrame) -> Result<(), PushError> {
         let waker = {
             let mut s = self.0.lock();
@@ -284,6 +306,22 @@ mod tests {
 
     async fn next(q: &mut OutboundQueue) -> Option<OutFrame> {
         poll_fn(|cx| q.poll_next(cx)).await
+    }
+
+    #[test]
+    fn signals_stop_at_half_the_queue_and_leave_the_rest_to_messages() {
+        let (out, _q) = outbound(8);
+        for _ in 0..4 {
+            assert!(out.push_signal(&text("typing")));
+        }
+        assert!(!out.push_signal(&text("typing")), "half full: dropped");
+        assert!(!out.is_closing(), "a dropped signal closes nothing");
+        for _ in 0..4 {
+            out.push_frame(text("msg")).unwrap();
+        }
+        assert_eq!(out.push_frame(text("msg")), Err(PushError::Full));
+        out.close(CloseCode::Normal);
+        assert!(!out.push_signal(&text("typing")), "closed: dropped");
     }
 
     #[tokio::test]

@@ -33,6 +33,31 @@ pub enum ClientFrame {
     },
     /// Application-level keepalive; answered with `pong`.
     Ping,
+    /// The user is typing in a conversation (best effort; not answered).
+    Typing {
+        /// Conversation.
+        conv: String,
+    },
+    /// The user's device received (`delivered`) or showed (`read`) a conversation up to `seq` (best effort;
+    /// not answered).
+    Receipt {
+        /// Conversation.
+        conv: String,
+        /// Delivered or read.
+        kind: ReceiptKind,
+        /// Up to this seq.
+        seq: u64,
+    },
+}
+
+/// What a receipt says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReceiptKind {
+    /// The device has the messages.
+    Delivered,
+    /// The user has seen them.
+    Read,
 }
 
 /// Stable, documented error codes (see `docs/protocol.md`).
@@ -194,23 +219,40 @@ pub fn decode_client_frame(text: &str, max_body: usize) -> Result<ClientFrame, P
         }
         "sync" => {
             let conv = id_field(&obj, "conv")?;
-            let after_seq = match obj.get("after_seq") {
-                None | Some(Value::Null) => return Err(missing("after_seq")),
-                Some(v) => v.as_u64().ok_or_else(|| {
-                    ProtocolError::new(
-                        ErrorCode::InvalidField,
-                        "after_seq must be a non-negative integer",
-                    )
-                })?,
-            };
+            let after_seq = seq_field(&obj, "after_seq")?;
             Ok(ClientFrame::Sync { conv, after_seq })
         }
         "ping" => Ok(ClientFrame::Ping),
+        "typing" => Ok(ClientFrame::Typing {
+            conv: id_field(&obj, "conv")?,
+        }),
+        "delivered" | "read" => Ok(ClientFrame::Receipt {
+            conv: id_field(&obj, "conv")?,
+            kind: if op == "read" {
+                ReceiptKind::Read
+            } else {
+                ReceiptKind::Delivered
+            },
+            seq: seq_field(&obj, "seq")?,
+        }),
         other => Err(ProtocolError::new(
             ErrorCode::UnknownOp,
             format!("unknown op {:?}", truncate(other, 32)),
         )
         .for_msg(msg_id)),
+    }
+}
+
+/// A required non-negative integer field.
+fn seq_field(obj: &Map<String, Value>, field: &str) -> Result<u64, ProtocolError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Err(missing(field)),
+        Some(v) => v.as_u64().ok_or_else(|| {
+            ProtocolError::new(
+                ErrorCode::InvalidField,
+                format!("{field} must be a non-negative integer"),
+            )
+        }),
     }
 }
 
@@ -299,6 +341,25 @@ pub enum ServerFrame<'a> {
     },
     /// Answer to `ping`.
     Pong,
+    /// A member is typing (throttled to one per member and conversation per second).
+    Typing {
+        /// Conversation.
+        conv: &'a str,
+        /// Who is typing.
+        user: &'a str,
+    },
+    /// A member's device received or showed the conversation up to `seq` (DMs and groups of at most
+    /// [`crate::conversation::RECEIPTS_UP_TO`] members).
+    Receipt {
+        /// Conversation.
+        conv: &'a str,
+        /// Whose receipt.
+        user: &'a str,
+        /// Delivered or read.
+        kind: ReceiptKind,
+        /// Up to this seq.
+        seq: u64,
+    },
     /// Something went wrong with a request.
     Error {
         /// Stable error code.

@@ -11,6 +11,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
+use bytes::Bytes;
+
 use crate::cluster::{Origin, Outgoing, RemoteRecipients, SharedCluster};
 use crate::connection::slow_consumer;
 use crate::outbound::{Outbound, PushError};
@@ -46,6 +48,12 @@ impl Recipients {
         push_to(&self.conns, frames);
     }
 
+    /// Push a best-effort signal to every recipient connection but `skip`, dropping it where the queue is
+    /// half full (see [`Outbound::push_signal`]).
+    pub fn deliver_signal(&self, frame: &Bytes, skip: Option<ConnId>) {
+        signal_to(&self.conns, frame, skip);
+    }
+
     /// Connections resolved.
     pub fn len(&self) -> usize {
         self.conns.len()
@@ -73,6 +81,22 @@ fn push_to<'a>(conns: impl IntoIterator<Item = &'a ConnHandle>, frames: &[Outgoi
         }
     }
     metrics::counter!("switchboard_deliveries_total").increment(delivered);
+}
+
+fn signal_to<'a>(
+    conns: impl IntoIterator<Item = &'a ConnHandle>,
+    frame: &Bytes,
+    skip: Option<ConnId>,
+) {
+    let mut dropped = 0u64;
+    for conn in conns.into_iter().filter(|c| Some(c.id) != skip) {
+        if !conn.outbound.push_signal(frame) {
+            dropped += 1;
+        }
+    }
+    if dropped > 0 {
+        metrics::counter!("switchboard_signals_dropped_total").increment(dropped);
+    }
 }
 
 /// Online users on this node and their connections' queues: read by conversations for fan-out. A
@@ -137,6 +161,16 @@ impl SessionDirectory {
         push_to(
             users.iter().filter_map(|u| dir.online.get(u)).flatten(),
             frames,
+        );
+    }
+
+    /// Deliver a signal from another node to the connections of `users` on this one, but `skip`.
+    pub fn deliver_signal_to(&self, users: &[UserId], frame: &Bytes, skip: Option<ConnId>) {
+        let dir = self.read();
+        signal_to(
+            users.iter().filter_map(|u| dir.online.get(u)).flatten(),
+            frame,
+            skip,
         );
     }
 

@@ -40,7 +40,7 @@ use ractor_cluster::{
 use serde::Serialize;
 use switchboard_actors::cluster::{
     Cluster, Lost, MemberChange, NodeName, Origin, Outcome, Outgoing, RemoteAnswer, RemoteAnswers,
-    RemoteRecipients, RemoteReply, SharedCluster,
+    RemoteRecipients, RemoteReply, SharedCluster, Signal,
 };
 use switchboard_actors::conversation::Answer;
 use switchboard_actors::conversations::Conversations;
@@ -525,6 +525,22 @@ impl ClusterNode {
         }
     }
 
+    /// Bring a conversation's per-node online members up to date (a no-op unless the interest or the member
+    /// list changed since).
+    fn resolve(
+        &self,
+        members: &HashSet<UserId>,
+        members_version: u64,
+        cache: &mut RemoteRecipients,
+    ) {
+        let interest = self.interest.read().expect("interest lock");
+        let now = (interest.generation, members_version);
+        if cache.resolved_at != Some(now) {
+            cache.nodes = interest.resolve(members);
+            cache.resolved_at = Some(now);
+        }
+    }
+
     /// Hand the answers the owners sent back to the sends waiting for them.
     fn answered(&self, answers: Vec<WireAnswer>) {
         if answers.is_empty() {
@@ -656,12 +672,7 @@ impl Cluster for ClusterNode {
         cache: &mut RemoteRecipients,
     ) {
         if !frames.is_empty() {
-            let interest = self.interest.read().expect("interest lock");
-            let now = (interest.generation, members_version);
-            if cache.resolved_at != Some(now) {
-                cache.nodes = interest.resolve(members);
-                cache.resolved_at = Some(now);
-            }
+            self.resolve(members, members_version, cache);
         }
         // One message per node: its online members' frames and its senders' answers together.
         let mut by_node: BTreeMap<NodeName, (&[UserId], Vec<WireAnswer>)> = BTreeMap::new();
@@ -710,6 +721,49 @@ impl Cluster for ClusterNode {
                 answers,
             };
             self.cast(gw, deliver, "deliver");
+        }
+    }
+
+    fn forward_signal(&self, node: &NodeName, conv: &str, signal: &Signal) -> Result<(), Lost> {
+        let gw = self.gateway(node).ok_or(Lost)?;
+        let cast = Cast::Signal {
+            conv: conv.to_owned(),
+            from: signal.from.clone(),
+            kind: signal.kind.clone(),
+            origin: match &signal.origin {
+                Some(Origin::Here(conn)) => Some(*conn),
+                _ => None,
+            },
+        };
+        self.cast(&gw, cast, "signal");
+        Ok(())
+    }
+
+    fn fan_out_signal(
+        &self,
+        _conv: &str,
+        members: &HashSet<UserId>,
+        members_version: u64,
+        frame: &Bytes,
+        origin: Option<&Origin>,
+        cache: &mut RemoteRecipients,
+    ) {
+        self.resolve(members, members_version, cache);
+        let view = self.view();
+        for (node, users) in &cache.nodes {
+            let Some(gw) = view.gateways.get(node) else {
+                continue;
+            };
+            let skip = match origin {
+                Some(Origin::Remote { node: n, conn }) if n == node => Some(*conn),
+                _ => None,
+            };
+            let cast = Cast::SignalOut {
+                users: users.clone(),
+                json: frame.to_vec(),
+                skip,
+            };
+            self.cast(gw, cast, "signal_out");
         }
     }
 
@@ -794,6 +848,29 @@ impl Gateway {
                 node.answered(answers);
             }
             Cast::Answers { answers } => node.answered(answers),
+            Cast::Signal {
+                conv,
+                from: sender,
+                kind,
+                origin,
+            } => {
+                let signal = Signal {
+                    from: sender,
+                    kind,
+                    origin: origin.map(|conn| Origin::Remote {
+                        node: from.clone(),
+                        conn,
+                    }),
+                };
+                let conversations = node.attached().conversations.clone();
+                // Finding the actor may mean starting it: not in the gateway's handler.
+                tokio::spawn(async move { conversations.signal_here(&conv, signal).await });
+            }
+            Cast::SignalOut { users, json, skip } => {
+                node.attached()
+                    .directory
+                    .deliver_signal_to(&users, &Bytes::from(json), skip);
+            }
             Cast::Send {
                 tag,
                 conv,

@@ -6,6 +6,7 @@
 //! version, or a corrupt frame, costs an error in the log, never the gateway.
 
 use serde::{Deserialize, Serialize};
+use switchboard_actors::cluster::SignalKind;
 use switchboard_actors::protocol::ProtocolError;
 use switchboard_actors::store::Message;
 
@@ -47,6 +48,26 @@ pub enum Cast {
         body: String,
         /// The sending connection on the sending node.
         origin: Option<u64>,
+    },
+    /// A signal (typing, a receipt) for a conversation the receiver owns.
+    Signal {
+        /// Conversation.
+        conv: String,
+        /// Sender.
+        from: String,
+        /// What it says.
+        kind: SignalKind,
+        /// The sending connection on the sending node.
+        origin: Option<u64>,
+    },
+    /// A signal's frame for `users` (the receiver's online members), dropped where a queue is half full.
+    SignalOut {
+        /// The receiver's online members of the conversation.
+        users: Vec<String>,
+        /// The frame's JSON.
+        json: Vec<u8>,
+        /// The receiver's connection that sent it, to skip.
+        skip: Option<u64>,
     },
     /// Answers to sends from the receiver that no fan-out carried (refusals, a lost actor).
     Answers {
