@@ -386,6 +386,28 @@ async fn restart_recovery(backend: &mut impl Backend) {
         "the dedupe index survives a restart"
     );
     assert_eq!(new_seqs(&r), vec![8]);
+
+    // Read positions only move forward, are kept per (user, conversation), and survive a restart.
+    group(&*store, "r2", &["alice", "bob"]).await;
+    assert!(store.read_positions("alice").await.unwrap().is_empty());
+    store.set_read("r", "alice", 5).await.unwrap();
+    store.set_read("r", "alice", 3).await.unwrap();
+    store.set_read("r2", "alice", 0).await.unwrap();
+    store.set_read("r2", "bob", 2).await.unwrap();
+    drop(store);
+    let store = backend.reopen().await;
+    let alice = store.read_positions("alice").await.unwrap();
+    assert_eq!(
+        alice,
+        [("r".to_owned(), 5), ("r2".to_owned(), 0)].into(),
+        "a lower position does not move it back"
+    );
+    store.set_read("r", "alice", 8).await.unwrap();
+    assert_eq!(store.read_positions("alice").await.unwrap()["r"], 8);
+    assert_eq!(
+        store.read_positions("bob").await.unwrap(),
+        [("r2".to_owned(), 2)].into()
+    );
 }
 
 async fn run_suite(mut backend: impl Backend) {

@@ -21,7 +21,7 @@ use crate::cluster::{
     Origin, Outgoing, RemoteAnswer, RemoteAnswers, SharedCluster, Signal, SignalKind,
 };
 use crate::conversations::ConversationsMsg;
-use crate::protocol::{self, ErrorCode, ProtocolError, ServerFrame};
+use crate::protocol::{self, ErrorCode, ProtocolError, ReceiptKind, ServerFrame};
 use crate::session::{Recipients, SessionDirectory};
 use crate::store::{
     Appended, ConvId, ConversationKind, Message, NewMessage, SharedStore, StoreError, UserId,
@@ -203,6 +203,8 @@ pub struct ConversationState {
     idle_reported: bool,
     /// When each member's last typing event was passed on (the throttle).
     typing_at: std::collections::HashMap<UserId, Instant>,
+    /// The highest read position each member sent while this actor ran.
+    read_at: std::collections::HashMap<UserId, u64>,
 }
 
 impl ConversationState {
@@ -319,14 +321,40 @@ impl ConversationState {
                     user: &signal.from,
                 })
             }
-            SignalKind::Receipt { .. } if self.members.len() > RECEIPTS_UP_TO => return,
-            SignalKind::Receipt { kind, seq } => protocol::encode(&ServerFrame::Receipt {
-                conv: &self.id,
-                user: &signal.from,
-                kind: *kind,
-                seq: *seq,
-            }),
+            SignalKind::Receipt { kind, seq } => {
+                // Nobody has read past the last message.
+                let seq = &self.next_seq.map_or(*seq, |next| (*seq).min(next - 1));
+                if *kind == ReceiptKind::Read {
+                    // A read position only moves forward: an older one is neither stored nor passed on.
+                    if self.read_at.get(&signal.from).is_some_and(|at| at >= seq) {
+                        return;
+                    }
+                    self.read_at.insert(signal.from.clone(), *seq);
+                    self.keep_read_position(&signal.from, *seq);
+                }
+                protocol::encode(&ServerFrame::Receipt {
+                    conv: &self.id,
+                    user: &signal.from,
+                    kind: *kind,
+                    seq: *seq,
+                })
+            }
         };
+        if matches!(signal.kind, SignalKind::Receipt { .. }) && self.members.len() > RECEIPTS_UP_TO
+        {
+            // No per-user receipt events in big groups; the reader's own other devices still learn its new
+            // read position (a read on the phone clears the badge on the web).
+            if matches!(
+                signal.kind,
+                SignalKind::Receipt {
+                    kind: ReceiptKind::Read,
+                    ..
+                }
+            ) {
+                self.signal_own_devices(&signal, &frame);
+            }
+            return;
+        }
         let mut recipients = self.recipients.lock().unwrap_or_else(|e| e.into_inner());
         self.ctx
             .sessions
@@ -344,6 +372,38 @@ impl ConversationState {
                 &frame,
                 signal.origin.as_ref(),
                 &mut recipients.remote,
+            );
+        }
+    }
+
+    /// Store `user`'s read position (forward only) in a task of its own: the handler does not wait on the
+    /// store, and the store keeps the highest position whatever order the writes land in.
+    fn keep_read_position(&self, user: &str, seq: u64) {
+        let (store, conv, user) = (self.ctx.store.clone(), self.id.clone(), user.to_owned());
+        tokio::spawn(async move {
+            if let Err(e) = store.set_read(&conv, &user, seq).await {
+                warn!(conv_id = %conv, error = %e, "read position not stored");
+            }
+        });
+    }
+
+    /// Pass a signal to the sender's own devices only (but the one that sent it), here and on other nodes.
+    fn signal_own_devices(&self, signal: &Signal, frame: &bytes::Bytes) {
+        let skip = match &signal.origin {
+            Some(Origin::Here(conn)) => Some(*conn),
+            _ => None,
+        };
+        let me = [signal.from.clone()];
+        self.ctx.sessions.deliver_signal_to(&me, frame, skip);
+        if let Some(cluster) = &self.ctx.cluster {
+            let only_me: HashSet<UserId> = me.into_iter().collect();
+            cluster.fan_out_signal(
+                &self.id,
+                &only_me,
+                0,
+                frame,
+                signal.origin.as_ref(),
+                &mut Default::default(),
             );
         }
     }
@@ -572,6 +632,7 @@ impl Actor for ConversationActor {
             last_activity: Instant::now(),
             idle_reported: false,
             typing_at: Default::default(),
+            read_at: Default::default(),
             ctx: args.ctx,
         })
     }

@@ -195,6 +195,16 @@ pub trait MessageStore: Send + Sync + 'static {
         batch: Vec<NewMessage>,
     ) -> Result<Vec<Appended>, StoreError>;
 
+    /// Move `user`'s read position in `conv` forward to `seq`; a lower `seq` leaves it where it is. Durable
+    /// when it returns.
+    async fn set_read(&self, conv: &str, user: &str, seq: u64) -> Result<(), StoreError>;
+
+    /// `user`'s read positions, by conversation, in one read (conversations never read are absent).
+    async fn read_positions(
+        &self,
+        user: &str,
+    ) -> Result<std::collections::HashMap<ConvId, u64>, StoreError>;
+
     /// A page of history (see [`HistoryQuery`]).
     async fn messages(&self, conv: &str, query: HistoryQuery) -> Result<Page, StoreError>;
 

@@ -264,9 +264,18 @@ async fn list_conversations(
     state: State,
 ) -> Result<HttpResponse, ApiError> {
     let entries = history::inbox(&*state.store, &me).await?;
+    // One read for all of the user's read positions, not one per conversation.
+    let read = state.store.read_positions(&me).await.map_err(store_error)?;
     let list: Vec<_> = entries
         .iter()
-        .map(|(info, last)| conversation_json(info, None, last.as_ref()))
+        .map(|(info, last)| {
+            let mut v = conversation_json(info, None, last.as_ref());
+            let last_seq = last.as_ref().map_or(0, |m| m.seq);
+            let read_seq = read.get(&info.id).copied().unwrap_or(0).min(last_seq);
+            v["read_seq"] = json!(read_seq);
+            v["unread"] = json!(last_seq - read_seq);
+            v
+        })
         .collect();
     Ok(HttpResponse::Ok().json(json!({ "conversations": list })))
 }

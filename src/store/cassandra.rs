@@ -42,7 +42,7 @@ type CurrentSession = Session<
 >;
 
 /// The schema version this binary writes and reads.
-const SCHEMA_VERSION: i32 = 1;
+const SCHEMA_VERSION: i32 = 2;
 /// Largest conditional batch, in bytes of message bodies (Cassandra refuses batches over
 /// `batch_size_fail_threshold`, 50 KiB by default).
 const MAX_BATCH_BYTES: usize = 32 * 1024;
@@ -157,6 +157,8 @@ impl CassandraConfig {
 }
 
 struct Statements {
+    insert_read: PreparedQuery,
+    select_reads: PreparedQuery,
     insert_conversation: PreparedQuery,
     select_conversation: PreparedQuery,
     insert_member: PreparedQuery,
@@ -232,6 +234,11 @@ impl CassandraStore {
             format!(
                 "CREATE TABLE IF NOT EXISTS {ks}.dedupe (conv text, sender text, msg_id text, seq bigint, \
                  PRIMARY KEY ((conv), sender, msg_id))"
+            ),
+            // Version 2: read positions, written `USING TIMESTAMP seq` so that the highest seq wins.
+            format!(
+                "CREATE TABLE IF NOT EXISTS {ks}.read_positions (member text, conv text, seq bigint, \
+                 PRIMARY KEY ((member), conv))"
             ),
         ];
         for statement in &ddl {
@@ -325,6 +332,21 @@ impl CassandraStore {
             return Err(corrupt(format!(
                 "keyspace schema version {version} is newer than this binary ({SCHEMA_VERSION})"
             )));
+        }
+        if version < SCHEMA_VERSION {
+            // Every step so far only adds tables, which the DDL above has created: record the new version.
+            let update =
+                format!("UPDATE {ks}.schema_version SET version = ? WHERE component = 'messages'");
+            self.bounded(
+                c.session
+                    .query_with_params(update, self.params(query_values!(SCHEMA_VERSION))),
+            )
+            .await?;
+            info!(
+                from = version,
+                to = SCHEMA_VERSION,
+                "keyspace schema upgraded"
+            );
         }
         Ok(())
     }
@@ -530,6 +552,8 @@ async fn prepare_all(
         select_backward: prepare(format!("SELECT {m} FROM {ks}.messages WHERE conv = ? AND seq > ? AND seq < ? LIMIT ?")).await?,
         insert_dedupe: prepare(format!("INSERT INTO {ks}.dedupe (conv, sender, msg_id, seq) VALUES (?, ?, ?, ?)")).await?,
         select_dedupe: prepare(format!("SELECT seq FROM {ks}.dedupe WHERE conv = ? AND sender = ? AND msg_id = ?")).await?,
+        insert_read: prepare(format!("INSERT INTO {ks}.read_positions (member, conv, seq) VALUES (?, ?, ?) USING TIMESTAMP ?")).await?,
+        select_reads: prepare(format!("SELECT conv, seq FROM {ks}.read_positions WHERE member = ?")).await?,
     })
 }
 
@@ -763,6 +787,29 @@ impl MessageStore for CassandraStore {
         self.exec(|s| &s.insert_user_conversation, query_values!(user, conv))
             .await?;
         Ok(!existed)
+    }
+
+    async fn set_read(&self, conv: &str, user: &str, seq: u64) -> Result<(), StoreError> {
+        // Last write wins by timestamp: with the seq as the timestamp the highest position wins, whatever
+        // order the writes arrive in, with no read and no Paxos round. Rows are never deleted (a tombstone
+        // with a wall-clock timestamp would shadow every later position).
+        let seq = i64::try_from(seq).map_err(|_| corrupt("seq out of range"))?;
+        self.exec(|s| &s.insert_read, query_values!(user, conv, seq, seq))
+            .await
+    }
+
+    async fn read_positions(
+        &self,
+        user: &str,
+    ) -> Result<std::collections::HashMap<ConvId, u64>, StoreError> {
+        let rows = self.fetch(|s| &s.select_reads, query_values!(user)).await?;
+        rows.iter()
+            .map(|r| {
+                let conv: String = IntoRustByName::get_r_by_name(r, "conv").map_err(corrupt)?;
+                let seq: i64 = IntoRustByName::get_r_by_name(r, "seq").map_err(corrupt)?;
+                Ok((conv, seq.max(0) as u64))
+            })
+            .collect()
     }
 
     async fn remove_member(&self, conv: &str, user: &str) -> Result<bool, StoreError> {

@@ -197,6 +197,11 @@ enum WriteOp {
         conv: ConvId,
         user: UserId,
     },
+    SetRead {
+        conv: ConvId,
+        user: UserId,
+        seq: u64,
+    },
     Append {
         conv: ConvId,
         first_seq: u64,
@@ -327,6 +332,8 @@ struct Keyspaces {
     dedupe: SingleWriterTxKeyspace,
     /// [`APPLIED_LSN`] → the lsn of the last log record applied (u64, big-endian)
     meta: SingleWriterTxKeyspace,
+    /// (user, conversation) → the user's read position (u64, big-endian)
+    read_positions: SingleWriterTxKeyspace,
 }
 
 impl Keyspaces {
@@ -343,6 +350,7 @@ impl Keyspaces {
             messages: open("messages")?,
             dedupe: open("dedupe")?,
             meta: open("meta")?,
+            read_positions: open("read_positions")?,
         })
     }
 }
@@ -1075,6 +1083,19 @@ fn apply_change(
             txn.remove(&ks.user_conversations, key::with_str(&[user], conv)?);
             Ok(WriteOutcome::Changed(removed))
         })(),
+        WriteOp::SetRead { conv, user, seq } => (|| {
+            let position = key::with_str(&[user], conv)?;
+            let stored = txn
+                .get(&ks.read_positions, &position)
+                .map_err(unavailable)?
+                .map(|raw| decode_u64(&raw))
+                .transpose()?;
+            let moved = stored.is_none_or(|stored| *seq > stored);
+            if moved {
+                txn.insert(&ks.read_positions, position, seq.to_be_bytes());
+            }
+            Ok(WriteOutcome::Changed(moved))
+        })(),
         WriteOp::Append { .. } => Err(corrupt("an append reached the applier")),
     };
     match result {
@@ -1240,6 +1261,30 @@ impl MessageStore for EmbeddedStore {
             WriteOutcome::Changed(c) => Ok(c),
             _ => Err(corrupt("unexpected write outcome")),
         }
+    }
+
+    async fn set_read(&self, conv: &str, user: &str, seq: u64) -> Result<(), StoreError> {
+        self.write(WriteOp::SetRead {
+            conv: conv.to_owned(),
+            user: user.to_owned(),
+            seq,
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn read_positions(&self, user: &str) -> Result<HashMap<ConvId, u64>, StoreError> {
+        let user = user.to_owned();
+        self.read_snapshot(move |snap, ks| {
+            let prefix = key::prefix(&[&user])?;
+            snap.prefix(&ks.read_positions, &prefix)
+                .map(|entry| {
+                    let (key, value) = entry.into_inner().map_err(unavailable)?;
+                    Ok((key::last_str(&key, &prefix)?, decode_u64(&value)?))
+                })
+                .collect()
+        })
+        .await
     }
 
     async fn user_conversations(&self, user: &str) -> Result<Vec<ConvId>, StoreError> {
