@@ -200,9 +200,16 @@ impl Server {
     }
 
     /// Serve until `shutdown` resolves or an operator asks for a drain (`POST /v1/admin/drain`) — then drain —
-    /// or a supervisor escalates (then drain and fail).
+    /// or a supervisor escalates or the cluster layer fails (then drain and fail).
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let drain_requested = self.state.drain_requested.clone();
+        let cluster = self.state.cluster.clone();
+        let cluster_failed = async {
+            match &cluster {
+                Some(c) => c.failed().await,
+                None => std::future::pending().await,
+            }
+        };
         let escalated = tokio::select! {
             () = shutdown => None,
             () = drain_requested.notified() => {
@@ -210,6 +217,7 @@ impl Server {
                 None
             }
             reason = self.system.escalated() => Some(reason),
+            reason = cluster_failed => Some(reason),
         };
         self.shutdown().await;
         match escalated {

@@ -189,12 +189,17 @@ impl Drop for ForwardedTag {
     }
 }
 
-/// What the node holds once the actor tree runs.
+/// The actor tree's handles the cluster serves (set before any cluster actor starts).
 struct Attached {
     conversations: Conversations,
     directory: SessionDirectory,
+}
+
+/// The cluster's own actors.
+struct Actors {
     gateway: ActorRef<GatewayMsg>,
     membership: ActorRef<MembershipMsg>,
+    supervisor: ActorRef<()>,
 }
 
 /// This node's place in the cluster: the [`Cluster`] the actors route through.
@@ -206,6 +211,11 @@ pub struct ClusterNode {
     draining: AtomicBool,
     registry: RedisRegistry,
     attached: OnceLock<Attached>,
+    actors: OnceLock<Actors>,
+    /// Set with the reason when a cluster actor failed: the node must stop (see [`ClusterNode::failed`]).
+    failure: tokio::sync::watch::Sender<Option<String>>,
+    /// Set while the node leaves on purpose: its actors stopping then is no failure.
+    leaving: AtomicBool,
     /// Nodes seen since the start, with their last status: the ones gone are reported `down`.
     seen: RwLock<BTreeMap<String, NodeStatus>>,
     /// Sends forwarded to their owners and not answered yet, by tag.
@@ -254,6 +264,9 @@ impl ClusterNode {
             draining: AtomicBool::new(false),
             registry,
             attached: OnceLock::new(),
+            actors: OnceLock::new(),
+            failure: tokio::sync::watch::channel(None).0,
+            leaving: AtomicBool::new(false),
             seen: RwLock::default(),
             forwarded: Forwarded::default(),
             unlinked: RwLock::default(),
@@ -288,8 +301,23 @@ impl ClusterNode {
             Some(mode),
         )
         .with_listen_addr(listen.ip());
-        let (server, _) = Actor::spawn(None, server, ()).await?;
-        let (gateway, _) = Actor::spawn(None, Gateway, self.clone()).await?;
+        if self
+            .attached
+            .set(Attached {
+                conversations,
+                directory,
+            })
+            .is_err()
+        {
+            anyhow::bail!("cluster node attached twice");
+        }
+        // The node server, gateway and membership are permanent: if one of them fails, the node cannot be
+        // part of the cluster any more, and stops (as an Erlang application whose top supervisor exits) so
+        // that its operating system's supervisor restarts it.
+        let (supervisor, _) = Actor::spawn(None, ClusterSupervisor, self.clone()).await?;
+        let parent = supervisor.get_cell();
+        let (server, _) = Actor::spawn_linked(None, server, (), parent.clone()).await?;
+        let (gateway, _) = Actor::spawn_linked(None, Gateway, self.clone(), parent.clone()).await?;
         let groups = [
             format!("{NODE_GROUP}{}", self.me),
             format!("{PLACE_GROUP}{}", self.me),
@@ -297,28 +325,21 @@ impl ClusterNode {
         for g in groups {
             pg::join(g, vec![gateway.get_cell()]);
         }
-        let (membership, _) = Actor::spawn(
-            None,
-            Membership,
-            MembershipArgs {
-                node: self.clone(),
-                server,
-            },
-        )
-        .await?;
-        let attached = Attached {
-            conversations,
-            directory,
+        let args = MembershipArgs {
+            node: self.clone(),
+            server,
+        };
+        let (membership, _) = Actor::spawn_linked(None, Membership, args, parent).await?;
+        let _ = self.actors.set(Actors {
             gateway,
             membership,
-        };
-        if self.attached.set(attached).is_err() {
-            anyhow::bail!("cluster node attached twice");
-        }
+            supervisor,
+        });
         info!(node = %self.me, listen = %listen, seeds = ?self.config.seeds, "cluster node started");
         Ok(())
     }
 
+    /// The actor tree's handles; set before any cluster actor starts, so every actor may rely on them.
     fn attached(&self) -> &Attached {
         self.attached.get().expect("cluster node attached")
     }
@@ -351,7 +372,7 @@ impl ClusterNode {
             return;
         }
         info!(node = %self.me, "draining: leaving the placement");
-        if let Some(a) = self.attached.get() {
+        if let Some(a) = self.actors.get() {
             pg::leave(
                 format!("{PLACE_GROUP}{}", self.me),
                 vec![a.gateway.get_cell()],
@@ -362,10 +383,27 @@ impl ClusterNode {
 
     /// Leave the cluster at a graceful stop: forget this node's connections in Redis and stop the actors.
     pub async fn leave(&self) {
+        self.leaving.store(true, Ordering::Release);
         self.registry.close().await;
-        if let Some(a) = self.attached.get() {
-            a.membership.stop(None);
-            a.gateway.stop(None);
+        if let Some(a) = self.actors.get() {
+            let _ = a
+                .supervisor
+                .stop_children_and_wait(None, Some(Duration::from_secs(5)))
+                .await;
+            a.supervisor.stop(None);
+        }
+    }
+
+    /// Resolves with the reason when one of the cluster's actors failed; the server then stops the node.
+    pub async fn failed(&self) -> String {
+        let mut rx = self.failure.subscribe();
+        loop {
+            if let Some(reason) = rx.borrow_and_update().clone() {
+                return reason;
+            }
+            if rx.changed().await.is_err() {
+                return "cluster node gone".into();
+            }
         }
     }
 
@@ -973,6 +1011,46 @@ impl Actor for Gateway {
                     reply_with(reply, &refused, "error_reply");
                 }
             },
+        }
+        Ok(())
+    }
+}
+
+/// Supervises the node server, the gateway and membership; any of them failing or stopping (but on
+/// [`ClusterNode::leave`]) stops the node.
+struct ClusterSupervisor;
+
+impl Actor for ClusterSupervisor {
+    type Msg = ();
+    type State = Arc<ClusterNode>;
+    type Arguments = Arc<ClusterNode>;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<()>,
+        node: Arc<ClusterNode>,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(node)
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<()>,
+        event: SupervisionEvent,
+        node: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let reason = match event {
+            SupervisionEvent::ActorFailed(cell, err) => {
+                format!("cluster actor {:?} failed: {err}", cell.get_name())
+            }
+            SupervisionEvent::ActorTerminated(cell, _, why) => {
+                format!("cluster actor {:?} stopped: {why:?}", cell.get_name())
+            }
+            _ => return Ok(()),
+        };
+        if !node.leaving.load(Ordering::Acquire) {
+            tracing::error!(reason, "the cluster layer failed; stopping the node");
+            node.failure.send_replace(Some(reason));
         }
         Ok(())
     }
