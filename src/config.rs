@@ -13,6 +13,7 @@ use serde::Deserialize;
 use switchboard_cluster::tls::TlsFiles;
 use switchboard_cluster::NodeId;
 
+use crate::push::PushConfig;
 use crate::store::cassandra::CassandraConfig;
 
 /// Every setting, all optional so that the layers can be merged.
@@ -110,6 +111,15 @@ pub struct Settings {
     /// How often a node refreshes (and after a Redis outage, rewrites) its registry entries [default: 15].
     #[arg(long, env = "SWITCHBOARD_REGISTRY_HEARTBEAT_SECS")]
     pub registry_heartbeat_secs: Option<f64>,
+    /// `POST` offline members' notifications to this URL as JSON [default: none: they are logged].
+    #[arg(long, env = "SWITCHBOARD_PUSH_WEBHOOK")]
+    pub push_webhook: Option<String>,
+    /// Include the message body in push notifications [default: false].
+    #[arg(long, env = "SWITCHBOARD_PUSH_PREVIEW")]
+    pub push_preview: Option<bool>,
+    /// Push notifications per user per minute; more are dropped [default: 6].
+    #[arg(long, env = "SWITCHBOARD_PUSH_PER_USER_PER_MINUTE")]
+    pub push_per_user_per_minute: Option<u32>,
     /// Mutual TLS between nodes: this node's certificate chain (PEM; with `cluster_tls_key` and
     /// `cluster_tls_ca`). Its names must include the host its peers dial.
     #[arg(long, env = "SWITCHBOARD_CLUSTER_TLS_CERT")]
@@ -212,6 +222,8 @@ pub struct Config {
     pub node_name: String,
     /// Cluster membership, if any.
     pub cluster: Option<ClusterSettings>,
+    /// Offline push.
+    pub push: PushConfig,
 }
 
 /// A configuration that cannot be used.
@@ -310,7 +322,25 @@ impl Settings {
             admin_token: pick!(admin_token),
             node_name: pick!(node_name).unwrap_or_else(|| NodeId::random().0),
             cluster: None,
+            push: PushConfig {
+                webhook: pick!(push_webhook),
+                preview: pick!(push_preview).unwrap_or(false),
+                queue: 1024,
+                per_user_per_minute: std::num::NonZeroU32::new(
+                    pick!(push_per_user_per_minute).unwrap_or(6),
+                )
+                .ok_or_else(|| {
+                    ConfigError::Invalid("push_per_user_per_minute must be positive".into())
+                })?,
+            },
         };
+        if let Some(url) = &config.push.webhook {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "push_webhook {url:?}: an http:// or https:// URL"
+                )));
+            }
+        }
         let valid_name = |n: &str| {
             !n.is_empty()
                 && n.len() <= 64

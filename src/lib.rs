@@ -4,6 +4,7 @@
 //! - [`config`]: one typed configuration from flags, `SWITCHBOARD_*` environment and a TOML file.
 //! - [`auth`]: JWT verification and dev tokens.
 //! - [`store`]: the back ends of the actors' `MessageStore`.
+//! - [`push`]: offline notifications (log, or a webhook).
 //! - [`http`]: the WebSocket edge and the REST API.
 //! - [`server`]: [`server::Server`], started from a listener and stopped by a drain.
 //!
@@ -12,5 +13,6 @@
 pub mod auth;
 pub mod config;
 pub mod http;
+pub mod push;
 pub mod server;
 pub mod store;

@@ -29,6 +29,7 @@ use crate::auth::Auth;
 use crate::config::Config;
 use crate::config::StoreKind;
 use crate::http::{self, AppState};
+use crate::push::Pusher;
 use crate::store::cassandra::CassandraStore;
 use crate::store::embedded::EmbeddedStore;
 use switchboard_actors::store::SharedStore;
@@ -88,6 +89,7 @@ impl Server {
                 max_restarts: config.max_restarts,
                 window: config.restart_window,
             },
+            notifier: Some(Pusher::start(config.push.clone())),
             ..SystemConfig::default()
         };
         listener.set_nonblocking(true)?;

@@ -211,6 +211,9 @@ pub trait Cluster: Send + Sync + 'static {
         cache: &mut RemoteRecipients,
     );
 
+    /// Keep only the users of `users` with no connection on any other node.
+    fn retain_offline(&self, users: &mut Vec<UserId>);
+
     /// Answer sends that `node` forwarded, outside a fan-out (a refusal, a lost actor).
     fn answer(&self, node: &NodeName, answers: Vec<(u64, Outcome)>);
 

@@ -21,6 +21,7 @@ use crate::cluster::{
     Origin, Outgoing, RemoteAnswer, RemoteAnswers, SharedCluster, Signal, SignalKind,
 };
 use crate::conversations::ConversationsMsg;
+use crate::notify::{Offline, SharedNotifier};
 use crate::protocol::{self, ErrorCode, ProtocolError, ReceiptKind, ServerFrame};
 use crate::session::{Recipients, SessionDirectory};
 use crate::store::{
@@ -68,6 +69,8 @@ pub struct ConversationContext {
     pub config: ConversationConfig,
     /// The cluster, if this node is in one: members online elsewhere get the batch through it.
     pub cluster: Option<SharedCluster>,
+    /// Where offline members' notifications go, if anywhere.
+    pub notifier: Option<SharedNotifier>,
 }
 
 /// A send as the edge hands it over.
@@ -478,9 +481,13 @@ impl WriteJob {
             Ok((results, next)) => {
                 let mut frames = Vec::with_capacity(results.len());
                 let mut remote = RemoteAnswers::new();
+                let mut latest = None;
+                let mut senders = HashSet::new();
                 for (pending, outcome) in batch.into_iter().zip(results) {
                     if let Appended::New(m) = &outcome {
                         frames.push((protocol::encode(&ServerFrame::Msg(m)), pending.origin));
+                        senders.insert(m.from.clone());
+                        latest = Some(m.clone());
                     }
                     answer(pending.replies, Ok(outcome.message()), &mut remote);
                 }
@@ -496,6 +503,10 @@ impl WriteJob {
                     recipients.deliver(&frames);
                 }
                 self.fan_out(&frames, remote, &mut recipients);
+                drop(recipients);
+                if let Some(latest) = latest {
+                    self.notify_offline(latest, frames.len(), &senders);
+                }
                 Some(next)
             }
             Err(e) => {
@@ -510,6 +521,27 @@ impl WriteJob {
                 self.fan_out(&[], remote, &mut recipients);
                 None
             }
+        }
+    }
+
+    /// Hand the members with no live connection anywhere (the batch's senders aside) to the notifier, if the
+    /// node has one: one [`Offline`] for the batch, whatever its size.
+    fn notify_offline(&self, latest: Message, count: usize, senders: &HashSet<UserId>) {
+        let Some(notifier) = &self.ctx.notifier else {
+            return;
+        };
+        let mut users = self.ctx.sessions.offline_among(&self.members);
+        users.retain(|u| !senders.contains(u));
+        if let Some(cluster) = &self.ctx.cluster {
+            cluster.retain_offline(&mut users);
+        }
+        if !users.is_empty() {
+            notifier.offline(Offline {
+                conv: self.conv.clone(),
+                latest,
+                count,
+                users,
+            });
         }
     }
 

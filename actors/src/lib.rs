@@ -9,6 +9,7 @@
 //! - [`connection`]: one loop per WebSocket, in the task that owns its socket (decision 0007).
 //! - [`outbound`]: a connection's bounded outbound queue, pushed by actors and pulled by the transport.
 //! - [`supervisor`]: Erlang restart intensity, used by every supervisor.
+//! - [`notify`]: offline notifications, handed to the node's notifier after each stored batch.
 //! - [`protocol`]: the JSON wire protocol, decoded into enums here and nowhere deeper.
 //! - [`store`] / [`history`]: the `MessageStore` trait and the reads shared by socket and REST.
 //!
@@ -20,6 +21,7 @@ pub mod connection;
 pub mod conversation;
 pub mod conversations;
 pub mod history;
+pub mod notify;
 pub mod outbound;
 pub mod protocol;
 pub mod session;

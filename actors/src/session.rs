@@ -184,6 +184,16 @@ impl SessionDirectory {
         f(&mut dir.online.keys())
     }
 
+    /// The members of `members` with no connection on this node (one read of the directory).
+    pub fn offline_among(&self, members: &HashSet<UserId>) -> Vec<UserId> {
+        let dir = self.read();
+        members
+            .iter()
+            .filter(|m| !dir.online.contains_key(*m))
+            .cloned()
+            .collect()
+    }
+
     /// Number of connections on this node.
     pub fn connection_count(&self) -> usize {
         self.read().online.values().map(Vec::len).sum()

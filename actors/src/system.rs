@@ -38,6 +38,8 @@ pub struct SystemConfig {
     pub intensity: RestartIntensity,
     /// How long the edge waits for a conversation's answer.
     pub reply_timeout: Duration,
+    /// Where offline members' notifications go, if anywhere.
+    pub notifier: Option<crate::notify::SharedNotifier>,
 }
 
 impl Default for SystemConfig {
@@ -47,6 +49,7 @@ impl Default for SystemConfig {
             limits: ConnectionLimits::default(),
             intensity: RestartIntensity::default(),
             reply_timeout: Duration::from_secs(10),
+            notifier: None,
         }
     }
 }
@@ -107,6 +110,7 @@ impl ActorSystem {
             sessions: directory.clone(),
             config: config.conversation.clone(),
             cluster,
+            notifier: config.notifier.clone(),
         });
         let conversations = Conversations::start(
             conv_ctx,

@@ -805,6 +805,11 @@ impl Cluster for ClusterNode {
         }
     }
 
+    fn retain_offline(&self, users: &mut Vec<UserId>) {
+        let interest = self.interest.read().expect("interest lock");
+        users.retain(|u| !interest.users.contains_key(u));
+    }
+
     fn answer(&self, node: &NodeName, answers: Vec<(u64, Outcome)>) {
         let Some(gw) = self.gateway(node) else {
             return;
