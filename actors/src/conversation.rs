@@ -358,7 +358,16 @@ impl ConversationState {
             }
             return;
         }
-        let mut recipients = self.recipients.lock().unwrap_or_else(|e| e.into_inner());
+        // A write job fanning out a big batch holds the recipients for a while: a signal is dropped rather
+        // than make this handler wait.
+        let mut recipients = match self.recipients.try_lock() {
+            Ok(r) => r,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                metrics::counter!("switchboard_signals_dropped_total").increment(1);
+                return;
+            }
+        };
         self.ctx
             .sessions
             .resolve(&self.members, self.members_version, &mut recipients);
