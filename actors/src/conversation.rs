@@ -488,15 +488,12 @@ impl WriteJob {
         let batch = std::mem::take(&mut self.batch);
         match self.append(messages).await {
             Ok((results, next)) => {
+                let offline = self.offline_notice(&results);
                 let mut frames = Vec::with_capacity(results.len());
                 let mut remote = RemoteAnswers::new();
-                let mut latest = None;
-                let mut senders = HashSet::new();
                 for (pending, outcome) in batch.into_iter().zip(results) {
                     if let Appended::New(m) = &outcome {
                         frames.push((protocol::encode(&ServerFrame::Msg(m)), pending.origin));
-                        senders.insert(m.from.clone());
-                        latest = Some(m.clone());
                     }
                     answer(pending.replies, Ok(outcome.message()), &mut remote);
                 }
@@ -513,8 +510,8 @@ impl WriteJob {
                 }
                 self.fan_out(&frames, remote, &mut recipients);
                 drop(recipients);
-                if let Some(latest) = latest {
-                    self.notify_offline(latest, frames.len(), &senders);
+                if let (Some(note), Some(notifier)) = (offline, &self.ctx.notifier) {
+                    notifier.offline(note);
                 }
                 Some(next)
             }
@@ -533,25 +530,29 @@ impl WriteJob {
         }
     }
 
-    /// Hand the members with no live connection anywhere (the batch's senders aside) to the notifier, if the
-    /// node has one: one [`Offline`] for the batch, whatever its size.
-    fn notify_offline(&self, latest: Message, count: usize, senders: &HashSet<UserId>) {
-        let Some(notifier) = &self.ctx.notifier else {
-            return;
+    /// The batch's news for the members with no live connection anywhere (its senders aside), if the node
+    /// has a notifier and any member is offline: one [`Offline`] for the batch, whatever its size. Nothing
+    /// is copied while everyone is online.
+    fn offline_notice(&self, results: &[Appended]) -> Option<Offline> {
+        self.ctx.notifier.as_ref()?;
+        let new = || {
+            results.iter().filter_map(|r| match r {
+                Appended::New(m) => Some(m),
+                Appended::Duplicate(_) => None,
+            })
         };
+        let latest = new().next_back()?;
         let mut users = self.ctx.sessions.offline_among(&self.members);
-        users.retain(|u| !senders.contains(u));
+        users.retain(|u| !new().any(|m| &m.from == u));
         if let Some(cluster) = &self.ctx.cluster {
             cluster.retain_offline(&mut users);
         }
-        if !users.is_empty() {
-            notifier.offline(Offline {
-                conv: self.conv.clone(),
-                latest,
-                count,
-                users,
-            });
-        }
+        (!users.is_empty()).then(|| Offline {
+            conv: self.conv.clone(),
+            latest: latest.clone(),
+            count: new().count(),
+            users,
+        })
     }
 
     /// Hand the batch, and the answers to sends from other nodes, to the cluster (if any).
