@@ -43,6 +43,24 @@ pub enum Origin {
     },
 }
 
+impl Origin {
+    /// The connection, if it is on this node.
+    pub fn here(&self) -> Option<ConnId> {
+        match self {
+            Self::Here(conn) => Some(*conn),
+            Self::Remote { .. } => None,
+        }
+    }
+
+    /// The connection, if it is on `node`.
+    pub fn on(&self, node: &str) -> Option<ConnId> {
+        match self {
+            Self::Remote { node: n, conn } if **n == *node => Some(*conn),
+            _ => None,
+        }
+    }
+}
+
 /// A message frame on its way to members, and the connection that sent it (which gets an `ack` instead).
 pub type Outgoing = (Bytes, Option<Origin>);
 

@@ -371,10 +371,7 @@ impl ConversationState {
         self.ctx
             .sessions
             .resolve(&self.members, self.members_version, &mut recipients);
-        let skip = match &signal.origin {
-            Some(Origin::Here(conn)) => Some(*conn),
-            _ => None,
-        };
+        let skip = signal.origin.as_ref().and_then(Origin::here);
         recipients.deliver_signal(&frame, skip);
         if let Some(cluster) = &self.ctx.cluster {
             cluster.fan_out_signal(
@@ -401,10 +398,7 @@ impl ConversationState {
 
     /// Pass a signal to the sender's own devices only (but the one that sent it), here and on other nodes.
     fn signal_own_devices(&self, signal: &Signal, frame: &bytes::Bytes) {
-        let skip = match &signal.origin {
-            Some(Origin::Here(conn)) => Some(*conn),
-            _ => None,
-        };
+        let skip = signal.origin.as_ref().and_then(Origin::here);
         let me = [signal.from.clone()];
         self.ctx.sessions.deliver_signal_to(&me, frame, skip);
         if let Some(cluster) = &self.ctx.cluster {

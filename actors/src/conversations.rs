@@ -425,10 +425,7 @@ impl Conversations {
         let mut local_tries = 0;
         loop {
             if let Some((cluster, node)) = self.remote_owner(conv) {
-                let origin = match &request.origin {
-                    Some(Origin::Here(c)) => Some(*c),
-                    _ => None,
-                };
+                let origin = request.origin.as_ref().and_then(Origin::here);
                 let forwarded = cluster.forward_send(
                     &node,
                     conv,

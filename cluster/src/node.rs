@@ -745,10 +745,7 @@ impl Cluster for ClusterNode {
                     .iter()
                     .map(|(json, origin)| WireFrame {
                         json: json.to_vec(),
-                        skip: match origin {
-                            Some(Origin::Remote { node: n, conn }) if *n == node => Some(*conn),
-                            _ => None,
-                        },
+                        skip: origin.as_ref().and_then(|o| o.on(&node)),
                     })
                     .collect()
             };
@@ -768,10 +765,7 @@ impl Cluster for ClusterNode {
             conv: conv.to_owned(),
             from: signal.from.clone(),
             kind: signal.kind.clone(),
-            origin: match &signal.origin {
-                Some(Origin::Here(conn)) => Some(*conn),
-                _ => None,
-            },
+            origin: signal.origin.as_ref().and_then(Origin::here),
         };
         self.cast(&gw, cast, "signal");
         Ok(())
@@ -792,10 +786,7 @@ impl Cluster for ClusterNode {
             let Some(gw) = view.gateways.get(node) else {
                 continue;
             };
-            let skip = match origin {
-                Some(Origin::Remote { node: n, conn }) if n == node => Some(*conn),
-                _ => None,
-            };
+            let skip = origin.and_then(|o| o.on(node));
             let cast = Cast::SignalOut {
                 users: users.clone(),
                 json: frame.to_vec(),
@@ -1075,14 +1066,18 @@ enum MembershipMsg {
     },
 }
 
+/// A node's name in ours: ractor_cluster names a node `name@host`.
+fn node_name(full: &str) -> &str {
+    full.split('@').next().unwrap_or_default()
+}
+
 /// Forwards ractor_cluster's link events to [`Membership`], so that a lost link is acted on at once.
 struct LinkEvents(ActorRef<MembershipMsg>);
 
 impl LinkEvents {
     fn tell(&self, ses: &ractor_cluster::node::NodeServerSessionInformation, up: bool) {
         if let Some(peer) = &ses.peer_name {
-            // ractor_cluster names a node `name@host`.
-            let node = peer.name.split('@').next().unwrap_or_default().to_owned();
+            let node = node_name(&peer.name).to_owned();
             let _ = self.0.send_message(MembershipMsg::Link { node, up });
         }
     }
@@ -1139,7 +1134,7 @@ impl MembershipState {
         let names: HashSet<&str> = sessions
             .values()
             .filter_map(|s| s.peer_name.as_ref())
-            .filter_map(|p| p.name.split('@').next())
+            .map(|p| node_name(&p.name))
             .collect();
         self.node
             .unlinked

@@ -4,8 +4,8 @@
 //! [`RedisRegistry::unregister`] synchronously (while it holds its own lock), which only push onto an
 //! unbounded queue; a single writer task, spawned by [`RedisRegistry::start`] on the node's Tokio runtime,
 //! owns this node's in-memory set of `(user, conn)` and is the only writer of this node's entries.
-//! [`RedisRegistry::close`] stops it during the node's graceful shutdown. A single node needs no registry:
-//! code that only needs the write side takes a [`ConnectionRegistry`], which [`NoRegistry`] implements too.
+//! [`RedisRegistry::close`] stops it during the node's graceful shutdown. A single node needs no registry
+//! and runs none.
 //!
 //! Redis holds only what can be rebuilt and is never on a message's path: while Redis is down the node
 //! keeps working, [`RedisRegistry::health`] reports why, and the writer rewrites everything it holds once
@@ -60,33 +60,6 @@ const MAX_BATCH: usize = 4_096;
 const WRITES_TOTAL: &str = "switchboard_registry_writes_total";
 const ERRORS_TOTAL: &str = "switchboard_registry_errors_total";
 const UP: &str = "switchboard_registry_up";
-
-/// Who is connected where. One node has no registry; a cluster has Redis.
-///
-/// The write side only: every method is synchronous and must not block, since callers hold locks.
-pub trait ConnectionRegistry: Send + Sync + 'static {
-    /// Record that `user` has connection `conn` on this node.
-    fn register(&self, user: &str, conn: ConnId);
-    /// Forget connection `conn` of `user` on this node.
-    fn unregister(&self, user: &str, conn: ConnId);
-    /// Another node went down: remove its entries (idempotent).
-    fn forget_node(&self, node: &NodeId);
-    /// `Ok(())` while the registry works, else why not (for `/readyz`).
-    fn health(&self) -> Result<(), String>;
-}
-
-/// The registry of a node that runs alone: records nothing, always healthy.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoRegistry;
-
-impl ConnectionRegistry for NoRegistry {
-    fn register(&self, _user: &str, _conn: ConnId) {}
-    fn unregister(&self, _user: &str, _conn: ConnId) {}
-    fn forget_node(&self, _node: &NodeId) {}
-    fn health(&self) -> Result<(), String> {
-        Ok(())
-    }
-}
 
 /// Settings of the [`RedisRegistry`].
 #[derive(Debug, Clone)]
@@ -371,24 +344,6 @@ impl RedisRegistry {
     fn push(&self, op: Op) {
         // A closed registry drops the operation: after `close` nothing is recorded any more.
         let _ = self.inner.ops.send(op);
-    }
-}
-
-impl ConnectionRegistry for RedisRegistry {
-    fn register(&self, user: &str, conn: ConnId) {
-        RedisRegistry::register(self, user, conn);
-    }
-
-    fn unregister(&self, user: &str, conn: ConnId) {
-        RedisRegistry::unregister(self, user, conn);
-    }
-
-    fn forget_node(&self, node: &NodeId) {
-        RedisRegistry::forget_node(self, node);
-    }
-
-    fn health(&self) -> Result<(), String> {
-        RedisRegistry::health(self)
     }
 }
 

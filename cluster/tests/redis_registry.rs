@@ -6,9 +6,7 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use switchboard_cluster::registry::{
-    ConnectionRegistry, RedisRegistry, RegistryConfig, RegistryError,
-};
+use switchboard_cluster::registry::{RedisRegistry, RegistryConfig, RegistryError};
 use switchboard_cluster::NodeId;
 
 const REDIS_SERVER: &str = "/usr/bin/redis-server";
@@ -406,12 +404,11 @@ async fn without_redis_the_registry_starts_reports_why_and_closes_promptly() {
         prefix: "sbtest".to_owned(),
     })
     .expect("start without redis");
-    let dyn_registry: &dyn ConnectionRegistry = &registry;
-    dyn_registry.register("alice", 1);
+    registry.register("alice", 1);
     // First "not reached yet", then the reason of the first failed exchange.
-    assert!(dyn_registry.health().is_err());
+    assert!(registry.health().is_err());
     eventually(Duration::from_secs(3), "registry unreachable", || async {
-        dyn_registry
+        registry
             .health()
             .err()
             .filter(|reason| reason.starts_with("redis unreachable"))
