@@ -482,10 +482,9 @@ impl WriteJob {
         let batch = std::mem::take(&mut self.batch);
         match self.append(messages).await {
             Ok((results, next)) => {
-                let offline = self.offline_notice(&results);
                 let mut frames = Vec::with_capacity(results.len());
                 let mut remote = RemoteAnswers::new();
-                for (pending, outcome) in batch.into_iter().zip(results) {
+                for (pending, outcome) in batch.into_iter().zip(&results) {
                     if let Appended::New(m) = &outcome {
                         frames.push((protocol::encode(&ServerFrame::Msg(m)), pending.origin));
                     }
@@ -504,7 +503,10 @@ impl WriteJob {
                 }
                 self.fan_out(&frames, remote, &mut recipients);
                 drop(recipients);
-                if let (Some(note), Some(notifier)) = (offline, &self.ctx.notifier) {
+                // After the acks and the fan-out: looking for offline members is not the senders' wait.
+                if let (Some(note), Some(notifier)) =
+                    (self.offline_notice(&results), &self.ctx.notifier)
+                {
                     notifier.offline(note);
                 }
                 Some(next)
