@@ -86,6 +86,10 @@ pub struct Settings {
     /// reconnect at once [default: 5].
     #[arg(long, env = "SWITCHBOARD_DRAIN_WINDOW_SECS")]
     pub drain_window_secs: Option<f64>,
+    /// A user whose last device went shows offline after this many seconds, so a reconnect within them
+    /// shows nothing; 0 shows offline at once [default: 5].
+    #[arg(long, env = "SWITCHBOARD_PRESENCE_GRACE_SECS")]
+    pub presence_grace_secs: Option<f64>,
     /// Bearer token for `POST /v1/admin/drain`; without it only loopback callers may drain the node.
     #[arg(long, env = "SWITCHBOARD_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -216,6 +220,8 @@ pub struct Config {
     pub log: String,
     /// Drain window.
     pub drain_window: Duration,
+    /// Presence grace period.
+    pub presence_grace: Duration,
     /// Admin token.
     pub admin_token: Option<String>,
     /// Node name.
@@ -318,6 +324,10 @@ impl Settings {
             drain_window: match pick!(drain_window_secs) {
                 Some(0.0) => Duration::ZERO,
                 v => secs(v, 5.0, "drain_window_secs")?,
+            },
+            presence_grace: match pick!(presence_grace_secs) {
+                Some(0.0) => Duration::ZERO,
+                v => secs(v, 5.0, "presence_grace_secs")?,
             },
             admin_token: pick!(admin_token),
             node_name: pick!(node_name).unwrap_or_else(|| NodeId::random().0),

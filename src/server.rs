@@ -17,6 +17,7 @@ use switchboard_actors::cluster::SharedCluster;
 use switchboard_actors::connection::ConnectionLimits;
 use switchboard_actors::conversation::ConversationConfig;
 use switchboard_actors::conversations::Conversations;
+use switchboard_actors::presence::{Presence, PresenceConfig};
 use switchboard_actors::supervisor::RestartIntensity;
 use switchboard_actors::system::{ActorSystem, SystemConfig};
 use switchboard_cluster::node::{ClusterConfig, ClusterNode};
@@ -90,6 +91,13 @@ impl Server {
                 window: config.restart_window,
             },
             notifier: Some(Pusher::start(config.push.clone())),
+            presence: PresenceConfig {
+                grace: config.presence_grace,
+                intensity: RestartIntensity {
+                    max_restarts: config.max_restarts,
+                    window: config.restart_window,
+                },
+            },
             ..SystemConfig::default()
         };
         listener.set_nonblocking(true)?;
@@ -120,6 +128,7 @@ impl Server {
             c.attach(
                 system.conversations.clone(),
                 system.sessions.directory().clone(),
+                system.sessions.presence().clone(),
             )
             .await?;
         }
@@ -199,6 +208,11 @@ impl Server {
     /// The conversation family (fault injection and inspection in tests).
     pub fn conversations(&self) -> &Conversations {
         &self.system.conversations
+    }
+
+    /// Presence on this node (fault injection and inspection in tests).
+    pub fn presence(&self) -> &Presence {
+        self.system.sessions.presence()
     }
 
     /// Serve until `shutdown` resolves or an operator asks for a drain (`POST /v1/admin/drain`) — then drain —

@@ -232,6 +232,12 @@ pub trait Cluster: Send + Sync + 'static {
     /// Keep only the users of `users` with no connection on any other node.
     fn retain_offline(&self, users: &mut Vec<UserId>);
 
+    /// Whether `user` has a connection on another node (as this node last heard).
+    fn online_elsewhere(&self, user: &str) -> bool;
+
+    /// Every user with a connection on another node (a presence actor rebuilding its state reads it).
+    fn users_elsewhere(&self) -> Vec<UserId>;
+
     /// Answer sends that `node` forwarded, outside a fan-out (a refusal, a lost actor).
     fn answer(&self, node: &NodeName, answers: Vec<(u64, Outcome)>);
 

@@ -31,8 +31,9 @@ use crate::conversation::SendRequest;
 use crate::conversations::{Conversations, PendingReply};
 use crate::history;
 use crate::outbound::{Outbound, PushError};
+use crate::presence::Presence;
 use crate::protocol::{self, ClientFrame, CloseCode, ErrorCode, ProtocolError, ServerFrame};
-use crate::session::{ConnId, SessionDirectory};
+use crate::session::{ConnHandle, ConnId, SessionDirectory};
 use crate::store::{Message, SharedStore, UserId};
 
 /// Limits of every connection.
@@ -81,6 +82,10 @@ pub struct ConnectionContext {
     /// runs it on this one too, decision 0011). A sync is a task of its own, so the loop keeps reading while a
     /// reconnect storm's history reads and replays run.
     pub runtime: tokio::runtime::Handle,
+    /// Where connections are listed for delivery.
+    pub directory: SessionDirectory,
+    /// Told when a user's first connection opens or last one closes; serves `presence_subscribe`.
+    pub presence: Presence,
 }
 
 /// What the transport reads from the client, as the connection sees it.
@@ -160,13 +165,15 @@ pub(crate) fn slow_consumer(outbound: &Outbound, id: ConnId) {
     outbound.abort(CloseCode::SlowConsumer);
 }
 
-/// Unlists the connection from its session when it ends, however it ends; closes with 1011 if it was not
-/// closed on purpose (a panic in the loop).
+/// Unlists the connection from its session (and its presence watches) when it ends, however it ends;
+/// closes with 1011 if it was not closed on purpose (a panic in the loop).
 struct Link {
-    directory: SessionDirectory,
+    ctx: Arc<ConnectionContext>,
     user: UserId,
     id: ConnId,
     outbound: Outbound,
+    /// The users this connection watches (`presence_subscribe`).
+    watching: Vec<UserId>,
 }
 
 impl Drop for Link {
@@ -174,7 +181,10 @@ impl Drop for Link {
         if !self.outbound.is_closing() {
             self.outbound.abort(CloseCode::Internal);
         }
-        self.directory.detach(&self.user, self.id);
+        self.ctx.presence.unwatch(self.id, &self.watching);
+        if self.ctx.directory.detach(&self.user, self.id) {
+            self.ctx.presence.changed(&self.user);
+        }
         metrics::gauge!("switchboard_connections").decrement(1.0);
     }
 }
@@ -199,14 +209,13 @@ impl Connection {
         id: ConnId,
         ctx: Arc<ConnectionContext>,
         outbound: Outbound,
-        directory: SessionDirectory,
         drain: CancellationToken,
     ) -> Self {
         metrics::gauge!("switchboard_connections").increment(1.0);
         debug!(conn_id = id, user_id = %user, "connection open");
         Self {
             id,
-            ctx,
+            ctx: ctx.clone(),
             replier: Replier {
                 outbound: outbound.clone(),
                 id,
@@ -215,10 +224,11 @@ impl Connection {
             syncs: TaskTracker::new(),
             drain,
             link: Link {
-                directory,
+                ctx,
                 user,
                 id,
                 outbound,
+                watching: Vec::new(),
             },
         }
     }
@@ -351,6 +361,16 @@ impl Connection {
             ClientFrame::Receipt { conv, kind, seq } => {
                 let signal = self.signal(SignalKind::Receipt { kind, seq });
                 self.ctx.conversations.signal(&conv, signal).await;
+            }
+            ClientFrame::PresenceSubscribe { users } => {
+                let presence = &self.ctx.presence;
+                presence.unwatch(self.id, &self.link.watching);
+                let conn = ConnHandle {
+                    id: self.id,
+                    outbound: self.replier.outbound.clone(),
+                };
+                presence.watch(&conn, &users);
+                self.link.watching = users;
             }
             ClientFrame::Sync { conv, after_seq } => {
                 let (store, user, replier, conversations) = (

@@ -7,6 +7,7 @@
 //! - [`sessions`] / [`session`]: the session directory, one entry per online user listing its connections
 //!   (a row, not an actor: decision 0009).
 //! - [`connection`]: one loop per WebSocket, in the task that owns its socket (decision 0007).
+//! - [`presence`]: sharded, supervised presence actors: online/offline across nodes, debounced, last seen.
 //! - [`outbound`]: a connection's bounded outbound queue, pushed by actors and pulled by the transport.
 //! - [`supervisor`]: Erlang restart intensity, used by every supervisor.
 //! - [`notify`]: offline notifications, handed to the node's notifier after each stored batch.
@@ -23,6 +24,7 @@ pub mod conversations;
 pub mod history;
 pub mod notify;
 pub mod outbound;
+pub mod presence;
 pub mod protocol;
 pub mod session;
 pub mod sessions;

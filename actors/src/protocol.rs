@@ -48,6 +48,25 @@ pub enum ClientFrame {
         /// Up to this seq.
         seq: u64,
     },
+    /// Watch these users' presence: replaces the connection's list (an empty list stops watching). Answered
+    /// at once with a `presence` frame for each, then one per change.
+    PresenceSubscribe {
+        /// The users to watch, without repeats (at most [`MAX_WATCHED`]).
+        users: Vec<String>,
+    },
+}
+
+/// Most users one connection may watch with `presence_subscribe` (and ask about in one `GET /v1/presence`).
+pub const MAX_WATCHED: usize = 1000;
+
+/// Whether a user has a live connection (as presence events say it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PresenceState {
+    /// At least one device is connected, on some node.
+    Online,
+    /// No device, for longer than the presence grace period.
+    Offline,
 }
 
 /// What a receipt says.
@@ -235,12 +254,42 @@ pub fn decode_client_frame(text: &str, max_body: usize) -> Result<ClientFrame, P
             },
             seq: seq_field(&obj, "seq")?,
         }),
+        "presence_subscribe" => Ok(ClientFrame::PresenceSubscribe {
+            users: user_list(obj.get("users"), "users")?,
+        }),
         other => Err(ProtocolError::new(
             ErrorCode::UnknownOp,
             format!("unknown op {:?}", truncate(other, 32)),
         )
         .for_msg(msg_id)),
     }
+}
+
+/// A list of user ids (a JSON array of strings): each 1 to [`MAX_ID_LEN`] bytes, at most [`MAX_WATCHED`] of
+/// them; repeats are dropped, first seen first.
+pub fn user_list(value: Option<&Value>, field: &str) -> Result<Vec<String>, ProtocolError> {
+    let invalid =
+        |why: &str| ProtocolError::new(ErrorCode::InvalidField, format!("`{field}` {why}"));
+    let items: Vec<&str> = match value {
+        None | Some(Value::Null) => return Err(missing(field)),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().ok_or_else(|| invalid("must hold strings")))
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(invalid("must be an array of user ids")),
+    };
+    if items.len() > MAX_WATCHED {
+        return Err(invalid(&format!("holds more than {MAX_WATCHED} users")));
+    }
+    let mut seen = std::collections::HashSet::with_capacity(items.len());
+    let mut users = Vec::with_capacity(items.len());
+    for u in items {
+        check_id(field, u)?;
+        if seen.insert(u) {
+            users.push(u.to_owned());
+        }
+    }
+    Ok(users)
 }
 
 /// A required non-negative integer field.
@@ -359,6 +408,16 @@ pub enum ServerFrame<'a> {
         kind: ReceiptKind,
         /// Up to this seq.
         seq: u64,
+    },
+    /// A watched user or a contact came online or went offline (also the answer to `presence_subscribe`).
+    Presence {
+        /// Whose presence.
+        user: &'a str,
+        /// Online or offline.
+        state: PresenceState,
+        /// Online: now; offline: when the last device went away (ms since the Unix epoch); `null` when this
+        /// node has not seen the user online since it started.
+        last_seen: Option<u64>,
     },
     /// Something went wrong with a request.
     Error {
@@ -483,6 +542,64 @@ mod tests {
         let err =
             decode_client_frame(r#"{"op":"send","msg_id":"abc","body":"x"}"#, 16).unwrap_err();
         assert_eq!(err.msg_id.as_deref(), Some("abc"));
+    }
+
+    #[test]
+    fn presence_subscribe_takes_a_list_of_user_ids() {
+        assert_eq!(
+            decode_client_frame(
+                r#"{"op":"presence_subscribe","users":["bob","amy","bob"]}"#,
+                16
+            )
+            .unwrap(),
+            ClientFrame::PresenceSubscribe {
+                users: vec!["bob".into(), "amy".into()]
+            }
+        );
+        assert_eq!(
+            decode_client_frame(r#"{"op":"presence_subscribe","users":[]}"#, 16).unwrap(),
+            ClientFrame::PresenceSubscribe { users: vec![] }
+        );
+        assert_eq!(
+            code(r#"{"op":"presence_subscribe"}"#),
+            ErrorCode::MissingField
+        );
+        for bad in [
+            r#"{"op":"presence_subscribe","users":[1]}"#,
+            r#"{"op":"presence_subscribe","users":{"a":1}}"#,
+            r#"{"op":"presence_subscribe","users":[""]}"#,
+        ] {
+            assert_eq!(code(bad), ErrorCode::InvalidField, "{bad}");
+        }
+        let many: Vec<String> = (0..=MAX_WATCHED).map(|i| format!("u{i}")).collect();
+        let frame = serde_json::json!({"op":"presence_subscribe","users":many}).to_string();
+        assert_eq!(code(&frame), ErrorCode::InvalidField);
+        assert_eq!(
+            code(r#"{"op":"presence_subscribe","users":"alice"}"#),
+            ErrorCode::InvalidField
+        );
+    }
+
+    #[test]
+    fn encodes_presence() {
+        let f = ServerFrame::Presence {
+            user: "bob",
+            state: PresenceState::Offline,
+            last_seen: Some(7),
+        };
+        let v: Value = serde_json::from_slice(&encode(&f)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"op":"presence","user":"bob","state":"offline","last_seen":7})
+        );
+        let f = ServerFrame::Presence {
+            user: "bob",
+            state: PresenceState::Online,
+            last_seen: None,
+        };
+        let v: Value = serde_json::from_slice(&encode(&f)).unwrap();
+        assert_eq!(v["state"], "online");
+        assert_eq!(v["last_seen"], Value::Null);
     }
 
     #[test]

@@ -194,6 +194,25 @@ impl SessionDirectory {
             .collect()
     }
 
+    /// Whether `user` has a connection on this node.
+    pub fn is_online(&self, user: &str) -> bool {
+        self.read().online.contains_key(user)
+    }
+
+    /// The connections on this node of each of `users`.
+    pub fn connections_of<'a>(
+        &self,
+        users: impl IntoIterator<Item = &'a UserId>,
+    ) -> Vec<ConnHandle> {
+        let dir = self.read();
+        users
+            .into_iter()
+            .filter_map(|u| dir.online.get(u))
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
     /// Number of connections on this node.
     pub fn connection_count(&self) -> usize {
         self.read().online.values().map(Vec::len).sum()
@@ -209,9 +228,10 @@ impl SessionDirectory {
         self.read().online.values().flatten().cloned().collect()
     }
 
-    /// List `conn` under `user`, opening the user's entry if it is the first.
-    pub(crate) fn attach(&self, user: &str, conn: ConnHandle) {
+    /// List `conn` under `user`, opening the user's entry if it is the first; whether it was.
+    pub(crate) fn attach(&self, user: &str, conn: ConnHandle) -> bool {
         let id = conn.id;
+        let mut opened = false;
         self.change(|online| {
             let first = match online.get_mut(user) {
                 Some(conns) => {
@@ -223,12 +243,15 @@ impl SessionDirectory {
                     true
                 }
             };
+            opened = first;
             move |cluster: &SharedCluster| cluster.connected(user, id, first)
         });
+        opened
     }
 
-    /// Unlist connection `id` of `user`; the entry goes with its last connection.
-    pub(crate) fn detach(&self, user: &str, id: ConnId) {
+    /// Unlist connection `id` of `user`; the entry goes with its last connection; whether it went.
+    pub(crate) fn detach(&self, user: &str, id: ConnId) -> bool {
+        let mut closed = false;
         self.change(|online| {
             let mut last = false;
             if let Some(conns) = online.get_mut(user) {
@@ -238,8 +261,10 @@ impl SessionDirectory {
                     last = true;
                 }
             }
+            closed = last;
             move |cluster: &SharedCluster| cluster.disconnected(user, id, last)
         });
+        closed
     }
 
     /// Apply a change and, still under the lock, tell the cluster what it was.

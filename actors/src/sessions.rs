@@ -14,6 +14,7 @@ use tracing::warn;
 
 use crate::connection::{Connection, ConnectionContext};
 use crate::outbound::{outbound, OutboundQueue};
+use crate::presence::Presence;
 use crate::session::{ConnHandle, SessionDirectory};
 use crate::store::UserId;
 
@@ -39,10 +40,10 @@ pub struct Sessions {
 }
 
 impl Sessions {
-    /// Sessions listed in `directory`, whose connections share `ctx`.
-    pub fn new(directory: SessionDirectory, ctx: Arc<ConnectionContext>) -> Self {
+    /// Sessions whose connections share `ctx` (and are listed in its directory).
+    pub fn new(ctx: Arc<ConnectionContext>) -> Self {
         Self {
-            directory,
+            directory: ctx.directory.clone(),
             ctx,
             next_conn: Arc::new(AtomicU64::new(1)),
             drain: CancellationToken::new(),
@@ -53,27 +54,28 @@ impl Sessions {
     pub fn connect(&self, user: UserId) -> Opened {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (outbound, queue) = outbound(self.ctx.limits.outbound_queue);
-        self.directory.attach(
+        let first = self.directory.attach(
             &user,
             ConnHandle {
                 id,
                 outbound: outbound.clone(),
             },
         );
-        let connection = Connection::new(
-            user,
-            id,
-            self.ctx.clone(),
-            outbound,
-            self.directory.clone(),
-            self.drain.clone(),
-        );
+        if first {
+            self.ctx.presence.changed(&user);
+        }
+        let connection = Connection::new(user, id, self.ctx.clone(), outbound, self.drain.clone());
         Opened { connection, queue }
     }
 
     /// The directory of online users and their connections (what conversations deliver through).
     pub fn directory(&self) -> &SessionDirectory {
         &self.directory
+    }
+
+    /// Presence on this node.
+    pub fn presence(&self) -> &Presence {
+        &self.ctx.presence
     }
 
     /// Drain every connection on this node: each stops reading, gets the answers to the sends it accepted,

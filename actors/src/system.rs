@@ -3,10 +3,13 @@
 //! ```text
 //! RootSupervisor
 //! ├── ConversationSupervisor ── ConversationActor (one per active conversation)
+//! └── PresenceSupervisor ────── PresenceShard × 16 (each online user's presence, by a hash of its id)
 //! ```
 //!
-//! Sessions are not actors: each online user is an entry in the [`SessionDirectory`] listing the user's
-//! connections, and each connection is a loop in its socket's task (decisions 0007 and 0009).
+//! Each online user is an entry in the [`SessionDirectory`] listing the user's connections, and each
+//! connection is a loop in its socket's task (decisions 0007 and 0009); what a user's session does beyond
+//! listing devices — aggregating them across nodes, debouncing flaps, last seen — is its presence shard's
+//! work (decision 0019).
 //!
 //! A family supervisor that exceeds its restart intensity fails; the root then stops and reports the
 //! escalation, and the server exits so that the operating system's supervisor restarts it.
@@ -22,6 +25,7 @@ use crate::cluster::SharedCluster;
 use crate::connection::{ConnectionContext, ConnectionLimits};
 use crate::conversation::{ConversationConfig, ConversationContext};
 use crate::conversations::Conversations;
+use crate::presence::{Presence, PresenceConfig};
 use crate::session::SessionDirectory;
 use crate::sessions::Sessions;
 use crate::store::SharedStore;
@@ -40,6 +44,8 @@ pub struct SystemConfig {
     pub reply_timeout: Duration,
     /// Where offline members' notifications go, if anywhere.
     pub notifier: Option<crate::notify::SharedNotifier>,
+    /// Presence settings.
+    pub presence: PresenceConfig,
 }
 
 impl Default for SystemConfig {
@@ -50,6 +56,7 @@ impl Default for SystemConfig {
             intensity: RestartIntensity::default(),
             reply_timeout: Duration::from_secs(10),
             notifier: None,
+            presence: PresenceConfig::default(),
         }
     }
 }
@@ -105,6 +112,14 @@ impl ActorSystem {
         let (report, escalation) = watch::channel(None);
         let (root, _) = Actor::spawn(None, RootSupervisor, report).await?;
         let directory = SessionDirectory::with_cluster(cluster.clone());
+        let presence = Presence::start(
+            config.presence,
+            directory.clone(),
+            cluster.clone(),
+            store.clone(),
+            root.get_cell(),
+        )
+        .await?;
         let conv_ctx = Arc::new(ConversationContext {
             store: store.clone(),
             sessions: directory.clone(),
@@ -124,8 +139,10 @@ impl ActorSystem {
             store,
             limits: config.limits,
             runtime: tokio::runtime::Handle::current(),
+            directory,
+            presence,
         });
-        let sessions = Sessions::new(directory, conn_ctx);
+        let sessions = Sessions::new(conn_ctx);
         Ok(Self {
             conversations,
             sessions,

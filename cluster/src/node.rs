@@ -44,6 +44,7 @@ use switchboard_actors::cluster::{
 };
 use switchboard_actors::conversation::Answer;
 use switchboard_actors::conversations::Conversations;
+use switchboard_actors::presence::Presence;
 use switchboard_actors::protocol::{ErrorCode, ProtocolError};
 use switchboard_actors::session::{ConnId, SessionDirectory};
 use switchboard_actors::store::UserId;
@@ -115,37 +116,59 @@ struct Interest {
 }
 
 impl Interest {
-    fn add(&mut self, user: &str, node: &NodeName) {
+    /// Whether the user was online on no other node before.
+    fn add(&mut self, user: &str, node: &NodeName) -> bool {
         let nodes = self.users.entry(user.to_owned()).or_default();
+        let first = nodes.is_empty();
         if !nodes.contains(node) {
             nodes.push(node.clone());
         }
         self.generation += 1;
+        first
     }
 
-    fn remove(&mut self, user: &str, node: &NodeName) {
+    /// Whether the user is now online on no other node.
+    fn remove(&mut self, user: &str, node: &NodeName) -> bool {
+        let mut gone = false;
         if let Some(nodes) = self.users.get_mut(user) {
             nodes.retain(|n| n != node);
             if nodes.is_empty() {
                 self.users.remove(user);
+                gone = true;
             }
         }
         self.generation += 1;
+        gone
     }
 
-    fn forget(&mut self, node: &NodeName) {
-        self.users.retain(|_, nodes| {
-            nodes.retain(|n| n != node);
+    /// Forget `node`; the users that were online on it.
+    fn forget(&mut self, node: &NodeName) -> Vec<UserId> {
+        let mut had = Vec::new();
+        self.users.retain(|user, nodes| {
+            if nodes.contains(node) {
+                had.push(user.clone());
+                nodes.retain(|n| n != node);
+            }
             !nodes.is_empty()
         });
         self.generation += 1;
+        had
     }
 
-    fn replace(&mut self, node: &NodeName, users: Vec<String>) {
-        self.forget(node);
-        for u in users {
-            self.add(&u, node);
+    /// Replace what `node` said; the users whose entry for it came or went.
+    fn replace(&mut self, node: &NodeName, users: Vec<String>) -> Vec<UserId> {
+        let before: HashSet<UserId> = self.forget(node).into_iter().collect();
+        let mut touched: Vec<UserId> = users
+            .iter()
+            .filter(|u| !before.contains(*u))
+            .cloned()
+            .collect();
+        let after: HashSet<&String> = users.iter().collect();
+        touched.extend(before.iter().filter(|u| !after.contains(u)).cloned());
+        for u in &users {
+            self.add(u, node);
         }
+        touched
     }
 
     /// Per node, the members of `members` online there.
@@ -193,6 +216,7 @@ impl Drop for ForwardedTag {
 struct Attached {
     conversations: Conversations,
     directory: SessionDirectory,
+    presence: Presence,
 }
 
 /// The cluster's own actors.
@@ -281,6 +305,7 @@ impl ClusterNode {
         self: &Arc<Self>,
         conversations: Conversations,
         directory: SessionDirectory,
+        presence: Presence,
     ) -> anyhow::Result<()> {
         let listen = self.config.listen;
         // ractor_cluster's transitive links dial without TLS; with TLS, `Membership` dials every peer it
@@ -306,6 +331,7 @@ impl ClusterNode {
             .set(Attached {
                 conversations,
                 directory,
+                presence,
             })
             .is_err()
         {
@@ -543,7 +569,11 @@ impl ClusterNode {
                 .lock()
                 .expect("forwarded lock")
                 .retain(|_, (n, _)| n != node);
-            self.interest.write().expect("interest lock").forget(node);
+            let had = self.interest.write().expect("interest lock").forget(node);
+            let presence = &self.attached().presence;
+            for user in &had {
+                presence.changed(user);
+            }
             self.registry.forget_node(&NodeId(node.to_string()));
         }
         let a = self.attached();
@@ -801,6 +831,24 @@ impl Cluster for ClusterNode {
         users.retain(|u| !interest.users.contains_key(u));
     }
 
+    fn online_elsewhere(&self, user: &str) -> bool {
+        self.interest
+            .read()
+            .expect("interest lock")
+            .users
+            .contains_key(user)
+    }
+
+    fn users_elsewhere(&self) -> Vec<UserId> {
+        self.interest
+            .read()
+            .expect("interest lock")
+            .users
+            .keys()
+            .cloned()
+            .collect()
+    }
+
     fn answer(&self, node: &NodeName, answers: Vec<(u64, Outcome)>) {
         let Some(gw) = self.gateway(node) else {
             return;
@@ -928,21 +976,36 @@ impl Gateway {
                     .conversations
                     .forward_here(conv, request, answer);
             }
-            Cast::Online { user } => node
-                .interest
-                .write()
-                .expect("interest lock")
-                .add(&user, &from),
-            Cast::Offline { user } => node
-                .interest
-                .write()
-                .expect("interest lock")
-                .remove(&user, &from),
-            Cast::Snapshot { users } => node
-                .interest
-                .write()
-                .expect("interest lock")
-                .replace(&from, users),
+            Cast::Online { user } => {
+                if node
+                    .interest
+                    .write()
+                    .expect("interest lock")
+                    .add(&user, &from)
+                {
+                    node.attached().presence.changed(&user);
+                }
+            }
+            Cast::Offline { user } => {
+                if node
+                    .interest
+                    .write()
+                    .expect("interest lock")
+                    .remove(&user, &from)
+                {
+                    node.attached().presence.changed(&user);
+                }
+            }
+            Cast::Snapshot { users } => {
+                let touched = node
+                    .interest
+                    .write()
+                    .expect("interest lock")
+                    .replace(&from, users);
+                for user in &touched {
+                    node.attached().presence.changed(user);
+                }
+            }
         }
     }
 

@@ -6,10 +6,10 @@ use std::sync::atomic::Ordering;
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{json, Value};
 use switchboard_actors::conversation::{now_ms, store_error, SendRequest};
 use switchboard_actors::history;
-use switchboard_actors::protocol::{check_send, ErrorCode};
+use switchboard_actors::protocol::{check_send, user_list, ErrorCode};
 use switchboard_actors::store::{
     ConversationInfo, ConversationKind, HistoryQuery, Message, MAX_MEMBERS,
 };
@@ -27,6 +27,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/cluster", web::get().to(cluster_status))
         .route("/v1/admin/drain", web::post().to(admin_drain))
         .route("/metrics", web::get().to(metrics))
+        .route("/v1/presence", web::get().to(presence))
         .route("/v1/conversations", web::post().to(create_conversation))
         .route("/v1/conversations", web::get().to(list_conversations))
         .route("/v1/conversations/{id}", web::get().to(get_conversation))
@@ -316,6 +317,30 @@ async fn history_page(
     };
     let page = history::page(&*state.store, &me, &path.into_inner(), query).await?;
     Ok(HttpResponse::Ok().json(page))
+}
+
+#[derive(Deserialize)]
+struct PresenceParams {
+    users: Option<String>,
+}
+
+/// `GET /v1/presence?users=a,b`: each user's presence as this node's events say it.
+async fn presence(
+    AuthUser(_): AuthUser,
+    state: State,
+    q: web::Query<PresenceParams>,
+) -> Result<HttpResponse, ApiError> {
+    let users = q.users.as_deref().map(|list| {
+        Value::Array(
+            list.split(',')
+                .filter(|u| !u.is_empty())
+                .map(|u| Value::String(u.to_owned()))
+                .collect(),
+        )
+    });
+    let users = user_list(users.as_ref(), "users")?;
+    let users = state.sessions.presence().lookup(&users);
+    Ok(HttpResponse::Ok().json(json!({ "users": users })))
 }
 
 #[derive(Deserialize)]

@@ -199,9 +199,11 @@ impl Api {
     }
 }
 
-/// A WebSocket client speaking Switchboard's protocol.
+/// A WebSocket client speaking Switchboard's protocol. It passes over `presence` frames (contacts coming
+/// and going) unless made to [`Client::hear_presence`]: tests of other things need not expect them.
 pub struct Client {
     pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    presence: bool,
 }
 
 pub enum Recv {
@@ -225,7 +227,10 @@ impl Client {
             .read_buffer_size(16 * 1024)
             .write_buffer_size(0);
         let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true).await?;
-        Ok(Self { ws })
+        Ok(Self {
+            ws,
+            presence: false,
+        })
     }
 
     /// A client whose socket has a small receive buffer (for slow-consumer tests).
@@ -244,7 +249,16 @@ impl Client {
         )
         .await
         .unwrap();
-        Self { ws }
+        Self {
+            ws,
+            presence: false,
+        }
+    }
+
+    /// Hand `presence` frames to the test like any other.
+    pub fn hear_presence(mut self) -> Self {
+        self.presence = true;
+        self
     }
 
     pub async fn send(&mut self, v: Value) {
@@ -283,7 +297,11 @@ impl Client {
                 None => return Some(Recv::Closed(None)),
                 Some(Err(_)) => return Some(Recv::Closed(None)),
                 Some(Ok(WsMessage::Text(t))) => {
-                    return Some(Recv::Frame(serde_json::from_str(t.as_str()).unwrap()))
+                    let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                    if v["op"] == "presence" && !self.presence {
+                        continue;
+                    }
+                    return Some(Recv::Frame(v));
                 }
                 Some(Ok(WsMessage::Close(c))) => {
                     return Some(Recv::Closed(c.map(|c| u16::from(c.code))))
