@@ -301,6 +301,7 @@ impl Cluster {
             .args(["--seeds", &seeds, "--cookie", COOKIE, "--redis", &redis])
             .args(["--store", &self.store, "--jwt-secret", JWT_SECRET])
             .args(["--dev-login", "true", "--drain-window-secs", "1"])
+            .args(["--presence-grace-secs", "1"])
             .args(["--registry-heartbeat-secs", "1", "--registry-ttl-secs", "5"])
             .env("SWITCHBOARD_LOG", level)
             .stdout(log.try_clone().unwrap())
@@ -668,7 +669,8 @@ impl DeviceState {
                 }
             }
             Some("error") => self.on_error(&f, now),
-            Some("pong") => {}
+            // Contacts come and go as devices reconnect across nodes.
+            Some("pong" | "presence") => {}
             _ => self.problems.push(format!("unexpected frame: {f}")),
         }
         out
@@ -2119,4 +2121,75 @@ async fn typing_and_receipts_cross_nodes() {
         clients[1].silent_for(Duration::from_millis(300)).await,
         "the reading device gets its own receipt back"
     );
+}
+
+/// The next `presence` frame: its user and state.
+async fn presence_of(c: &mut Client) -> (String, String) {
+    let f = c.expect_op("presence").await;
+    (
+        f["user"].as_str().unwrap().to_owned(),
+        f["state"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// Presence is computed on every node from the cluster's view: a contact on one node and a watcher on
+/// another hear a user on a third come online, see no change while a second device comes and goes
+/// elsewhere, and hear it go offline when its node is killed.
+#[tokio::test(flavor = "multi_thread")]
+async fn presence_crosses_nodes_and_a_dead_node_takes_its_users_offline() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::start("presence").await;
+    let api = cluster.api(0);
+    let mut tokens = Vec::new();
+    for n in ["alice", "bob", "carol"] {
+        tokens.push(api.token(n).await);
+    }
+    api.dm(&tokens[0], "bob").await;
+    let mut bob = Client::connect(cluster.nodes[0].http, &tokens[1])
+        .await
+        .hear_presence();
+    let mut carol = Client::connect(cluster.nodes[2].http, &tokens[2])
+        .await
+        .hear_presence();
+    carol
+        .send(json!({"op":"presence_subscribe","users":["alice"]}))
+        .await;
+    assert_eq!(
+        presence_of(&mut carol).await,
+        ("alice".into(), "offline".into())
+    );
+
+    let alice = Client::connect(cluster.nodes[1].http, &tokens[0]).await;
+    for c in [&mut bob, &mut carol] {
+        assert_eq!(presence_of(c).await, ("alice".into(), "online".into()));
+    }
+    let other = Client::connect(cluster.nodes[2].http, &tokens[0]).await;
+    other.close().await;
+    assert!(
+        bob.silent_for(Duration::from_secs(2)).await,
+        "a second device on another node changed alice's presence"
+    );
+    let (status, v) = api
+        .call(
+            reqwest::Method::GET,
+            "/v1/presence?users=alice",
+            &tokens[1],
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, v["users"][0]["state"].clone()),
+        (200, json!("online")),
+        "{v}"
+    );
+
+    let killed = cluster.kill9(1).await;
+    for c in [&mut bob, &mut carol] {
+        assert_eq!(presence_of(c).await, ("alice".into(), "offline".into()));
+    }
+    println!(
+        "presence_crosses_nodes: offline {:?} after kill -9 (grace 1 s)",
+        killed.elapsed()
+    );
+    drop(alice);
 }
