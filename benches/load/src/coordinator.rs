@@ -123,6 +123,8 @@ pub(crate) struct RunSpec {
     pub(crate) conv: bool,
     /// Dm over several nodes: where each pair's two members connect.
     pub(crate) placement: Placement,
+    /// Dm: typing before each send, a read for each message received.
+    pub(crate) signals: bool,
 }
 
 impl RunSpec {
@@ -140,6 +142,8 @@ impl RunSpec {
                 p.insert("warmup_s".into(), self.warmup_s.to_string());
                 if self.scenario == Scenario::Group {
                     p.insert("senders".into(), self.senders.to_string());
+                } else {
+                    p.insert("signals".into(), self.signals.to_string());
                 }
             }
             Scenario::Storm => {
@@ -762,6 +766,7 @@ async fn run_once(
                     total_senders,
                 ),
                 body_bytes: common.body_bytes.max(frame_min()),
+                signals: run.signals,
                 lifetime_s,
             }
         })
@@ -1061,6 +1066,12 @@ async fn run_once(
             push_latency(&mut report, "ack", "send→ack", &m.ack);
             let expected = acked * fanout;
             report.push("delivered", "deliveries", delivered as f64, "");
+            report.push(
+                "signals",
+                "typing, receipt and presence frames received",
+                (c.signals - at_ready.signals) as f64,
+                "",
+            );
             report.push(
                 "missing",
                 "deliveries missing (acked × recipients − delivered)",

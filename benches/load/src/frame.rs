@@ -18,6 +18,8 @@ pub(crate) enum Op {
     Synced,
     Pong,
     Error,
+    /// `typing`, `receipt`, `presence`.
+    Signal,
     Other,
 }
 
@@ -29,6 +31,7 @@ pub(crate) fn op(frame: &str) -> Op {
         Some("synced") => Op::Synced,
         Some("pong") => Op::Pong,
         Some("error") => Op::Error,
+        Some("typing" | "receipt" | "presence") => Op::Signal,
         _ => Op::Other,
     }
 }
@@ -117,6 +120,16 @@ pub(crate) fn sync_frame(conv: &str, after_seq: u64) -> String {
 /// The `ping` frame.
 pub(crate) const PING: &str = r#"{"op":"ping"}"#;
 
+/// A `typing` frame.
+pub(crate) fn typing_frame(conv: &str) -> String {
+    format!(r#"{{"op":"typing","conv":"{conv}"}}"#)
+}
+
+/// A `read` frame.
+pub(crate) fn read_frame(conv: &str, seq: u64) -> String {
+    format!(r#"{{"op":"read","conv":"{conv}","seq":{seq}}}"#)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,6 +149,11 @@ mod tests {
         assert_eq!(u64_field(synced, "last_seq"), Some(241));
         assert_eq!(bool_field(synced, "has_more"), Some(true));
         assert_eq!(op(r#"{"op":"pong"}"#), Op::Pong);
+        assert_eq!(op(r#"{"op":"typing","conv":"c","user":"u"}"#), Op::Signal);
+        assert_eq!(
+            op(r#"{"op":"presence","user":"u","state":"online","last_seen":1}"#),
+            Op::Signal
+        );
         let err = r#"{"op":"error","code":"rate_limited","message":"full","msg_id":"5","retry_after_ms":100}"#;
         assert_eq!(op(err), Op::Error);
         assert_eq!(str_field(err, "code"), Some("rate_limited"));

@@ -85,6 +85,10 @@ enum Cmd {
         /// on node (i + 1) mod n, so that every message crosses nodes.
         #[arg(long, value_enum, default_value_t = Placement::Same)]
         placement: Placement,
+        /// Signals on: each sender sends `typing` before each message (the server passes on at most one
+        /// a second), and each receiver sends `read` for each message it gets.
+        #[arg(long)]
+        signals: bool,
     },
     /// One group: M messages per second to G members; deliveries per second and delivery latency.
     Group {
@@ -157,6 +161,7 @@ fn run(cli: Cli) -> Result<(), Error> {
         storm_timeout_s: 0,
         conv: false,
         placement: Placement::Same,
+        signals: false,
     };
     match cli.command {
         Cmd::Idle {
@@ -179,6 +184,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             duration,
             warmup,
             placement,
+            signals,
         } => scenario(
             common,
             RunSpec {
@@ -186,6 +192,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 duration_s: duration,
                 warmup_s: warmup,
                 placement,
+                signals,
                 ..base(Scenario::Dm, pairs.saturating_mul(2))
             },
         ),

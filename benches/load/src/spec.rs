@@ -39,6 +39,9 @@ pub(crate) struct WorkerSpec {
     /// This worker's share of the send rate, messages per second.
     pub(crate) rate: f64,
     pub(crate) body_bytes: usize,
+    /// Dm: each sender sends `typing` before each message, each receiver a `read` for each message.
+    #[serde(default)]
+    pub(crate) signals: bool,
     /// The worker exits by itself after this many seconds, whatever happens.
     pub(crate) lifetime_s: u64,
 }
@@ -92,6 +95,9 @@ pub(crate) struct Counters {
     pub(crate) synced: u64,
     /// `error` frames.
     pub(crate) errors: u64,
+    /// `typing`, `receipt` and `presence` frames received.
+    #[serde(default)]
+    pub(crate) signals: u64,
     /// Connections the server closed or lost unexpectedly.
     pub(crate) dropped: u64,
 }

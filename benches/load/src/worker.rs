@@ -53,6 +53,7 @@ struct AtomicCounters {
     synced: AtomicU64,
     errors: AtomicU64,
     dropped: AtomicU64,
+    signals: AtomicU64,
 }
 
 impl AtomicCounters {
@@ -68,6 +69,7 @@ impl AtomicCounters {
             synced: self.synced.load(Relaxed),
             errors: self.errors.load(Relaxed),
             dropped: self.dropped.load(Relaxed),
+            signals: self.signals.load(Relaxed),
         }
     }
 }
@@ -386,6 +388,8 @@ struct Conn {
     /// Unanswered sends: msg id → when it was written (and its wall-clock µs).
     pending: HashMap<u64, (Instant, u64)>,
     next_id: u64,
+    /// With signals on: the seq of the last live `msg`, to send a `read` for.
+    read_due: Option<u64>,
 }
 
 /// The end of a sync replay, from a `synced` frame.
@@ -408,6 +412,9 @@ impl Conn {
                             .saturating_record(now.saturating_sub(stamp).max(1));
                     }
                     sh.last_delivery_us.fetch_max(now, Relaxed);
+                    if sh.spec.signals {
+                        self.read_due = frame::u64_field(text, "seq");
+                    }
                 }
             }
             Op::Ack => {
@@ -434,6 +441,9 @@ impl Conn {
                 }
             }
             Op::Pong => {}
+            Op::Signal => {
+                sh.c.signals.fetch_add(1, Relaxed);
+            }
             Op::Other => sh.error("unexpected frame".into()),
         }
         None
@@ -442,6 +452,10 @@ impl Conn {
     async fn send(&mut self, ws: &mut Ws, sh: &Shared, conv: &str) -> Result<(), Error> {
         self.next_id += 1;
         let now = frame::now_us();
+        if sh.spec.signals {
+            ws.send(Message::Text(frame::typing_frame(conv).into()))
+                .await?;
+        }
         let text = frame::send_frame(conv, self.next_id, &frame::body(now, sh.spec.body_bytes));
         self.pending.insert(self.next_id, (Instant::now(), now));
         ws.send(Message::Text(text.into())).await?;
@@ -586,6 +600,7 @@ async fn client(
     let mut conn = Conn {
         pending: HashMap::new(),
         next_id: 0,
+        read_due: None,
     };
     if let Some(conv) = &spec.conv {
         let setup = async {
@@ -634,6 +649,14 @@ async fn client(
             frame = ws.next() => match frame {
                 Some(Ok(Message::Text(t))) => {
                     conn.on_text(&t, &sh, Mode::Live);
+                    if let Some(seq) = conn.read_due.take() {
+                        let conv = spec.conv.as_deref().unwrap_or("none");
+                        if ws.send(Message::Text(frame::read_frame(conv, seq).into())).await.is_err() {
+                            sh.c.dropped.fetch_add(1, Relaxed);
+                            sh.c.open.fetch_sub(1, Relaxed);
+                            return;
+                        }
+                    }
                 }
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
                     ended(&sh, frame);
