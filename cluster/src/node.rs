@@ -1314,3 +1314,40 @@ impl Actor for Membership {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(n: &str) -> NodeName {
+        Arc::from(n)
+    }
+
+    #[test]
+    fn interest_says_when_a_user_comes_online_or_goes_offline_on_every_other_node() {
+        let (a, b) = (node("a"), node("b"));
+        let mut i = Interest::default();
+        assert!(i.add("u", &a), "first node");
+        assert!(!i.add("u", &b), "already online elsewhere");
+        assert!(!i.remove("u", &a), "still on b");
+        assert!(i.remove("u", &b), "gone everywhere");
+        assert!(!i.remove("u", &b), "nothing left to remove");
+
+        i.add("u", &a);
+        i.add("v", &a);
+        i.add("v", &b);
+        let mut had = i.forget(&a);
+        had.sort();
+        assert_eq!(had, ["u", "v"]);
+        assert!(!i.users.contains_key("u"));
+        assert_eq!(i.users["v"], [b.clone()]);
+
+        i.add("w", &a);
+        let mut touched = i.replace(&a, vec!["x".into(), "w".into()]);
+        touched.sort();
+        assert_eq!(touched, ["x"], "w was there before and after");
+        let mut touched = i.replace(&a, vec![]);
+        touched.sort();
+        assert_eq!(touched, ["w", "x"]);
+    }
+}
