@@ -34,6 +34,8 @@ impl Node {
             .args(["serve", "--listen", &addr.to_string(), "--data-dir"])
             .arg(dir)
             .args(["--admin-token", ADMIN_TOKEN, "--node-name", "browser-n1"])
+            // Offline shows 1 s after the last device goes, not 5: the test waits for it.
+            .args(["--presence-grace-secs", "1"])
             .env("SWITCHBOARD_LOG", "warn")
             .stdout(Stdio::null())
             .kill_on_drop(true)

@@ -371,6 +371,7 @@ step('controls are labelled and text is readable (WCAG AA contrast)', async () =
       return [255, 255, 255];
     };
     return ['#messages li.mine .body', '#messages li.theirs .body', '#messages li.mine .meta', '#messages li.theirs .meta',
+      '#messages li.mine[data-state="read"] .tick',
       '.preview', '#conn', '.conv-name', 'h1', '.badge']
       .map((sel) => [sel, document.querySelector(sel)])
       .filter(([, el]) => el)
@@ -379,15 +380,17 @@ step('controls are labelled and text is readable (WCAG AA contrast)', async () =
         return [sel, (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05)];
       });
   });
-  assert(ratios.length >= 6, `only ${ratios.length} elements measured`);
+  assert(ratios.length >= 8, `only ${ratios.length} elements measured`);
   const low = ratios.filter(([, r]) => r < 4.5);
   assert(low.length === 0, `contrast below 4.5:1: ${JSON.stringify(low)}`);
 });
 
-step('presence: dots show online users when the server offers presence, and nothing breaks when it does not', async () => {
-  const dots = await s.alice.$$eval(`li[data-conv="${s.dm}"] .dot`, (els) => els.map((e) => ({ hidden: e.hidden, state: e.dataset.presence })));
-  assert(dots.length === 1, `the DM shows ${dots.length} presence dots`);
-  if (!dots[0].hidden) assert(dots[0].state === 'online', `bob is shown ${dots[0].state} while connected`);
+step('presence: the DM shows bob online; the open conversation shows dave, who never connected, offline', async () => {
+  await until(s.alice, "bob's dot online in alice's list", (c) => document.querySelector(`li[data-conv="${c}"] .dot`)?.dataset.presence === 'online', s.dm);
+  await until(s.alice, "dave's dot offline in the conversation's header", () =>
+    [...document.querySelectorAll('#conv-members .member')].some((m) => m.textContent === 'dave' && m.querySelector('.dot').dataset.presence === 'offline'));
+  const label = await s.alice.$eval(`li[data-conv="${s.dm}"] .dot`, (d) => d.getAttribute('aria-label'));
+  assert(label === 'bob is online', `the dot is labelled ${label}`);
   const notice = await s.alice.locator('#notice').textContent();
   assert(notice === '', `the page shows an error: ${notice}`);
 });
@@ -417,6 +420,47 @@ step('the operator page refuses a wrong token and shows the node, its connection
   assert(JSON.stringify(nodes) === JSON.stringify([[NODE_NAME, 'up']]), `cluster ${JSON.stringify(nodes)}`);
   await shot(page, '08-admin');
   await ctx.close();
+});
+
+step('a server without presence (unknown_op, 404) leaves the page working, with no dots and no error', async () => {
+  // erin's browser sees an older server: presence_subscribe is refused, GET /v1/presence is not found.
+  const ctx = await s.browser.newContext({ viewport: { width: 1100, height: 750 } });
+  await ctx.route((url) => url.pathname === '/v1/presence', (route) => route.fulfill({ status: 404, body: '' }));
+  let refused = 0;
+  await ctx.routeWebSocket((url) => url.pathname === '/v1/ws', (ws) => {
+    const server = ws.connectToServer();
+    ws.onMessage((m) => {
+      if (JSON.parse(m).op === 'presence_subscribe') {
+        refused += 1;
+        ws.send(JSON.stringify({ op: 'error', code: 'unknown_op', message: 'unknown op' }));
+      } else {
+        server.send(m);
+      }
+    });
+  });
+  const erin = await signIn(ctx, 'erin');
+  const conv = await create(erin, 'dm', 'alice');
+  await send(erin, 'no presence here');
+  await showsOnce(erin, 'erin', ['no presence here']);
+  assert(refused >= 1, 'erin never asked for presence');
+  const dots = await erin.$$eval('.dot', (els) => els.filter((e) => !e.hidden).length);
+  assert(dots === 0, `${dots} presence dots shown without presence`);
+  const notice = await erin.locator('#notice').textContent();
+  assert(notice === '', `the page shows an error: ${notice}`);
+  await shot(erin, '09-erin-without-presence');
+  // Later subscriptions are not sent again to a server that refused the op.
+  const before = refused;
+  await openConv(erin, conv);
+  await erin.waitForTimeout(300);
+  assert(refused === before, 'presence_subscribe sent again after unknown_op');
+  await ctx.close();
+});
+
+step("bob leaves: alice's list shows him offline after the grace period", async () => {
+  await s.ctxB.close();
+  await until(s.alice, "bob's dot offline", (c) => document.querySelector(`li[data-conv="${c}"] .dot`)?.dataset.presence === 'offline', s.dm);
+  const title = await s.alice.$eval(`li[data-conv="${s.dm}"] .dot`, (d) => d.title);
+  assert(/^last seen /.test(title), `the offline dot says "${title}"`);
 });
 
 step('no uncaught error and no console error on any page', async () => {
