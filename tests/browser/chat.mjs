@@ -154,9 +154,11 @@ function watch(page, who) {
   page.on('console', (m) => {
     if (m.type() !== 'error') return;
     const t = m.text();
-    // The operator step's wrong token is refused on purpose.
-    if (who === 'operator' && /401 \(Unauthorized\)/.test(t)) return;
-    if (/WebSocket connection to .* failed|Failed to load resource: net::ERR_CONNECTION_REFUSED|ERR_CONNECTION_REFUSED|ERR_EMPTY_RESPONSE|404 \(Not Found\)/.test(t)) return;
+    // The operator's wrong token and frank's forged JWT are refused on purpose.
+    if ((who === 'operator' || who === 'frank') && /401 \(Unauthorized\)/.test(t)) return;
+    // erin's GET /v1/presence is answered 404 on purpose.
+    if (who === 'erin' && /404 \(Not Found\)/.test(t)) return;
+    if (/WebSocket connection to .* failed|ERR_CONNECTION_REFUSED|ERR_EMPTY_RESPONSE/.test(t)) return;
     problems.push(`${who}: console error: ${t}`);
   });
 }
@@ -213,8 +215,13 @@ step("bob sees the DM with an unread badge; opening it clears the badge and alic
   assert((await badge(s.bob, s.dm)) === 0, 'the badge stays after opening');
   await until(s.alice, "alice's message marked read", () => document.querySelector('#messages li.mine')?.dataset.state === 'read');
   // The read position is stored a few milliseconds after the receipt goes out (protocol §4).
-  await new Promise((r) => setTimeout(r, 300));
-  const entry = (await rest('GET', '/v1/conversations', await token('bob'))).conversations.find((c) => c.id === s.dm);
+  const bobToken = await token('bob');
+  let entry;
+  for (let i = 0; i < 50; i++) {
+    entry = (await rest('GET', '/v1/conversations', bobToken)).conversations.find((c) => c.id === s.dm);
+    if (entry.read_seq === 1) break;
+    await new Promise((r) => setTimeout(r, 100));
+  }
   assert(entry.unread === 0 && entry.read_seq === 1, `bob's stored read position: ${JSON.stringify(entry)}`);
 });
 
@@ -419,6 +426,24 @@ step('the operator page refuses a wrong token and shows the node, its connection
   const nodes = await page.$$eval('#cluster tr', (trs) => trs.map((tr) => [tr.dataset.node, tr.children[1].textContent]));
   assert(JSON.stringify(nodes) === JSON.stringify([[NODE_NAME, 'up']]), `cluster ${JSON.stringify(nodes)}`);
   await shot(page, '08-admin');
+  await ctx.close();
+});
+
+step('signing in by pasting a JWT: a forged one is refused, a real one works', async () => {
+  const ctx = await s.browser.newContext({ viewport: { width: 1100, height: 750 } });
+  const page = await ctx.newPage();
+  watch(page, 'frank');
+  await page.goto(URL);
+  const real = await token('frank');
+  const [head, , sig] = real.split('.');
+  const forged = [head, Buffer.from(JSON.stringify({ sub: 'alice', exp: 4102444800 })).toString('base64url'), sig].join('.');
+  await page.getByLabel('Or paste a token (JWT)').fill(forged);
+  await page.getByRole('button', { name: 'Sign in with token' }).click();
+  await until(page, 'the refusal', () => document.getElementById('signin-error').textContent === 'The server refused that token.');
+  await page.getByLabel('Or paste a token (JWT)').fill(real);
+  await page.getByRole('button', { name: 'Sign in with token' }).click();
+  await connected(page, 'frank');
+  assert((await page.locator('#me').textContent()) === 'frank', 'not signed in as frank');
   await ctx.close();
 });
 
