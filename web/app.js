@@ -92,6 +92,10 @@ $('signout').addEventListener('click', () => {
   localStorage.removeItem(TOKEN_KEY);
   localStorage.removeItem(DEV_USER_KEY);
   if (client) sessionStorage.removeItem(client.outboxKey());
+  // What this browser learnt of the user's conversations goes with the user.
+  Object.keys(localStorage)
+    .filter((k) => k.startsWith('switchboard.members.'))
+    .forEach((k) => localStorage.removeItem(k));
   reset();
   showSignIn('');
 });
