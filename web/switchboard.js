@@ -38,6 +38,8 @@
 const RETRYABLE = new Set(['rate_limited', 'store_unavailable', 'internal']);
 /** Ops that a server may not know yet; `unknown_op` after one of them marks its feature unsupported. */
 const OPTIONAL_OPS = { presence_subscribe: 'presence' };
+/** Most users one `presence_subscribe` (or one `GET /v1/presence`) may name (protocol §1). */
+const MAX_WATCHED = 1000;
 
 /** A REST error: `status` is the HTTP status, `code` the protocol's error code (or `http_<status>`). */
 export class ApiError extends Error {
@@ -503,7 +505,8 @@ export class SwitchboardClient extends EventTarget {
 
   sendPresenceSubscribe() {
     if (this.unsupported.has('presence') || this.presenceUsers.size === 0) return;
-    if (this.write({ op: 'presence_subscribe', users: [...this.presenceUsers] })) {
+    const users = [...this.presenceUsers].slice(0, MAX_WATCHED);
+    if (this.write({ op: 'presence_subscribe', users })) {
       this.optionalSent.add('presence_subscribe');
     }
   }
@@ -563,7 +566,8 @@ export class SwitchboardClient extends EventTarget {
   async presence(users) {
     if (this.unsupported.has('presence') || users.length === 0) return null;
     try {
-      const r = await this.api('GET', `/v1/presence?users=${users.map(encodeURIComponent).join(',')}`);
+      const list = users.slice(0, MAX_WATCHED).map(encodeURIComponent).join(',');
+      const r = await this.api('GET', `/v1/presence?users=${list}`);
       return r.users;
     } catch (e) {
       if (e.status === 404) this.markUnsupported('presence');
