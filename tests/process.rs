@@ -36,16 +36,8 @@ impl Node {
             .spawn()
             .expect("start switchboard");
         let node = Node { child, addr };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = reqwest::get(format!("http://{addr}/readyz")).await {
-                if r.status() == 200 {
-                    return node;
-                }
-            }
-            assert!(Instant::now() < deadline, "server did not become ready");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        common::wait_ready(addr).await;
+        node
     }
 
     fn signal(&self, sig: &str) {

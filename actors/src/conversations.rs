@@ -591,6 +591,16 @@ impl Conversations {
         self.directory.read().expect("directory lock").len()
     }
 
+    /// The ids of the conversations whose actors run here (the operator's page lists them).
+    pub fn hosted(&self) -> Vec<ConvId> {
+        self.directory
+            .read()
+            .expect("directory lock")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
     /// Fault injection: make the conversation's actor panic. `false` if it was not running.
     pub fn crash(&self, conv: &str) -> bool {
         let actor = self

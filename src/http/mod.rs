@@ -1,10 +1,12 @@
 //! The actix-web edge: the WebSocket endpoint ([`ws`], served from actix-http's upgrade service), the REST API
-//! ([`rest`]) and their shared state.
+//! ([`rest`], [`admin`]), the embedded browser pages ([`pages`]) and their shared state.
 //!
 //! Handlers run on actix's per-thread workers and reach the actor system only through handles
 //! (`Conversations`, `Sessions`), whose messages are thread-safe; long-lived actors are never spawned here.
 
+pub mod admin;
 pub mod error;
+pub mod pages;
 pub mod rest;
 pub mod ws;
 
@@ -117,7 +119,9 @@ pub fn routes(cfg: &mut web::ServiceConfig, dev_login: bool) {
     )
     .app_data(web::QueryConfig::default().error_handler(error::query_error))
     .route(ws::PATH, web::get().to(ws::not_upgraded))
-    .configure(rest::routes);
+    .configure(rest::routes)
+    .configure(admin::routes)
+    .configure(|cfg| pages::routes(cfg, dev_login));
     if dev_login {
         cfg.configure(rest::dev_routes);
     }

@@ -106,7 +106,7 @@ async fn cluster_status(state: State) -> HttpResponse {
 }
 
 /// Compare secrets in time that depends on their length only.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
+pub(super) fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

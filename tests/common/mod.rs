@@ -40,6 +40,23 @@ pub fn cassandra(args: &[&str]) {
 /// How long a test waits for one expected frame.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// Wait until the server at `addr` (another process, starting) answers `/readyz` with 200; panic after 30 s.
+pub async fn wait_ready(addr: SocketAddr) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = reqwest::get(format!("http://{addr}/readyz")).await {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "server did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A server running in this process on 127.0.0.1:0, with its own data directory.
 pub struct TestServer {
     pub server: Option<Server>,
