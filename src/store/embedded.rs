@@ -924,11 +924,15 @@ impl Applier {
         }
     }
 
-    /// Write one batch to fjall in one transaction: durable (a checkpoint) when it holds a change to answer
-    /// or a checkpoint is due, else committed without an fsync.
+    /// Write one batch to fjall in one transaction: durable (a checkpoint) when it holds a conversation or
+    /// membership change or a checkpoint is due, else committed without an fsync. A read position does not
+    /// force one: it is durable at the next checkpoint (within [`CHECKPOINT_EVERY`]), so a read per message
+    /// received costs no fsync of its own (decision 0017).
     fn apply(&mut self, batch: Vec<ToApplier>) {
         let durable = self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY
-            || batch.iter().any(|m| matches!(m, ToApplier::Change(_)))
+            || batch.iter().any(|m| {
+                matches!(m, ToApplier::Change(job) if !matches!(job.op, WriteOp::SetRead { .. }))
+            })
             || batch.is_empty();
         let started = Instant::now();
         let mut records = Vec::new();
