@@ -115,6 +115,7 @@ impl Counters {
         self.synced += o.synced;
         self.errors += o.errors;
         self.dropped += o.dropped;
+        self.signals += o.signals;
     }
 }
 
