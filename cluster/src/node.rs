@@ -1340,7 +1340,7 @@ mod tests {
         had.sort();
         assert_eq!(had, ["u", "v"]);
         assert!(!i.users.contains_key("u"));
-        assert_eq!(i.users["v"], [b.clone()]);
+        assert_eq!(i.users["v"], [b]);
 
         i.add("w", &a);
         let mut touched = i.replace(&a, vec!["x".into(), "w".into()]);
