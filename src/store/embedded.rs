@@ -1473,12 +1473,20 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        let query = HistoryQuery {
-            after: Some(0),
-            before: None,
-            limit: 100,
-        };
-        rt.block_on(store.messages(conv, query)).unwrap().messages
+        // Every page: a slow machine makes the preallocation test append more than one page's worth.
+        let mut all: Vec<Message> = Vec::new();
+        loop {
+            let query = HistoryQuery {
+                after: Some(all.last().map_or(0, |m| m.seq)),
+                before: None,
+                limit: 100,
+            };
+            let page = rt.block_on(store.messages(conv, query)).unwrap();
+            all.extend(page.messages);
+            if !page.has_more {
+                return all;
+            }
+        }
     }
 
     #[test]
