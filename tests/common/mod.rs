@@ -1,6 +1,8 @@
 //! Test helpers: servers on port 0, real WebSocket clients (tokio-tungstenite) and REST calls (reqwest).
 #![allow(dead_code, unreachable_pub)]
 
+pub mod raw;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
