@@ -199,6 +199,8 @@ pub struct Connection {
     /// Syncs in progress (a drain waits for them).
     syncs: TaskTracker,
     drain: CancellationToken,
+    /// When its token expires: the connection is closed with 1008 then.
+    expires: Option<Instant>,
     /// Its user, and its listing (unlisted on `Drop`).
     link: Link,
 }
@@ -223,6 +225,7 @@ impl Connection {
             pending: Answers::default(),
             syncs: TaskTracker::new(),
             drain,
+            expires: None,
             link: Link {
                 ctx,
                 user,
@@ -238,13 +241,28 @@ impl Connection {
         self.id
     }
 
+    /// Close the connection with 1008 at `at`, when the token it was opened with expires: a socket lives
+    /// no longer than the credentials it was opened with.
+    pub fn expire_at(&mut self, at: Instant) {
+        self.expires = Some(at);
+    }
+
+    /// When the connection's one timer fires next: after `heartbeat` of silence, or when its token
+    /// expires if that is sooner.
+    fn next_deadline(&self, heartbeat: Duration) -> Instant {
+        let silent = Instant::now() + heartbeat;
+        self.expires.map_or(silent, |at| at.min(silent))
+    }
+
     /// Run until the connection ends. `frames` is what the transport reads; a connection that sends
-    /// nothing (not even a WebSocket ping) for `heartbeat` is closed with 4001.
+    /// nothing (not even a WebSocket ping) for `heartbeat` is closed with 4001, and one whose token
+    /// expires (see [`Connection::expire_at`]) with 1008.
     pub async fn run<S>(mut self, mut frames: S, heartbeat: Duration)
     where
         S: Stream<Item = Inbound> + Unpin,
     {
-        let silent = tokio::time::sleep(heartbeat);
+        // One timer for both the heartbeat and the token's expiry: an idle connection's task carries one.
+        let silent = tokio::time::sleep_until(self.next_deadline(heartbeat));
         tokio::pin!(silent);
         let outbound = self.replier.outbound.clone();
         let drain = self.drain.clone();
@@ -263,12 +281,14 @@ impl Connection {
                 Some(answer) = self.pending.next(), if !self.pending.is_empty() => self.answer(answer),
                 () = &mut silent => return if draining {
                     Box::pin(self.drain()).await
+                } else if self.expires.is_some_and(|at| at <= Instant::now()) {
+                    self.close(CloseCode::TokenExpired)
                 } else {
                     self.close(CloseCode::IdleTimeout)
                 },
                 next = frames.next() => {
                     if !draining {
-                        silent.as_mut().reset(Instant::now() + heartbeat);
+                        silent.as_mut().reset(self.next_deadline(heartbeat));
                     }
                     match next.unwrap_or(Inbound::Closed) {
                         // Boxed: an idle connection's task does not carry room for a send in flight.

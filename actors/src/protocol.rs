@@ -169,6 +169,8 @@ pub enum CloseCode {
     ProtocolError,
     /// 1007: a text message that is not UTF-8.
     InvalidPayload,
+    /// 1008: the connection's token expired.
+    TokenExpired,
     /// 1009: a frame over the frame limit.
     TooBig,
     /// 1011: an internal error (the connection's loop ended without closing).
@@ -188,6 +190,7 @@ impl CloseCode {
             Self::Normal => 1000,
             Self::ProtocolError => 1002,
             Self::InvalidPayload => 1007,
+            Self::TokenExpired => 1008,
             Self::TooBig => 1009,
             Self::Internal => 1011,
             Self::ServiceRestart => 1012,
@@ -202,6 +205,7 @@ impl CloseCode {
             Self::Normal => "bye",
             Self::ProtocolError => "protocol_error",
             Self::InvalidPayload => "invalid_utf8",
+            Self::TokenExpired => "token_expired",
             Self::TooBig => "frame_too_large",
             Self::Internal => "internal",
             Self::ServiceRestart => "service_restart",

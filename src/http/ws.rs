@@ -41,6 +41,7 @@ use tracing::{debug, info};
 
 use super::error::ApiError;
 use super::{token_of, AppState};
+use crate::auth::Verified;
 
 /// The path of the WebSocket endpoint.
 pub const PATH: &str = "/v1/ws";
@@ -92,8 +93,13 @@ async fn upgrade(
         Ok(accepted) => accepted,
         Err(refusal) => return refuse(&mut framed, *refusal).await,
     };
-    let (user, response) = accepted;
-    let opened = state.sessions.connect(user.clone());
+    let (verified, response) = accepted;
+    let lifetime = verified.lifetime();
+    let user = verified.user;
+    let mut opened = state.sessions.connect(user.clone());
+    if let Some(at) = lifetime.and_then(|left| tokio::time::Instant::now().checked_add(left)) {
+        opened.connection.expire_at(at);
+    }
     if framed
         .send((response, BodySize::None).into())
         .await
@@ -158,7 +164,7 @@ async fn serve(
 
 /// Check an upgrade request: the path, the node's state, the token, the handshake. The refusal is a whole
 /// HTTP response.
-fn accept(state: &AppState, req: &Request) -> Result<(String, Response<()>), Box<HttpResponse>> {
+fn accept(state: &AppState, req: &Request) -> Result<(Verified, Response<()>), Box<HttpResponse>> {
     let refused = |e: ApiError| Box::new(e.error_response());
     if req.path() != PATH {
         return Err(Box::new(HttpResponse::NotFound().finish()));
@@ -170,7 +176,7 @@ fn accept(state: &AppState, req: &Request) -> Result<(String, Response<()>), Box
         )));
     }
     let user = token_of(&req.head().headers, req.uri().query().unwrap_or(""))
-        .and_then(|token| state.auth.verify(&token))
+        .and_then(|token| state.auth.verify_until(&token))
         .map_err(|e| refused(e.into()))?;
     let response = actix_http::ws::handshake(req.head())
         .map_err(|e| refused(ApiError::new(ErrorCode::InvalidField, e.to_string())))?

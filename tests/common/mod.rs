@@ -252,6 +252,20 @@ impl Client {
         })
     }
 
+    /// A client that sends its token in `Authorization: Bearer`, not in the query string.
+    pub async fn connect_with_header(addr: SocketAddr, token: &str) -> Self {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = format!("ws://{addr}/v1/ws").into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        Self {
+            ws,
+            presence: false,
+        }
+    }
+
     /// A client whose socket has a small receive buffer (for slow-consumer tests).
     pub async fn connect_small_buffer(addr: SocketAddr, token: &str) -> Self {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
