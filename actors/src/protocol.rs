@@ -103,6 +103,10 @@ pub enum ErrorCode {
     StoreUnavailable,
     /// Authentication failed.
     Unauthorized,
+    /// The user, or the client's address, already has as many WebSockets open as the node allows.
+    TooManyConnections,
+    /// The browser page's origin is not allowed to open a WebSocket.
+    ForbiddenOrigin,
     /// The node is draining (or starting): connect to another node or retry later.
     Unavailable,
     /// A bug or an unexpected failure on the server.
@@ -123,6 +127,8 @@ impl ErrorCode {
             Self::RateLimited => "rate_limited",
             Self::StoreUnavailable => "store_unavailable",
             Self::Unauthorized => "unauthorized",
+            Self::TooManyConnections => "too_many_connections",
+            Self::ForbiddenOrigin => "forbidden_origin",
             Self::Unavailable => "unavailable",
             Self::Internal => "internal",
         }

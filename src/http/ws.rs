@@ -19,6 +19,7 @@
 
 use std::convert::Infallible;
 use std::future::poll_fn;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -39,6 +40,7 @@ use switchboard_actors::sessions::Opened;
 use tokio::io::AsyncWriteExt;
 use tracing::{debug, info};
 
+use super::admission::Admitted;
 use super::error::ApiError;
 use super::{token_of, AppState};
 use crate::auth::Verified;
@@ -86,14 +88,19 @@ async fn upgrade(
     req: Request,
     mut framed: Framed<TcpStream, h1::Codec>,
 ) {
-    let accepted = accept(&state, &req);
+    let peer = framed.io_ref().peer_addr().map(|a| a.ip());
+    let accepted = match peer {
+        Ok(ip) => accept(&state, &req, ip),
+        // The client is already gone.
+        Err(_) => return,
+    };
     // The request's head goes back to actix's pool now, not when the connection ends.
     drop(req);
     let accepted = match accepted {
         Ok(accepted) => accepted,
         Err(refusal) => return refuse(&mut framed, *refusal).await,
     };
-    let (verified, response) = accepted;
+    let (verified, response, admitted) = accepted;
     let lifetime = verified.lifetime();
     let user = verified.user;
     let mut opened = state.sessions.connect(user.clone());
@@ -128,6 +135,7 @@ async fn upgrade(
                 io,
                 read_buf,
                 opened,
+                admitted,
                 state.max_frame_bytes,
                 state.heartbeat_timeout,
             ));
@@ -136,11 +144,13 @@ async fn upgrade(
     }
 }
 
-/// Run an upgraded connection: its loop reading the socket, and its queue written to it.
+/// Run an upgraded connection: its loop reading the socket, and its queue written to it. Its place under
+/// the connection limits is given back when the socket is closed.
 async fn serve(
     io: TcpStream,
     read_buf: BytesMut,
     opened: Opened,
+    _admitted: Admitted,
     max_frame: usize,
     heartbeat: Duration,
 ) {
@@ -162,9 +172,14 @@ async fn serve(
     }
 }
 
-/// Check an upgrade request: the path, the node's state, the token, the handshake. The refusal is a whole
+/// Check an upgrade request from `ip`: the path, the node's state, the handshake rate and the origin, the
+/// token, the handshake, then the open connections of the user and of the address. The refusal is a whole
 /// HTTP response.
-fn accept(state: &AppState, req: &Request) -> Result<(Verified, Response<()>), Box<HttpResponse>> {
+fn accept(
+    state: &AppState,
+    req: &Request,
+    ip: IpAddr,
+) -> Result<(Verified, Response<()>, Admitted), Box<HttpResponse>> {
     let refused = |e: ApiError| Box::new(e.error_response());
     if req.path() != PATH {
         return Err(Box::new(HttpResponse::NotFound().finish()));
@@ -175,14 +190,23 @@ fn accept(state: &AppState, req: &Request) -> Result<(Verified, Response<()>), B
             "the server is draining; connect to another node or retry",
         )));
     }
-    let user = token_of(&req.head().headers, req.uri().query().unwrap_or(""))
+    // Before the token: a flood of handshakes costs no signature check.
+    state
+        .admission
+        .before_token(ip, &req.head().headers)
+        .map_err(|e| refused(e.into()))?;
+    let verified = token_of(&req.head().headers, req.uri().query().unwrap_or(""))
         .and_then(|token| state.auth.verify_until(&token))
         .map_err(|e| refused(e.into()))?;
     let response = actix_http::ws::handshake(req.head())
         .map_err(|e| refused(ApiError::new(ErrorCode::InvalidField, e.to_string())))?
         .finish()
         .drop_body();
-    Ok((user, response))
+    let admitted = state
+        .admission
+        .admit(&verified.user, ip)
+        .map_err(|e| refused(e.into()))?;
+    Ok((verified, response, admitted))
 }
 
 /// Write a refusal (status, headers, JSON body) and let the connection go.
