@@ -1,9 +1,15 @@
 //! JWT verification for the WebSocket upgrade and REST, and dev tokens.
 //!
-//! The algorithm is pinned by configuration (a token that names another is refused), `exp` and `sub` are
-//! required, `iss`/`aud` are checked when configured. `sub` is the user id and must be a valid one.
+//! The algorithm is pinned by configuration (a token that names another is refused — `none` included — and
+//! an HS256 token is never checked against an RSA or Ed25519 public key), `exp` and `sub` are required,
+//! `nbf` is checked when present, `iss`/`aud` are checked when configured. `sub` is the user id and must be a
+//! valid one. A WebSocket lives no longer than its token: the edge closes it with 1008 at `exp` plus the
+//! leeway ([`Verified::expires_at`]).
+//!
+//! Errors say why a token was refused without quoting it: neither a token nor any part of it is ever logged.
 
 use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -39,6 +45,23 @@ struct Claims {
     iss: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     aud: Option<String>,
+}
+
+/// A verified token: whose it is and until when it is valid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// The user (`sub`).
+    pub user: String,
+    /// When the token stops being accepted: its `exp` plus the leeway (`None`: too far to represent).
+    pub expires_at: Option<SystemTime>,
+}
+
+impl Verified {
+    /// How long from now the token stays valid (`None`: for longer than can be represented).
+    pub fn lifetime(&self) -> Option<Duration> {
+        let at = self.expires_at?;
+        Some(at.duration_since(SystemTime::now()).unwrap_or_default())
+    }
 }
 
 /// Verifies tokens; mints them when it holds the HS256 secret.
@@ -102,7 +125,9 @@ impl Auth {
         required.extend(config.jwt_issuer.as_ref().map(|_| "iss"));
         required.extend(config.jwt_audience.as_ref().map(|_| "aud"));
         validation.set_required_spec_claims(&required);
-        validation.leeway = 30;
+        validation.leeway = config.jwt_leeway_secs;
+        // Off by default in jsonwebtoken: a token that is not valid yet is refused like an expired one.
+        validation.validate_nbf = true;
         match &config.jwt_issuer {
             Some(iss) => validation.set_issuer(&[iss]),
             None => validation.iss = None,
@@ -122,12 +147,28 @@ impl Auth {
 
     /// The user a token was issued to.
     pub fn verify(&self, token: &str) -> Result<String, AuthError> {
+        self.verify_until(token).map(|v| v.user)
+    }
+
+    /// The user a token was issued to, and until when it is valid.
+    pub fn verify_until(&self, token: &str) -> Result<Verified, AuthError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map_err(|e| AuthError::Invalid(e.to_string()))?;
+            .map_err(|e| AuthError::Invalid(refusal(&e).into()))?;
         if !valid_user_id(&data.claims.sub) {
             return Err(AuthError::Invalid("sub is not a valid user id".into()));
         }
-        Ok(data.claims.sub)
+        // jsonwebtoken accepts a token while `now <= exp + leeway` in whole seconds: it expires when the
+        // second after that one begins.
+        let expires_at = UNIX_EPOCH.checked_add(Duration::from_secs(
+            data.claims
+                .exp
+                .saturating_add(self.validation.leeway)
+                .saturating_add(1),
+        ));
+        Ok(Verified {
+            user: data.claims.sub,
+            expires_at,
+        })
     }
 
     /// Whether this node can mint tokens (it holds an HS256 secret).
@@ -154,6 +195,26 @@ impl Auth {
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, key)
             .map_err(|e| AuthError::Setup(e.to_string()))
+    }
+}
+
+/// Why jsonwebtoken refused a token, in words that quote nothing from it: its JSON errors would quote claim
+/// values (`invalid type: string "…"`), which are part of the token.
+fn refusal(e: &jsonwebtoken::errors::Error) -> &'static str {
+    use jsonwebtoken::errors::ErrorKind;
+    match e.kind() {
+        ErrorKind::InvalidSignature => "bad signature",
+        ErrorKind::ExpiredSignature => "expired",
+        ErrorKind::ImmatureSignature => "not valid yet (nbf)",
+        ErrorKind::InvalidIssuer => "wrong iss",
+        ErrorKind::InvalidAudience => "wrong aud",
+        ErrorKind::InvalidAlgorithm
+        | ErrorKind::InvalidAlgorithmName
+        | ErrorKind::MissingAlgorithm => "algorithm not the configured one",
+        ErrorKind::MissingRequiredClaim(_) => "a required claim is missing",
+        ErrorKind::InvalidClaimFormat(_) | ErrorKind::Json(_) => "claims of the wrong shape",
+        ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Utf8(_) => "not a JWT",
+        _ => "refused",
     }
 }
 
@@ -300,6 +361,104 @@ mod tests {
         assert!(auth.verify(&t).is_err(), "iss is required when configured");
         // Tokens this node mints satisfy its own checks.
         assert_eq!(auth.verify(&auth.mint("bea", 60).unwrap()).unwrap(), "bea");
+    }
+
+    /// Base64url without padding, as JWTs encode their parts.
+    fn b64(bytes: &[u8]) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    #[test]
+    fn refuses_tampered_premature_unsigned_and_confused_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config(dir.path());
+        c.jwt_secret = Some("s3cret".into());
+        let auth = Auth::from_config(&c).unwrap();
+        let key = EncodingKey::from_secret(b"s3cret");
+        let now = switchboard_actors::conversation::now_ms() / 1000;
+        let sign = |claims: serde_json::Value| {
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap()
+        };
+        let good = sign(serde_json::json!({"sub":"alice","exp":now+600}));
+        let verified = auth.verify_until(&good).unwrap();
+        assert_eq!(verified.user, "alice");
+        let left = verified.lifetime().unwrap().as_secs();
+        assert!((600..=631).contains(&left), "exp plus the leeway: {left}");
+
+        let parts: Vec<&str> = good.split('.').collect();
+        // A signature with one character changed.
+        let mut sig = parts[2].to_owned().into_bytes();
+        sig[0] = if sig[0] == b'A' { b'B' } else { b'A' };
+        let flipped = format!(
+            "{}.{}.{}",
+            parts[0],
+            parts[1],
+            String::from_utf8(sig).unwrap()
+        );
+        assert!(auth.verify(&flipped).is_err(), "tampered signature");
+        // Another user's claims under alice's signature.
+        let claims = b64(format!(r#"{{"sub":"mallory","exp":{}}}"#, now + 600).as_bytes());
+        let swapped = format!("{}.{claims}.{}", parts[0], parts[2]);
+        assert!(auth.verify(&swapped).is_err(), "tampered claims");
+        assert!(
+            auth.verify(&format!("{}.{}.", parts[0], parts[1])).is_err(),
+            "signature stripped"
+        );
+
+        let premature = sign(serde_json::json!({"sub":"alice","exp":now+600,"nbf":now+300}));
+        assert!(auth.verify(&premature).is_err(), "not valid before nbf");
+        let started = sign(serde_json::json!({"sub":"alice","exp":now+600,"nbf":now-5}));
+        assert_eq!(auth.verify(&started).unwrap(), "alice", "valid after nbf");
+        let long_expired = sign(serde_json::json!({"sub":"alice","exp":now-31}));
+        assert!(
+            auth.verify(&long_expired).is_err(),
+            "expired past the leeway"
+        );
+
+        // `alg: none`, with no signature or with the real one.
+        let claims = b64(format!(r#"{{"sub":"alice","exp":{}}}"#, now + 600).as_bytes());
+        for header in [
+            r#"{"alg":"none","typ":"JWT"}"#,
+            r#"{"alg":"None"}"#,
+            r#"{"typ":"JWT"}"#,
+        ] {
+            let unsigned = format!("{}.{claims}.", b64(header.as_bytes()));
+            assert!(auth.verify(&unsigned).is_err(), "{header}");
+            let resigned = format!("{}.{claims}.{}", b64(header.as_bytes()), parts[2]);
+            assert!(auth.verify(&resigned).is_err(), "{header} with a signature");
+        }
+
+        // An HS256 node refuses tokens signed with the fixtures' private keys (RS256, EdDSA).
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/jwt");
+        let rsa = std::fs::read(fixtures.join("rsa-private.pem")).unwrap();
+        let ed = std::fs::read(fixtures.join("ed25519-private.pem")).unwrap();
+        let claims = serde_json::json!({"sub":"alice","exp":now+600});
+        for (alg, key) in [
+            (Algorithm::RS256, EncodingKey::from_rsa_pem(&rsa).unwrap()),
+            (Algorithm::EdDSA, EncodingKey::from_ed_pem(&ed).unwrap()),
+        ] {
+            let token = jsonwebtoken::encode(&Header::new(alg), &claims, &key).unwrap();
+            assert!(auth.verify(&token).is_err(), "{alg:?} on an HS256 node");
+        }
+    }
+
+    /// The reason a refusal carries never quotes the token or its claims.
+    #[test]
+    fn refusals_quote_nothing_from_the_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = Auth::from_config(&config(dir.path())).unwrap();
+        let claims = b64(br#"{"sub":"SECRETSUB","exp":"SECRETEXP","nbf":"x"}"#);
+        let header = b64(br#"{"alg":"HS256","typ":"JWT"}"#);
+        for token in [
+            format!("{header}.{claims}.c2lnbmF0dXJl"),
+            format!("{header}.{claims}"),
+            "SECRET!!.SECRET!!.SECRET!!".to_owned(),
+        ] {
+            let e = auth.verify(&token).unwrap_err().to_string();
+            assert!(!e.contains("SECRET"), "{e}");
+            assert!(!e.contains(&claims) && !e.contains("c2lnbmF0dXJl"), "{e}");
+        }
     }
 
     /// RS256 and EdDSA verify with a public key from the configuration (test key pairs in

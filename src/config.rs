@@ -5,6 +5,7 @@
 //! lists every setting with its default; a test keeps it complete.
 
 use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -46,6 +47,10 @@ pub struct Settings {
     /// Required `aud` claim, when set.
     #[arg(long, env = "SWITCHBOARD_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
+    /// Clock skew allowed on a JWT's `exp` and `nbf`, in seconds; a WebSocket is closed with 1008 this long
+    /// after its token's `exp` [default: 30].
+    #[arg(long, env = "SWITCHBOARD_JWT_LEEWAY_SECS")]
+    pub jwt_leeway_secs: Option<u64>,
     /// Enable `POST /v1/dev/token` [default: on only when listening on a loopback address].
     #[arg(long, env = "SWITCHBOARD_DEV_LOGIN")]
     pub dev_login: Option<bool>,
@@ -61,6 +66,31 @@ pub struct Settings {
     /// Sends per connection awaiting their ack; past that a send gets `rate_limited` [default: 1024].
     #[arg(long, env = "SWITCHBOARD_MAX_UNACKED")]
     pub max_unacked: Option<usize>,
+    /// Open WebSockets per user on this node; more are refused with 429 `too_many_connections`, 0 for no
+    /// limit [default: 10].
+    #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS_PER_USER")]
+    pub max_connections_per_user: Option<usize>,
+    /// Open WebSockets per client IP address on this node; more are refused with 429
+    /// `too_many_connections`, 0 for no limit [default: 0].
+    #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<usize>,
+    /// WebSocket handshakes per client IP address per second (a token bucket holding as many); more are
+    /// refused with 429 `rate_limited` and a retry hint, 0 for no limit [default: 0].
+    #[arg(long, env = "SWITCHBOARD_HANDSHAKES_PER_IP_PER_SEC")]
+    pub handshakes_per_ip_per_sec: Option<u32>,
+    /// Sends per user per second over WebSockets, all of the user's connections together (a token bucket);
+    /// more get `rate_limited` with `retry_after_ms`, 0 for no limit [default: 0].
+    #[arg(long, env = "SWITCHBOARD_MESSAGES_PER_USER_PER_SEC")]
+    pub messages_per_user_per_sec: Option<u32>,
+    /// How many sends a user may make at once before `messages_per_user_per_sec` paces them
+    /// [default: 10 times the rate].
+    #[arg(long, env = "SWITCHBOARD_MESSAGES_BURST")]
+    pub messages_burst: Option<u32>,
+    /// Origins allowed to open a WebSocket, comma-separated, matched exactly against the `Origin` header
+    /// (`https://chat.example.com`); a browser page from another origin gets 403 `forbidden_origin`. A
+    /// request without `Origin` (not a browser) is not checked [default: none: every origin].
+    #[arg(long, env = "SWITCHBOARD_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Option<Vec<String>>,
     /// Close a connection silent for this many seconds [default: 90].
     #[arg(long, env = "SWITCHBOARD_HEARTBEAT_TIMEOUT_SECS")]
     pub heartbeat_timeout_secs: Option<f64>,
@@ -194,6 +224,8 @@ pub struct Config {
     pub jwt_issuer: Option<String>,
     /// Required audience.
     pub jwt_audience: Option<String>,
+    /// JWT leeway on `exp` and `nbf`, in seconds.
+    pub jwt_leeway_secs: u64,
     /// Dev login on.
     pub dev_login: bool,
     /// Body limit.
@@ -204,6 +236,10 @@ pub struct Config {
     pub outbound_queue: usize,
     /// Unacknowledged sends per connection.
     pub max_unacked: usize,
+    /// Who may open a WebSocket, how many and how fast.
+    pub admission: Admission,
+    /// Sends per user per second (all connections together) and their burst; `None`: no limit.
+    pub messages_per_user: Option<(NonZeroU32, NonZeroU32)>,
     /// Heartbeat timeout.
     pub heartbeat_timeout: Duration,
     /// Conversation idle time.
@@ -230,6 +266,19 @@ pub struct Config {
     pub cluster: Option<ClusterSettings>,
     /// Offline push.
     pub push: PushConfig,
+}
+
+/// The limits on opening WebSockets, checked at the upgrade (`None`: no limit).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Admission {
+    /// Open WebSockets per user on this node.
+    pub per_user: Option<NonZeroUsize>,
+    /// Open WebSockets per client IP address on this node.
+    pub per_ip: Option<NonZeroUsize>,
+    /// Handshakes per client IP address per second.
+    pub handshakes_per_ip: Option<NonZeroU32>,
+    /// `Origin` values allowed, when a browser sends one.
+    pub origins: Option<Vec<String>>,
 }
 
 /// A configuration that cannot be used.
@@ -301,6 +350,26 @@ impl Settings {
             dev_login: pick!(dev_login).unwrap_or_else(|| {
                 listen.ip().is_loopback() && jwt_algorithm == JwtAlgorithm::Hs256
             }),
+            jwt_leeway_secs: pick!(jwt_leeway_secs).unwrap_or(30),
+            admission: Admission {
+                per_user: NonZeroUsize::new(pick!(max_connections_per_user).unwrap_or(10)),
+                per_ip: NonZeroUsize::new(pick!(max_connections_per_ip).unwrap_or(0)),
+                handshakes_per_ip: NonZeroU32::new(pick!(handshakes_per_ip_per_sec).unwrap_or(0)),
+                origins: pick!(allowed_origins).filter(|o| !o.is_empty()),
+            },
+            messages_per_user: match NonZeroU32::new(pick!(messages_per_user_per_sec).unwrap_or(0))
+            {
+                None => None,
+                Some(rate) => {
+                    let burst = pick!(messages_burst).unwrap_or(rate.get().saturating_mul(10));
+                    Some((
+                        rate,
+                        NonZeroU32::new(burst).ok_or_else(|| {
+                            ConfigError::Invalid("messages_burst must be positive".into())
+                        })?,
+                    ))
+                }
+            },
             max_body_bytes: pick!(max_body_bytes).unwrap_or(4096),
             max_frame_bytes: pick!(max_frame_bytes).unwrap_or(64 * 1024),
             outbound_queue: pick!(outbound_queue).unwrap_or(1024),
@@ -422,6 +491,17 @@ impl Settings {
                 "outbound_queue and max_unacked must be positive".into(),
             ));
         }
+        if let Some(origin) = config
+            .admission
+            .origins
+            .iter()
+            .flatten()
+            .find(|o| !exact_origin(o))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "allowed_origins {origin:?}: scheme://host[:port], as browsers send it (no path, no trailing slash)"
+            )));
+        }
         if config.jwt_algorithm != JwtAlgorithm::Hs256 && config.jwt_public_key.is_none() {
             return Err(ConfigError::Invalid(
                 "RS256 and EdDSA need jwt_public_key".into(),
@@ -429,6 +509,17 @@ impl Settings {
         }
         Ok(config)
     }
+}
+
+/// Whether `origin` is written as a browser sends it in `Origin` (RFC 6454 §6.1): a scheme, `://`, a host
+/// and maybe a port — nothing that could never match exactly.
+fn exact_origin(origin: &str) -> bool {
+    origin.split_once("://").is_some_and(|(scheme, host)| {
+        !scheme.is_empty()
+            && !host.is_empty()
+            && scheme.bytes().all(|b| b.is_ascii_lowercase())
+            && !host.contains(['/', '?', '#', ' '])
+    })
 }
 
 impl Config {
@@ -488,6 +579,42 @@ mod tests {
             ..Default::default()
         };
         assert!(bad.resolve(Settings::default()).is_err());
+    }
+
+    #[test]
+    fn limits_default_to_ten_connections_per_user_and_nothing_else() {
+        let c = Settings::default().resolve(Settings::default()).unwrap();
+        assert_eq!(c.admission.per_user, NonZeroUsize::new(10));
+        assert_eq!(c.admission.per_ip, None);
+        assert_eq!(c.admission.handshakes_per_ip, None);
+        assert_eq!(c.admission.origins, None);
+        assert_eq!(c.messages_per_user, None);
+        assert_eq!(c.jwt_leeway_secs, 30);
+        let c = Settings {
+            max_connections_per_user: Some(0),
+            messages_per_user_per_sec: Some(5),
+            allowed_origins: Some(vec!["https://chat.example.com".into()]),
+            ..Default::default()
+        }
+        .resolve(Settings::default())
+        .unwrap();
+        assert_eq!(c.admission.per_user, None, "0 turns the limit off");
+        assert_eq!(
+            c.messages_per_user,
+            Some((NonZeroU32::new(5).unwrap(), NonZeroU32::new(50).unwrap()))
+        );
+        for bad in [
+            "https://chat.example.com/",
+            "chat.example.com",
+            "HTTPS://x",
+            "*",
+        ] {
+            let s = Settings {
+                allowed_origins: Some(vec![bad.into()]),
+                ..Default::default()
+            };
+            assert!(s.resolve(Settings::default()).is_err(), "{bad}");
+        }
     }
 
     /// The example file names every setting (optional ones commented out) and parses as it stands.

@@ -85,6 +85,7 @@ impl Server {
                 outbound_queue: config.outbound_queue,
                 max_unacked: config.max_unacked,
                 drain_window: config.drain_window,
+                messages_per_user: config.messages_per_user,
             },
             intensity: RestartIntensity {
                 max_restarts: config.max_restarts,
@@ -139,6 +140,7 @@ impl Server {
             conversations: system.conversations.clone(),
             sessions: system.sessions.clone(),
             auth,
+            admission: http::admission::Admission::new(config.admission.clone()),
             max_body_bytes: config.max_body_bytes,
             max_frame_bytes: config.max_frame_bytes,
             heartbeat_timeout: config.heartbeat_timeout,

@@ -19,6 +19,11 @@ struct Node {
 
 impl Node {
     async fn start(dir: &Path) -> Node {
+        Self::start_logging(dir, "warn", Stdio::null()).await
+    }
+
+    /// Start with the log filter `log`, the log (tracing writes to stdout) going to `out`.
+    async fn start_logging(dir: &Path, log: &str, out: Stdio) -> Node {
         let addr: SocketAddr = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
@@ -31,8 +36,8 @@ impl Node {
                 "--data-dir",
                 dir.to_str().unwrap(),
             ])
-            .env("SWITCHBOARD_LOG", "warn")
-            .stdout(Stdio::null())
+            .env("SWITCHBOARD_LOG", log)
+            .stdout(out)
             .spawn()
             .expect("start switchboard");
         let node = Node { child, addr };
@@ -245,4 +250,104 @@ async fn sigterm_drains_answers_accepted_sends_and_closes_with_1012() {
         acks.len(),
         "every stored send was acknowledged before the close"
     );
+}
+
+/// Tokens and message bodies never reach the log, even at the most verbose level: a real node's captured
+/// log, after upgrades by query string and by header, refused tokens (tampered, at the upgrade and on
+/// REST), sends over the socket and REST, malformed frames carrying a body, and an offline notification.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_bodies_never_reach_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("node.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut node = Node::start_logging(&dir.path().join("data"), "trace", log.into()).await;
+    let api = Api::new(node.addr);
+    let t = join_all(["alice", "bob"].iter().map(|n| api.token(n))).await;
+    let (alice_t, bob_t) = (&t[0], &t[1]);
+    let conv = api.dm(alice_t, "bob").await;
+    let group = api
+        .group(alice_t, &["bob".to_owned(), "carol".to_owned()])
+        .await;
+    let secrets: Vec<String> = (0..6).map(|i| format!("BODY-SECRET-{i}-x7q")).collect();
+
+    let mut alice = Client::connect(node.addr, alice_t).await;
+    let mut bob = Client::connect_with_header(node.addr, bob_t).await;
+    alice.send_msg(&conv, "m1", &secrets[0]).await;
+    alice.expect_op("ack").await;
+    assert_eq!(bob.expect_op("msg").await["body"], secrets[0].as_str());
+    // Carol is offline: a notification is logged (debug) for her.
+    alice.send_msg(&group, "m2", &secrets[1]).await;
+    alice.expect_op("ack").await;
+    alice
+        .send_raw(&format!(r#"{{"op":"nope","body":"{}"}}"#, secrets[2]))
+        .await;
+    assert_eq!(alice.expect_op("error").await["code"], "unknown_op");
+    alice
+        .send_raw(&format!(r#"{{"op":"send","body":"{}""#, secrets[3]))
+        .await;
+    assert_eq!(alice.expect_op("error").await["code"], "invalid_json");
+    let (status, _) = api
+        .call(
+            reqwest::Method::POST,
+            &format!("/v1/conversations/{conv}/messages"),
+            bob_t,
+            Some(serde_json::json!({"msg_id":"r1","body":secrets[4]})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (status, _) = api
+        .call(
+            reqwest::Method::POST,
+            &format!("/v1/conversations/{conv}/messages"),
+            bob_t,
+            Some(serde_json::json!({"msg_id":"r2","body":secrets[5],"extra":[1,2]})),
+        )
+        .await;
+    assert_eq!(status, 201);
+
+    // Refused tokens: one signature character changed, and one claims part from another user.
+    let mut tampered = alice_t.clone().into_bytes();
+    let last = tampered.len() - 2;
+    tampered[last] = if tampered[last] == b'A' { b'B' } else { b'A' };
+    let tampered = String::from_utf8(tampered).unwrap();
+    let bob_parts: Vec<&str> = bob_t.split('.').collect();
+    let alice_parts: Vec<&str> = alice_t.split('.').collect();
+    let spliced = format!("{}.{}.{}", alice_parts[0], bob_parts[1], alice_parts[2]);
+    for bad in [&tampered, &spliced] {
+        assert!(Client::try_connect(node.addr, bad).await.is_err());
+        let (status, _) = api
+            .call(reqwest::Method::GET, "/v1/conversations", bad, None)
+            .await;
+        assert_eq!(status, 401);
+    }
+    alice.close().await;
+    bob.close().await;
+    node.signal("-TERM");
+    assert!(node.wait_exit(Duration::from_secs(30)).success());
+
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    // The capture works, at the level that says the most about these requests.
+    for expected in [
+        "websocket upgraded",
+        "request refused",
+        "offline notification",
+    ] {
+        assert!(text.contains(expected), "the log has {expected:?}");
+    }
+    let mut needles: Vec<(String, &str)> = Vec::new();
+    for token in [alice_t, bob_t, &tampered, &spliced] {
+        needles.push((token.clone(), "a token"));
+        for part in token.split('.').skip(1) {
+            needles.push((part.to_owned(), "part of a token"));
+        }
+    }
+    for body in &secrets {
+        needles.push((body.clone(), "a message body"));
+    }
+    for (needle, what) in &needles {
+        if let Some(at) = text.find(needle.as_str()) {
+            let line = text[..at].rsplit('\n').next().unwrap_or("");
+            panic!("{what} in the log, in the line starting {line:?}");
+        }
+    }
 }

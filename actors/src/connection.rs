@@ -21,6 +21,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream::{Stream, StreamExt};
+use governor::clock::Clock;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use std::num::NonZeroU32;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -48,6 +51,9 @@ pub struct ConnectionLimits {
     /// A drain closes the node's connections spread over this window, so their clients do not all
     /// reconnect at the same instant.
     pub drain_window: Duration,
+    /// Sends per user per second, all of the user's connections on this node together, and how many may
+    /// come at once; past them a send gets `rate_limited`. `None`: no limit.
+    pub messages_per_user: Option<(NonZeroU32, NonZeroU32)>,
 }
 
 impl ConnectionLimits {
@@ -66,8 +72,64 @@ impl Default for ConnectionLimits {
             outbound_queue: 1024,
             max_unacked: 1024,
             drain_window: Duration::ZERO,
+            messages_per_user: None,
         }
     }
+}
+
+/// The per-user send rate: one GCRA token bucket per user (governor's keyed limiter), shared by the user's
+/// connections on this node. A check is a hash of the user id and one compare-and-swap, so the send path
+/// stays cheap; users whose bucket is full again are forgotten every minute, so its memory follows the
+/// users who sent recently.
+#[derive(Clone)]
+pub struct SendLimiter(Arc<DefaultKeyedRateLimiter<UserId>>);
+
+impl SendLimiter {
+    /// `per_second` sends per user per second, `burst` at once; `None` when `limit` is. Must be called on a
+    /// Tokio runtime (the cleanup task runs there, and ends with the limiter).
+    pub fn new(limit: Option<(NonZeroU32, NonZeroU32)>) -> Option<Self> {
+        let (per_second, burst) = limit?;
+        let limiter = Arc::new(RateLimiter::keyed(
+            Quota::per_second(per_second).allow_burst(burst),
+        ));
+        forget_quiet_keys(&limiter);
+        Some(Self(limiter))
+    }
+
+    /// Take one send from `user`'s bucket, or say how long until one is there.
+    pub fn check(&self, user: &UserId) -> Result<(), Duration> {
+        self.0
+            .check_key(user)
+            .map_err(|not_until| not_until.wait_time_from(self.0.clock().now()))
+    }
+}
+
+/// Every minute, until `limiter` is dropped, forget the keys whose bucket is full again (as if never seen):
+/// a keyed limiter's memory then follows the keys seen recently. Must be called on a Tokio runtime.
+pub fn forget_quiet_keys<K>(limiter: &Arc<DefaultKeyedRateLimiter<K>>)
+where
+    K: std::hash::Hash + Eq + Clone + Send + Sync + 'static,
+{
+    let weak = Arc::downgrade(limiter);
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(60));
+        every.tick().await;
+        loop {
+            every.tick().await;
+            let Some(limiter) = weak.upgrade() else {
+                return;
+            };
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+    });
+}
+
+/// `retry_after_ms` for a wait: whole milliseconds, rounded up, at least 1.
+fn retry_after_ms(wait: Duration) -> u64 {
+    u64::try_from(wait.as_micros().div_ceil(1000))
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 /// What every connection shares.
@@ -78,6 +140,8 @@ pub struct ConnectionContext {
     pub store: SharedStore,
     /// Limits.
     pub limits: ConnectionLimits,
+    /// Sends per user per second (`limits.messages_per_user`), when limited.
+    pub send_limiter: Option<SendLimiter>,
     /// Where syncs run: the actors' runtime, whatever runtime the transport runs the connection on (the edge
     /// runs it on this one too, decision 0011). A sync is a task of its own, so the loop keeps reading while a
     /// reconnect storm's history reads and replays run.
@@ -199,6 +263,8 @@ pub struct Connection {
     /// Syncs in progress (a drain waits for them).
     syncs: TaskTracker,
     drain: CancellationToken,
+    /// When its token expires: the connection is closed with 1008 then.
+    expires: Option<Instant>,
     /// Its user, and its listing (unlisted on `Drop`).
     link: Link,
 }
@@ -223,6 +289,7 @@ impl Connection {
             pending: Answers::default(),
             syncs: TaskTracker::new(),
             drain,
+            expires: None,
             link: Link {
                 ctx,
                 user,
@@ -238,13 +305,28 @@ impl Connection {
         self.id
     }
 
+    /// Close the connection with 1008 at `at`, when the token it was opened with expires: a socket lives
+    /// no longer than the credentials it was opened with.
+    pub fn expire_at(&mut self, at: Instant) {
+        self.expires = Some(at);
+    }
+
+    /// When the connection's one timer fires next: after `heartbeat` of silence, or when its token
+    /// expires if that is sooner.
+    fn next_deadline(&self, heartbeat: Duration) -> Instant {
+        let silent = Instant::now() + heartbeat;
+        self.expires.map_or(silent, |at| at.min(silent))
+    }
+
     /// Run until the connection ends. `frames` is what the transport reads; a connection that sends
-    /// nothing (not even a WebSocket ping) for `heartbeat` is closed with 4001.
+    /// nothing (not even a WebSocket ping) for `heartbeat` is closed with 4001, and one whose token
+    /// expires (see [`Connection::expire_at`]) with 1008.
     pub async fn run<S>(mut self, mut frames: S, heartbeat: Duration)
     where
         S: Stream<Item = Inbound> + Unpin,
     {
-        let silent = tokio::time::sleep(heartbeat);
+        // One timer for both the heartbeat and the token's expiry: an idle connection's task carries one.
+        let silent = tokio::time::sleep_until(self.next_deadline(heartbeat));
         tokio::pin!(silent);
         let outbound = self.replier.outbound.clone();
         let drain = self.drain.clone();
@@ -263,12 +345,14 @@ impl Connection {
                 Some(answer) = self.pending.next(), if !self.pending.is_empty() => self.answer(answer),
                 () = &mut silent => return if draining {
                     Box::pin(self.drain()).await
+                } else if self.expires.is_some_and(|at| at <= Instant::now()) {
+                    self.close(CloseCode::TokenExpired)
                 } else {
                     self.close(CloseCode::IdleTimeout)
                 },
                 next = frames.next() => {
                     if !draining {
-                        silent.as_mut().reset(Instant::now() + heartbeat);
+                        silent.as_mut().reset(self.next_deadline(heartbeat));
                     }
                     match next.unwrap_or(Inbound::Closed) {
                         // Boxed: an idle connection's task does not carry room for a send in flight.
@@ -334,6 +418,19 @@ impl Connection {
         match frame {
             ClientFrame::Ping => self.reply(&ServerFrame::Pong),
             ClientFrame::Send { msg_id, conv, body } => {
+                if let Some(Err(wait)) = self
+                    .ctx
+                    .send_limiter
+                    .as_ref()
+                    .map(|l| l.check(&self.link.user))
+                {
+                    let mut e = ProtocolError::new(
+                        ErrorCode::RateLimited,
+                        "too many messages from this user; retry after retry_after_ms",
+                    );
+                    e.retry_after_ms = Some(retry_after_ms(wait));
+                    return self.reply(&ServerFrame::error(&e.for_msg(Some(&msg_id))));
+                }
                 if self.pending.len() >= self.ctx.limits.max_unacked {
                     let mut e = ProtocolError::new(
                         ErrorCode::RateLimited,

@@ -103,6 +103,10 @@ pub enum ErrorCode {
     StoreUnavailable,
     /// Authentication failed.
     Unauthorized,
+    /// The user, or the client's address, already has as many WebSockets open as the node allows.
+    TooManyConnections,
+    /// The browser page's origin is not allowed to open a WebSocket.
+    ForbiddenOrigin,
     /// The node is draining (or starting): connect to another node or retry later.
     Unavailable,
     /// A bug or an unexpected failure on the server.
@@ -123,6 +127,8 @@ impl ErrorCode {
             Self::RateLimited => "rate_limited",
             Self::StoreUnavailable => "store_unavailable",
             Self::Unauthorized => "unauthorized",
+            Self::TooManyConnections => "too_many_connections",
+            Self::ForbiddenOrigin => "forbidden_origin",
             Self::Unavailable => "unavailable",
             Self::Internal => "internal",
         }
@@ -169,6 +175,8 @@ pub enum CloseCode {
     ProtocolError,
     /// 1007: a text message that is not UTF-8.
     InvalidPayload,
+    /// 1008: the connection's token expired.
+    TokenExpired,
     /// 1009: a frame over the frame limit.
     TooBig,
     /// 1011: an internal error (the connection's loop ended without closing).
@@ -188,6 +196,7 @@ impl CloseCode {
             Self::Normal => 1000,
             Self::ProtocolError => 1002,
             Self::InvalidPayload => 1007,
+            Self::TokenExpired => 1008,
             Self::TooBig => 1009,
             Self::Internal => 1011,
             Self::ServiceRestart => 1012,
@@ -202,6 +211,7 @@ impl CloseCode {
             Self::Normal => "bye",
             Self::ProtocolError => "protocol_error",
             Self::InvalidPayload => "invalid_utf8",
+            Self::TokenExpired => "token_expired",
             Self::TooBig => "frame_too_large",
             Self::Internal => "internal",
             Self::ServiceRestart => "service_restart",

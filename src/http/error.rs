@@ -16,8 +16,8 @@ pub fn status(code: ErrorCode) -> StatusCode {
         | ErrorCode::InvalidField => StatusCode::BAD_REQUEST,
         ErrorCode::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::UnknownConversation => StatusCode::NOT_FOUND,
-        ErrorCode::NotMember => StatusCode::FORBIDDEN,
-        ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::NotMember | ErrorCode::ForbiddenOrigin => StatusCode::FORBIDDEN,
+        ErrorCode::RateLimited | ErrorCode::TooManyConnections => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::StoreUnavailable | ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -61,10 +61,16 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let mut error = serde_json::json!({ "code": self.0.code, "message": self.0.message });
+        let mut response = HttpResponse::build(self.status_code());
         if let Some(ms) = self.0.retry_after_ms {
             error["retry_after_ms"] = ms.into();
+            // For HTTP clients and proxies that know only the standard header: whole seconds, rounded up.
+            response.insert_header((
+                actix_web::http::header::RETRY_AFTER,
+                ms.div_ceil(1000).max(1),
+            ));
         }
-        HttpResponse::build(self.status_code()).json(serde_json::json!({ "error": error }))
+        response.json(serde_json::json!({ "error": error }))
     }
 }
 

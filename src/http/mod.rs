@@ -5,6 +5,7 @@
 //! (`Conversations`, `Sessions`), whose messages are thread-safe; long-lived actors are never spawned here.
 
 pub mod admin;
+pub mod admission;
 pub mod error;
 pub mod pages;
 pub mod rest;
@@ -34,6 +35,8 @@ pub struct AppState {
     pub sessions: Sessions,
     /// Token verification.
     pub auth: Auth,
+    /// Who may open a WebSocket, how many and how fast (checked at the upgrade).
+    pub admission: std::sync::Arc<admission::Admission>,
     /// Largest body.
     pub max_body_bytes: usize,
     /// Largest frame.

@@ -19,6 +19,7 @@
 
 use std::convert::Infallible;
 use std::future::poll_fn;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -39,8 +40,10 @@ use switchboard_actors::sessions::Opened;
 use tokio::io::AsyncWriteExt;
 use tracing::{debug, info};
 
+use super::admission::Admitted;
 use super::error::ApiError;
 use super::{token_of, AppState};
+use crate::auth::Verified;
 
 /// The path of the WebSocket endpoint.
 pub const PATH: &str = "/v1/ws";
@@ -85,15 +88,25 @@ async fn upgrade(
     req: Request,
     mut framed: Framed<TcpStream, h1::Codec>,
 ) {
-    let accepted = accept(&state, &req);
+    let peer = framed.io_ref().peer_addr().map(|a| a.ip());
+    let accepted = match peer {
+        Ok(ip) => accept(&state, &req, ip),
+        // The client is already gone.
+        Err(_) => return,
+    };
     // The request's head goes back to actix's pool now, not when the connection ends.
     drop(req);
     let accepted = match accepted {
         Ok(accepted) => accepted,
         Err(refusal) => return refuse(&mut framed, *refusal).await,
     };
-    let (user, response) = accepted;
-    let opened = state.sessions.connect(user.clone());
+    let (verified, response, admitted) = accepted;
+    let lifetime = verified.lifetime();
+    let user = verified.user;
+    let mut opened = state.sessions.connect(user.clone());
+    if let Some(at) = lifetime.and_then(|left| tokio::time::Instant::now().checked_add(left)) {
+        opened.connection.expire_at(at);
+    }
     if framed
         .send((response, BodySize::None).into())
         .await
@@ -122,6 +135,7 @@ async fn upgrade(
                 io,
                 read_buf,
                 opened,
+                admitted,
                 state.max_frame_bytes,
                 state.heartbeat_timeout,
             ));
@@ -130,11 +144,13 @@ async fn upgrade(
     }
 }
 
-/// Run an upgraded connection: its loop reading the socket, and its queue written to it.
+/// Run an upgraded connection: its loop reading the socket, and its queue written to it. Its place under
+/// the connection limits is given back when the socket is closed.
 async fn serve(
     io: TcpStream,
     read_buf: BytesMut,
     opened: Opened,
+    _admitted: Admitted,
     max_frame: usize,
     heartbeat: Duration,
 ) {
@@ -156,9 +172,14 @@ async fn serve(
     }
 }
 
-/// Check an upgrade request: the path, the node's state, the token, the handshake. The refusal is a whole
+/// Check an upgrade request from `ip`: the path, the node's state, the handshake rate and the origin, the
+/// token, the handshake, then the open connections of the user and of the address. The refusal is a whole
 /// HTTP response.
-fn accept(state: &AppState, req: &Request) -> Result<(String, Response<()>), Box<HttpResponse>> {
+fn accept(
+    state: &AppState,
+    req: &Request,
+    ip: IpAddr,
+) -> Result<(Verified, Response<()>, Admitted), Box<HttpResponse>> {
     let refused = |e: ApiError| Box::new(e.error_response());
     if req.path() != PATH {
         return Err(Box::new(HttpResponse::NotFound().finish()));
@@ -169,14 +190,23 @@ fn accept(state: &AppState, req: &Request) -> Result<(String, Response<()>), Box
             "the server is draining; connect to another node or retry",
         )));
     }
-    let user = token_of(&req.head().headers, req.uri().query().unwrap_or(""))
-        .and_then(|token| state.auth.verify(&token))
+    // Before the token: a flood of handshakes costs no signature check.
+    state
+        .admission
+        .before_token(ip, &req.head().headers)
+        .map_err(|e| refused(e.into()))?;
+    let verified = token_of(&req.head().headers, req.uri().query().unwrap_or(""))
+        .and_then(|token| state.auth.verify_until(&token))
         .map_err(|e| refused(e.into()))?;
     let response = actix_http::ws::handshake(req.head())
         .map_err(|e| refused(ApiError::new(ErrorCode::InvalidField, e.to_string())))?
         .finish()
         .drop_body();
-    Ok((user, response))
+    let admitted = state
+        .admission
+        .admit(&verified.user, ip)
+        .map_err(|e| refused(e.into()))?;
+    Ok((verified, response, admitted))
 }
 
 /// Write a refusal (status, headers, JSON body) and let the connection go.
@@ -202,10 +232,41 @@ struct Reader<'a> {
     /// Bytes read and not yet decoded; no allocation while nothing is in flight.
     buf: BytesMut,
     max_frame: usize,
-    /// A fragmented message being reassembled: whether it is text, and its data so far.
-    fragments: Option<(bool, BytesMut)>,
+    /// A fragmented message being reassembled.
+    fragments: Option<Fragments>,
     /// The client closed, or broke the protocol: nothing more is read.
     done: bool,
+}
+
+/// A fragmented message so far.
+struct Fragments {
+    text: bool,
+    data: BytesMut,
+    /// How much of a text message's `data` is known to be whole, valid UTF-8: text is checked as its
+    /// fragments arrive, so an invalid one is refused at once, not after the rest of the message.
+    checked: usize,
+}
+
+impl Fragments {
+    /// Whether the text so far can still become valid UTF-8 (it may end inside a character, unless
+    /// `last`).
+    fn utf8_so_far(&mut self, last: bool) -> bool {
+        if !self.text {
+            return true;
+        }
+        match std::str::from_utf8(&self.data[self.checked..]) {
+            Ok(_) => {
+                self.checked = self.data.len();
+                true
+            }
+            // Cut inside a character: the next fragment may complete it.
+            Err(e) if e.error_len().is_none() && !last => {
+                self.checked += e.valid_up_to();
+                true
+            }
+            Err(_) => false,
+        }
+    }
 }
 
 impl Stream for Reader<'_> {
@@ -253,9 +314,10 @@ impl Reader<'_> {
     /// The next whole message or control frame in the buffer, if there is one.
     fn decode(&mut self) -> Option<Inbound> {
         loop {
-            // The parser checks the limit only once the whole frame is in: refuse on the header.
-            if declared_len(&self.buf).is_some_and(|len| len > self.max_frame as u64) {
-                return Some(Inbound::Refused(CloseCode::TooBig));
+            // Everything a frame's header can break is refused as soon as the header is in, before its
+            // payload is waited for or buffered (actix's parser would read a whole frame first).
+            if let Some(code) = header(&self.buf).and_then(|h| self.refuse(h)) {
+                return Some(Inbound::Refused(code));
             }
             let (fin, opcode, payload) = match Parser::parse(&mut self.buf, true, self.max_frame) {
                 Ok(None) => return None,
@@ -268,51 +330,94 @@ impl Reader<'_> {
             };
             let payload = payload.unwrap_or_default();
             match opcode {
-                // RFC 6455 §5.5: control frames are never fragmented (the parser checks their length).
-                OpCode::Ping | OpCode::Pong | OpCode::Close if !fin => {
-                    return Some(Inbound::Refused(CloseCode::ProtocolError))
-                }
-                OpCode::Text | OpCode::Binary if self.fragments.is_some() => {
-                    return Some(Inbound::Refused(CloseCode::ProtocolError))
-                }
                 OpCode::Text | OpCode::Binary if fin => {
                     return Some(message(opcode == OpCode::Text, payload))
                 }
                 OpCode::Text | OpCode::Binary => {
-                    self.fragments = Some((opcode == OpCode::Text, payload));
+                    let mut started = Fragments {
+                        text: opcode == OpCode::Text,
+                        data: payload,
+                        checked: 0,
+                    };
+                    if !started.utf8_so_far(false) {
+                        return Some(Inbound::Refused(CloseCode::InvalidPayload));
+                    }
+                    self.fragments = Some(started);
                 }
                 OpCode::Continue => {
-                    let Some((_, data)) = self.fragments.as_mut() else {
+                    // `refuse` made sure a message is open and that this fragment fits.
+                    let Some(fragments) = self.fragments.as_mut() else {
                         return Some(Inbound::Refused(CloseCode::ProtocolError));
                     };
-                    if data.len() + payload.len() > self.max_frame {
-                        return Some(Inbound::Refused(CloseCode::TooBig));
+                    fragments.data.extend_from_slice(&payload);
+                    if !fragments.utf8_so_far(fin) {
+                        return Some(Inbound::Refused(CloseCode::InvalidPayload));
                     }
-                    data.extend_from_slice(&payload);
                     if fin {
-                        let (text, data) = self.fragments.take().expect("fragments checked above");
+                        let text = fragments.text;
+                        let data = std::mem::take(&mut fragments.data);
+                        self.fragments = None;
                         return Some(message(text, data));
                     }
                 }
                 OpCode::Ping => return Some(Inbound::Ping(payload.freeze())),
                 OpCode::Pong => return Some(Inbound::Pong),
-                OpCode::Close => return Some(Inbound::Closed),
+                OpCode::Close => return Some(closing(&payload)),
                 OpCode::Bad => return Some(Inbound::Refused(CloseCode::ProtocolError)),
             }
         }
     }
+
+    /// Why a frame with this header must be refused, if it must (RFC 6455 §5.2, §5.4, §5.5).
+    fn refuse(&self, h: Header) -> Option<CloseCode> {
+        let control = h.opcode >= 0x8;
+        let broken = h.rsv != 0
+            || !h.masked
+            || !matches!(h.opcode, 0x0..=0x2 | 0x8..=0xA)
+            || (control && (!h.fin || h.len > MAX_CONTROL_PAYLOAD))
+            || (h.opcode == 0x0 && self.fragments.is_none())
+            || (matches!(h.opcode, 0x1 | 0x2) && self.fragments.is_some());
+        if broken {
+            return Some(CloseCode::ProtocolError);
+        }
+        // A fragment counts with the message it continues. A length with its top bit set (RFC 6455 says it
+        // must be clear) is over any limit, and refused like one.
+        let so_far = match (&self.fragments, h.opcode) {
+            (Some(f), 0x0) => f.data.len() as u64,
+            _ => 0,
+        };
+        (so_far.saturating_add(h.len) > self.max_frame as u64).then_some(CloseCode::TooBig)
+    }
 }
 
-/// The payload length a frame's header announces, once the header's length bytes are in (RFC 6455 §5.2).
-fn declared_len(buf: &[u8]) -> Option<u64> {
-    let short = u64::from(*buf.get(1)? & 0x7f);
-    match short {
-        126 => Some(u64::from(u16::from_be_bytes(
-            buf.get(2..4)?.try_into().ok()?,
-        ))),
-        127 => Some(u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?)),
-        n => Some(n),
-    }
+/// Control frames carry at most this many payload bytes (RFC 6455 §5.5).
+const MAX_CONTROL_PAYLOAD: u64 = 125;
+
+/// What a frame's header says, once the header's length bytes are in.
+#[derive(Debug, Clone, Copy)]
+struct Header {
+    fin: bool,
+    rsv: u8,
+    opcode: u8,
+    masked: bool,
+    len: u64,
+}
+
+/// The header at the start of `buf` (RFC 6455 §5.2), or `None` until its length bytes are in.
+fn header(buf: &[u8]) -> Option<Header> {
+    let (first, second) = (*buf.first()?, *buf.get(1)?);
+    let len = match second & 0x7f {
+        126 => u64::from(u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?)),
+        127 => u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?),
+        n => u64::from(n),
+    };
+    Some(Header {
+        fin: first & 0x80 != 0,
+        rsv: first & 0x70,
+        opcode: first & 0x0f,
+        masked: second & 0x80 != 0,
+        len,
+    })
 }
 
 /// A whole data message. Text must be UTF-8 (RFC 6455 §8.1): 1007 otherwise.
@@ -323,6 +428,26 @@ fn message(text: bool, data: BytesMut) -> Inbound {
     match String::from_utf8(data.to_vec()) {
         Ok(text) => Inbound::Text(text),
         Err(_) => Inbound::Refused(CloseCode::InvalidPayload),
+    }
+}
+
+/// The client's close frame: a clean close, or a refusal of a payload RFC 6455 does not allow — one byte
+/// (§5.5.1), a code no endpoint may send (§7.4), or a reason that is not UTF-8 (§8.1).
+fn closing(payload: &[u8]) -> Inbound {
+    match payload {
+        [] => Inbound::Closed,
+        [_] => Inbound::Refused(CloseCode::ProtocolError),
+        [hi, lo, reason @ ..] => {
+            // 1000-1003 and 1007-1011 (RFC 6455 §7.4.1), 1012-1014 (registered with IANA since),
+            // 3000-3999 (registered) and 4000-4999 (private use). 1004-1006 and 1015 are never sent.
+            if !matches!(u16::from_be_bytes([*hi, *lo]), 1000..=1003 | 1007..=1014 | 3000..=4999) {
+                Inbound::Refused(CloseCode::ProtocolError)
+            } else if std::str::from_utf8(reason).is_err() {
+                Inbound::Refused(CloseCode::InvalidPayload)
+            } else {
+                Inbound::Closed
+            }
+        }
     }
 }
 

@@ -1,6 +1,8 @@
 //! Test helpers: servers on port 0, real WebSocket clients (tokio-tungstenite) and REST calls (reqwest).
 #![allow(dead_code, unreachable_pub)]
 
+pub mod raw;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -248,6 +250,20 @@ impl Client {
             ws,
             presence: false,
         })
+    }
+
+    /// A client that sends its token in `Authorization: Bearer`, not in the query string.
+    pub async fn connect_with_header(addr: SocketAddr, token: &str) -> Self {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = format!("ws://{addr}/v1/ws").into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        Self {
+            ws,
+            presence: false,
+        }
     }
 
     /// A client whose socket has a small receive buffer (for slow-consumer tests).
