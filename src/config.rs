@@ -14,6 +14,7 @@ use serde::Deserialize;
 use switchboard_cluster::tls::TlsFiles;
 use switchboard_cluster::NodeId;
 
+use crate::hook::HookConfig;
 use crate::push::PushConfig;
 use crate::store::cassandra::CassandraConfig;
 
@@ -158,6 +159,21 @@ pub struct Settings {
     /// `cluster_tls_ca`). Its names must include the host its peers dial.
     #[arg(long, env = "SWITCHBOARD_CLUSTER_TLS_CERT")]
     pub cluster_tls_cert: Option<PathBuf>,
+    /// Time budget of each behaviour's `on_message`, in milliseconds: a hook that takes longer fails the
+    /// send with `behaviour_failed` [default: 50].
+    #[arg(long, env = "SWITCHBOARD_MESSAGE_HOOK_BUDGET_MS")]
+    pub message_hook_budget_ms: Option<u64>,
+    /// `POST` connect and message decisions to this URL as JSON (the HTTP hook, `docs/extending.md`)
+    /// [default: none].
+    #[arg(long, env = "SWITCHBOARD_HOOK_URL")]
+    pub hook_url: Option<String>,
+    /// How long the HTTP hook waits for an answer, in milliseconds [default: 1000].
+    #[arg(long, env = "SWITCHBOARD_HOOK_TIMEOUT_MS")]
+    pub hook_timeout_ms: Option<u64>,
+    /// When the HTTP hook fails or does not answer in time: accept (`true`) or refuse with
+    /// `behaviour_failed` (`false`) [default: false].
+    #[arg(long, env = "SWITCHBOARD_HOOK_FAIL_OPEN")]
+    pub hook_fail_open: Option<bool>,
     /// This node's private key (PEM).
     #[arg(long, env = "SWITCHBOARD_CLUSTER_TLS_KEY")]
     pub cluster_tls_key: Option<PathBuf>,
@@ -266,6 +282,8 @@ pub struct Config {
     pub cluster: Option<ClusterSettings>,
     /// Offline push.
     pub push: PushConfig,
+    /// Behaviour budgets and the HTTP hook.
+    pub hooks: HookConfig,
 }
 
 /// The limits on opening WebSockets, checked at the upgrade (`None`: no limit).
@@ -412,7 +430,25 @@ impl Settings {
                     ConfigError::Invalid("push_per_user_per_minute must be positive".into())
                 })?,
             },
+            hooks: HookConfig {
+                message_budget: Duration::from_millis(pick!(message_hook_budget_ms).unwrap_or(50)),
+                url: pick!(hook_url),
+                timeout: Duration::from_millis(pick!(hook_timeout_ms).unwrap_or(1000)),
+                fail_open: pick!(hook_fail_open).unwrap_or(false),
+            },
         };
+        if config.hooks.message_budget.is_zero() || config.hooks.timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "message_hook_budget_ms and hook_timeout_ms must be positive".into(),
+            ));
+        }
+        if let Some(url) = &config.hooks.url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "hook_url {url:?}: an http:// or https:// URL"
+                )));
+            }
+        }
         if let Some(url) = &config.push.webhook {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(ConfigError::Invalid(format!(

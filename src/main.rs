@@ -29,6 +29,9 @@ enum Command {
         config: Option<PathBuf>,
         #[command(flatten)]
         settings: Settings,
+        /// Register a behaviour that does nothing, to measure what the hooks cost (docs/benchmarks.md).
+        #[arg(long, hide = true)]
+        bench_noop_behaviour: bool,
     },
     /// Show the cluster as a node sees it: every node, its state, connections and conversations.
     Cluster {
@@ -99,7 +102,11 @@ fn main() -> anyhow::Result<()> {
         Command::Drain { node, admin_token } => {
             admin_runtime()?.block_on(drain(&node, admin_token.as_deref()))
         }
-        Command::Serve { config, settings } => {
+        Command::Serve {
+            config,
+            settings,
+            bench_noop_behaviour,
+        } => {
             let config = load(config, settings)?;
             tracing_subscriber::fmt()
                 .with_env_filter(tracing_subscriber::EnvFilter::try_new(&config.log)?)
@@ -107,7 +114,7 @@ fn main() -> anyhow::Result<()> {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
-                .block_on(serve(config))
+                .block_on(serve(config, bench_noop_behaviour))
         }
     }
 }
@@ -160,9 +167,13 @@ async fn drain(node: &str, admin_token: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, noop_behaviour: bool) -> anyhow::Result<()> {
     let listener = listen(config.listen)?;
-    let server = Server::start(&config, listener).await?;
+    let mut builder = Server::builder().config(config.clone());
+    if noop_behaviour {
+        builder = builder.behaviour(switchboard::testing::Noop);
+    }
+    let server = builder.start(listener).await?;
     info!(node = %server.node(), listen = %server.local_addr(), data_dir = %config.data_dir.display(), "switchboard ready");
     if config.dev_login {
         warn!("dev login is ON: anyone who can reach this address can get a token (POST /v1/dev/token)");

@@ -29,10 +29,12 @@ use tracing::{info, warn};
 use crate::auth::Auth;
 use crate::config::Config;
 use crate::config::StoreKind;
+use crate::hook::HttpHook;
 use crate::http::{self, AppState};
 use crate::push::Pusher;
 use crate::store::cassandra::CassandraStore;
 use crate::store::embedded::EmbeddedStore;
+use switchboard_actors::behaviour::{Behaviour, Behaviours, Budgets};
 use switchboard_actors::store::SharedStore;
 
 /// A running node.
@@ -64,6 +66,15 @@ impl Server {
     /// Open the store, start the actor tree and serve HTTP on `listener`. Must run inside a multi-threaded
     /// Tokio runtime: the actors live on it, not on actix's per-thread workers.
     pub async fn start(config: &Config, listener: TcpListener) -> anyhow::Result<Server> {
+        Self::launch(config, listener, Vec::new()).await
+    }
+
+    /// [`Server::start`] with `behaviours` (in order; the HTTP hook, when configured, after them).
+    pub(crate) async fn launch(
+        config: &Config,
+        listener: TcpListener,
+        mut behaviours: Vec<Arc<dyn Behaviour>>,
+    ) -> anyhow::Result<Server> {
         let metrics = prometheus();
         let store: SharedStore = match &config.store {
             StoreKind::Embedded => Arc::new(EmbeddedStore::open(&config.data_dir)?),
@@ -104,6 +115,25 @@ impl Server {
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let node = NodeId(config.node_name.clone());
+        if let Some(url) = &config.hooks.url {
+            behaviours.push(Arc::new(HttpHook::new(
+                url.clone(),
+                config.node_name.clone(),
+                config.hooks.timeout,
+                config.hooks.fail_open,
+            )));
+        }
+        let behaviours = Behaviours::new(
+            behaviours,
+            Budgets {
+                message: config.hooks.message_budget,
+                ..Budgets::default()
+            },
+        );
+        let system_config = SystemConfig {
+            behaviours: behaviours.clone(),
+            ..system_config
+        };
         let cluster = match &config.cluster {
             None => None,
             Some(c) => Some(ClusterNode::new(ClusterConfig {
@@ -152,6 +182,7 @@ impl Server {
             cluster,
             admin_token: config.admin_token.clone(),
             drain_requested,
+            behaviours,
         });
         let app_state = state.clone();
         let dev_login = config.dev_login;

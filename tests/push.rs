@@ -4,101 +4,24 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
+use common::receiver::{Receiver, Reply};
 use common::{Client, TestServer};
-use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
-/// A webhook receiver on 127.0.0.1: records every request's JSON body; answers 500 to the first `fail`
-/// requests, then 204.
-struct Receiver {
-    addr: SocketAddr,
-    bodies: Arc<Mutex<Vec<Value>>>,
-}
-
-impl Receiver {
-    async fn start(fail: usize) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let bodies: Arc<Mutex<Vec<Value>>> = Arc::default();
-        let seen = bodies.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((socket, _)) = listener.accept().await else {
-                    return;
-                };
-                let seen = seen.clone();
-                tokio::spawn(async move {
-                    let (read, mut write) = socket.into_split();
-                    let mut read = BufReader::new(read);
-                    loop {
-                        // One request: the head, then Content-Length bytes of body.
-                        let mut length = 0usize;
-                        loop {
-                            let mut line = String::new();
-                            if read.read_line(&mut line).await.unwrap_or(0) == 0 {
-                                return;
-                            }
-                            let line = line.trim_end();
-                            if line.is_empty() {
-                                break;
-                            }
-                            if let Some((k, v)) = line.split_once(':') {
-                                if k.eq_ignore_ascii_case("content-length") {
-                                    length = v.trim().parse().unwrap();
-                                }
-                            }
-                        }
-                        let mut body = vec![0; length];
-                        read.read_exact(&mut body).await.unwrap();
-                        let n = {
-                            let mut seen = seen.lock().unwrap();
-                            seen.push(serde_json::from_slice(&body).unwrap());
-                            seen.len()
-                        };
-                        let status = if n <= fail {
-                            "500 Internal Server Error"
-                        } else {
-                            "204 No Content"
-                        };
-                        let answer = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n");
-                        if write.write_all(answer.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        Self { addr, bodies }
-    }
-
-    fn bodies(&self) -> Vec<Value> {
-        self.bodies.lock().unwrap().clone()
-    }
-
-    /// Wait until `n` requests arrived, then a little longer to see that no more come.
-    async fn until(&self, n: usize) -> Vec<Value> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while self.bodies().len() < n {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{} of {n} requests: {:?}",
-                self.bodies().len(),
-                self.bodies()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        self.bodies()
-    }
+/// A webhook receiver that answers 500 to the first `fail` requests, then 204.
+async fn receiver(fail: usize) -> Receiver {
+    Receiver::start(move |n, _| {
+        Reply::status(if n <= fail {
+            "500 Internal Server Error"
+        } else {
+            "204 No Content"
+        })
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_members_are_notified_once_within_their_rate() {
-    let receiver = Receiver::start(0).await;
+    let receiver = receiver(0).await;
     let url = format!("http://{}/push", receiver.addr);
     let s = TestServer::start_with(|c| {
         c.push.webhook = Some(url);
@@ -149,7 +72,7 @@ async fn offline_members_are_notified_once_within_their_rate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_webhook_is_retried_and_previews_are_opt_in() {
-    let receiver = Receiver::start(2).await;
+    let receiver = receiver(2).await;
     let url = format!("http://{}/push", receiver.addr);
     let s = TestServer::start_with(|c| {
         c.push.webhook = Some(url);

@@ -150,6 +150,8 @@ pub struct ConnectionContext {
     pub directory: SessionDirectory,
     /// Told when a user's first connection opens or last one closes; serves `presence_subscribe`.
     pub presence: Presence,
+    /// The node's behaviours, told when a connection ends (`on_disconnect`).
+    pub behaviours: Option<Arc<crate::behaviour::Behaviours>>,
 }
 
 /// What the transport reads from the client, as the connection sees it.
@@ -238,6 +240,8 @@ struct Link {
     outbound: Outbound,
     /// The users this connection watches (`presence_subscribe`).
     watching: Vec<UserId>,
+    /// Runs the behaviours' `on_disconnect` when dropped with the link.
+    _farewell: Option<crate::behaviour::Farewell>,
 }
 
 impl Drop for Link {
@@ -276,6 +280,7 @@ impl Connection {
         ctx: Arc<ConnectionContext>,
         outbound: Outbound,
         drain: CancellationToken,
+        farewell: Option<crate::behaviour::Farewell>,
     ) -> Self {
         metrics::gauge!("switchboard_connections").increment(1.0);
         debug!(conn_id = id, user_id = %user, "connection open");
@@ -296,6 +301,7 @@ impl Connection {
                 id,
                 outbound,
                 watching: Vec::new(),
+                _farewell: farewell,
             },
         }
     }

@@ -10,13 +10,14 @@
 //! still acks and delivers what became durable, and the store's seq fence stops the restarted actor from
 //! reusing a seq.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tracing::{debug, warn};
 
+use crate::behaviour::{Behaviours, FilteredFanOut, MemberEvent};
 use crate::cluster::{
     Origin, Outgoing, RemoteAnswer, RemoteAnswers, SharedCluster, Signal, SignalKind,
 };
@@ -71,6 +72,8 @@ pub struct ConversationContext {
     pub cluster: Option<SharedCluster>,
     /// Where offline members' notifications go, if anywhere.
     pub notifier: Option<SharedNotifier>,
+    /// The node's behaviours, if it has any (`None`: no hook costs anything).
+    pub behaviours: Option<Arc<Behaviours>>,
 }
 
 /// A send as the edge hands it over.
@@ -155,7 +158,15 @@ pub enum ConversationMsg {
     IdleCheck,
     /// Fault injection: panic in the handler, as a bug would.
     Crash,
+    /// The behaviours' verdicts on sends whose `on_message` had to wait (sent by the actor's own task).
+    Screened {
+        /// The sends, in arrival order, with their verdicts.
+        batch: ScreenedBatch,
+    },
 }
+
+/// Sends whose `on_message` hooks ran in a task, in arrival order, each with its verdict.
+pub struct ScreenedBatch(Vec<(PendingSend, Result<(), ProtocolError>)>);
 
 impl ractor::Message for ConversationMsg {}
 
@@ -181,8 +192,9 @@ pub enum StartError {
     Store(#[from] StoreError),
 }
 
-struct PendingSend {
-    message: NewMessage,
+/// A send queued in its conversation.
+pub struct PendingSend {
+    pub(crate) message: NewMessage,
     origin: Option<Origin>,
     replies: Vec<Answer>,
 }
@@ -208,6 +220,12 @@ pub struct ConversationState {
     typing_at: std::collections::HashMap<UserId, Instant>,
     /// The highest read position each member sent while this actor ran.
     read_at: std::collections::HashMap<UserId, u64>,
+    /// Sends waiting for their `on_message` verdicts, in arrival order, behind those in `screening`.
+    screen: VecDeque<PendingSend>,
+    /// How many sends a screening task holds (at most one task at a time, so verdicts keep arrival order).
+    screening: usize,
+    /// Stored batches on their way to the behaviours' `on_stored`, in seq order.
+    stored: Option<crate::behaviour::screen::StoredFeed>,
 }
 
 impl ConversationState {
@@ -230,13 +248,13 @@ impl ConversationState {
             p.replies.push(reply);
             return;
         }
-        if self.queued.len() >= self.ctx.config.max_queue {
+        if self.queued.len() + self.screen.len() + self.screening >= self.ctx.config.max_queue {
             let mut e =
                 ProtocolError::new(ErrorCode::RateLimited, "conversation write queue is full");
             e.retry_after_ms = Some(100);
             return refuse(reply, e.for_msg(Some(&request.msg_id)));
         }
-        self.queued.push(PendingSend {
+        let pending = PendingSend {
             message: NewMessage {
                 id: uuid::Uuid::now_v7().simple().to_string(),
                 msg_id: request.msg_id,
@@ -246,7 +264,43 @@ impl ConversationState {
             },
             origin: request.origin,
             replies: vec![reply],
-        });
+        };
+        match &self.ctx.behaviours {
+            None => self.queued.push(pending),
+            Some(_) => self.screen.push_back(pending),
+        }
+    }
+
+    /// Run the `on_message` verdicts of the sends waiting for them, in arrival order: inline while each
+    /// answers at once (a behaviour that does not wait costs no hop), in one task from the first that
+    /// waits. Accepted sends join the write queue in arrival order; refused ones are answered.
+    fn screen(&mut self, myself: &ActorRef<ConversationMsg>) {
+        let Some(behaviours) = &self.ctx.behaviours else {
+            return;
+        };
+        if self.screening > 0 {
+            return;
+        }
+        if let Some(rest) = crate::behaviour::screen::inline(
+            behaviours,
+            &self.id,
+            &mut self.screen,
+            |p, verdict| screened(&mut self.queued, p, verdict),
+        ) {
+            self.screening = rest.len();
+            let myself = myself.clone();
+            tokio::spawn(async move {
+                let batch = ScreenedBatch(futures_util::future::join_all(rest).await);
+                let _ = myself.send_message(ConversationMsg::Screened { batch });
+            });
+        }
+    }
+
+    fn screened_batch(&mut self, batch: ScreenedBatch) {
+        self.screening = 0;
+        for (p, verdict) in batch.0 {
+            screened(&mut self.queued, p, verdict);
+        }
     }
 
     /// Start writing the next batch unless a write is in flight.
@@ -265,6 +319,7 @@ impl ConversationState {
             recipients: self.recipients.clone(),
             next_seq: self.next_seq,
             batch,
+            stored: self.stored.clone(),
         };
         let myself = myself.clone();
         tokio::spawn(async move {
@@ -281,7 +336,8 @@ impl ConversationState {
     }
 
     fn answer_flushes(&mut self) {
-        if !self.writing && self.queued.is_empty() {
+        if !self.writing && self.queued.is_empty() && self.screen.is_empty() && self.screening == 0
+        {
             for w in self.flush_waiters.drain(..) {
                 let _ = w.send(());
             }
@@ -296,6 +352,8 @@ impl ConversationState {
     fn is_idle(&self, now: Instant) -> bool {
         !self.writing
             && self.queued.is_empty()
+            && self.screen.is_empty()
+            && self.screening == 0
             && now.duration_since(self.last_activity) >= self.ctx.config.idle_after
     }
 
@@ -430,6 +488,13 @@ impl ConversationState {
                 format!("a conversation has at most {MAX_MEMBERS} members"),
             ));
         }
+        if let Some(behaviours) = &self.ctx.behaviours {
+            let event = MemberEvent {
+                conv: self.id.clone(),
+                user: user.clone(),
+            };
+            behaviours.join(&event).await?;
+        }
         let added = self
             .ctx
             .store
@@ -456,6 +521,12 @@ impl ConversationState {
             .map_err(store_error)?;
         Arc::make_mut(&mut self.members).remove(&user);
         self.members_version += 1;
+        if let (Some(behaviours), true) = (&self.ctx.behaviours, removed) {
+            behaviours.left(MemberEvent {
+                conv: self.id.clone(),
+                user,
+            });
+        }
         Ok(removed)
     }
 }
@@ -469,6 +540,19 @@ struct WriteJob {
     recipients: Arc<std::sync::Mutex<Recipients>>,
     next_seq: Option<u64>,
     batch: Vec<PendingSend>,
+    stored: Option<crate::behaviour::screen::StoredFeed>,
+}
+
+/// Queue an accepted send for the store, or answer a refused one.
+fn screened(queued: &mut Vec<PendingSend>, p: PendingSend, verdict: Result<(), ProtocolError>) {
+    match verdict {
+        Ok(()) => queued.push(p),
+        Err(e) => {
+            for reply in p.replies {
+                reply.send(Err(e.clone()));
+            }
+        }
+    }
 }
 
 impl WriteJob {
@@ -494,15 +578,28 @@ impl WriteJob {
                     metrics::counter!("switchboard_messages_stored_total")
                         .increment(frames.len() as u64);
                 }
-                let mut recipients = self.recipients.lock().unwrap_or_else(|e| e.into_inner());
-                if !frames.is_empty() {
-                    self.ctx
-                        .sessions
-                        .resolve(&self.members, self.members_version, &mut recipients);
-                    recipients.deliver(&frames);
+                let filtered = self
+                    .ctx
+                    .behaviours
+                    .as_deref()
+                    .filter(|b| b.filters_delivery());
+                if let (Some(behaviours), false) = (filtered, frames.is_empty()) {
+                    self.deliver_filtered(behaviours, &results, &frames, remote);
+                } else {
+                    let mut recipients = self.recipients.lock().unwrap_or_else(|e| e.into_inner());
+                    if !frames.is_empty() {
+                        self.ctx.sessions.resolve(
+                            &self.members,
+                            self.members_version,
+                            &mut recipients,
+                        );
+                        recipients.deliver(&frames);
+                    }
+                    self.fan_out(&frames, remote, &mut recipients);
                 }
-                self.fan_out(&frames, remote, &mut recipients);
-                drop(recipients);
+                if let Some(feed) = &self.stored {
+                    feed.push(&results);
+                }
                 // After the acks and the fan-out: looking for offline members is not the senders' wait.
                 if let (Some(note), Some(notifier)) =
                     (self.offline_notice(&results), &self.ctx.notifier)
@@ -549,6 +646,32 @@ impl WriteJob {
             count: new().count(),
             users,
         })
+    }
+
+    /// Live delivery when a behaviour decides per recipient (see [`FilteredFanOut`]).
+    fn deliver_filtered(
+        &self,
+        behaviours: &Behaviours,
+        results: &[Appended],
+        frames: &[Outgoing],
+        remote: RemoteAnswers,
+    ) {
+        let news: Vec<(&Message, Outgoing)> = results
+            .iter()
+            .filter_map(|r| match r {
+                Appended::New(m) => Some(m),
+                Appended::Duplicate(_) => None,
+            })
+            .zip(frames.iter().cloned())
+            .collect();
+        FilteredFanOut {
+            behaviours,
+            conv: &self.conv,
+            members: &self.members,
+            sessions: &self.ctx.sessions,
+            cluster: self.ctx.cluster.as_ref(),
+        }
+        .deliver(&news, remote);
     }
 
     /// Hand the batch, and the answers to sends from other nodes, to the cluster (if any).
@@ -671,6 +794,13 @@ impl Actor for ConversationActor {
             idle_reported: false,
             typing_at: Default::default(),
             read_at: Default::default(),
+            screen: VecDeque::new(),
+            screening: 0,
+            stored: args
+                .ctx
+                .behaviours
+                .clone()
+                .map(crate::behaviour::screen::StoredFeed::start),
             ctx: args.ctx,
         })
     }
@@ -684,7 +814,14 @@ impl Actor for ConversationActor {
         match message {
             ConversationMsg::Send { request, reply } => {
                 state.accept(request, reply);
+                state.screen(&myself);
                 state.start_write(&myself);
+            }
+            ConversationMsg::Screened { batch } => {
+                state.screened_batch(batch);
+                state.screen(&myself);
+                state.start_write(&myself);
+                state.answer_flushes();
             }
             ConversationMsg::Committed { next_seq } => {
                 state.committed(next_seq);

@@ -12,7 +12,7 @@
 //! dedupe index makes that safe.
 //!
 //! In a cluster, [`Conversations`] routes: a conversation placed on another node is reached through the
-//! [`Cluster`] (its sends forwarded in order, its member changes asked of its owner), and the sends other
+//! [`Cluster`](crate::cluster::Cluster) (its sends forwarded in order, its member changes asked of its owner), and the sends other
 //! nodes forward here arrive through [`Conversations::forward_here`], queued by the supervisor in arrival
 //! order behind a start. When placement changes, [`Conversations::release`] drains the actors this node no
 //! longer owns, as if they were idle.

@@ -1,6 +1,7 @@
 //! Switchboard's actors, their messages and supervisors, and the storage contract.
 //!
 //! # Layout
+//! - [`behaviour`]: the extension API — typed, async hooks run inside the actors, guarded.
 //! - [`cluster`]: what the actors need from a cluster (placement, forwarding, remote fan-out).
 //! - [`system`]: the root of the supervision tree and the handle the edge holds.
 //! - [`conversations`] / [`conversation`]: one single-writer actor per active conversation.
@@ -17,6 +18,7 @@
 //! This crate knows no transport and no database driver: the edge drains [`outbound::OutboundQueue`]
 //! into its sockets, the back ends implement [`store::MessageStore`].
 
+pub mod behaviour;
 pub mod cluster;
 pub mod connection;
 pub mod conversation;

@@ -135,6 +135,8 @@ struct Inner {
     grace: Duration,
     /// Small conversations' member lists (`None`: over [`CONTACTS_UP_TO`]), shared by the shards.
     members: Mutex<MemberLists>,
+    /// Told of every change this node tells (`on_presence`).
+    behaviours: Option<Arc<crate::behaviour::Behaviours>>,
 }
 
 impl Inner {
@@ -224,6 +226,7 @@ impl Presence {
         directory: SessionDirectory,
         cluster: Option<SharedCluster>,
         store: SharedStore,
+        behaviours: Option<Arc<crate::behaviour::Behaviours>>,
         parent: ActorCell,
     ) -> Result<Self, SpawnErr> {
         let inner = Arc::new(Inner {
@@ -238,6 +241,7 @@ impl Presence {
             store,
             grace: config.grace,
             members: Mutex::default(),
+            behaviours,
         });
         Actor::spawn_linked(
             None,
@@ -622,6 +626,13 @@ impl ShardState {
                 conns.extend(watchers.iter().filter(|w| seen.insert(w.id)).cloned());
             }
             push(&conns, &frame);
+        }
+        if let Some(behaviours) = &inner.behaviours {
+            behaviours.presence(crate::behaviour::PresenceChange {
+                user: user.clone(),
+                online,
+                last_seen,
+            });
         }
         metrics::counter!(
             "switchboard_presence_events_total",

@@ -111,6 +111,10 @@ pub enum ErrorCode {
     Unavailable,
     /// A bug or an unexpected failure on the server.
     Internal,
+    /// A behaviour (a server extension) refused the connection, the message or the member change.
+    Rejected,
+    /// A behaviour failed (panicked or ran over its time budget) while deciding; retry later.
+    BehaviourFailed,
 }
 
 impl ErrorCode {
@@ -131,6 +135,8 @@ impl ErrorCode {
             Self::ForbiddenOrigin => "forbidden_origin",
             Self::Unavailable => "unavailable",
             Self::Internal => "internal",
+            Self::Rejected => "rejected",
+            Self::BehaviourFailed => "behaviour_failed",
         }
     }
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use crate::behaviour::{Attachments, Disconnected, Farewell};
 use crate::connection::{Connection, ConnectionContext};
 use crate::outbound::{outbound, OutboundQueue};
 use crate::presence::Presence;
@@ -52,6 +53,17 @@ impl Sessions {
 
     /// Open a connection for `user`, listed for delivery before the edge reads anything from the client.
     pub fn connect(&self, user: UserId) -> Opened {
+        self.connect_with(user, None, Attachments::default())
+    }
+
+    /// [`Sessions::connect`] for a client the behaviours admitted (`Behaviours::connect`), with its address
+    /// and what they attached; the behaviours' `on_disconnect` gets both when the connection ends.
+    pub fn connect_with(
+        &self,
+        user: UserId,
+        peer: Option<std::net::SocketAddr>,
+        attachments: Attachments,
+    ) -> Opened {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (outbound, queue) = outbound(self.ctx.limits.outbound_queue);
         let first = self.directory.attach(
@@ -64,7 +76,25 @@ impl Sessions {
         if first {
             self.ctx.presence.changed(&user);
         }
-        let connection = Connection::new(user, id, self.ctx.clone(), outbound, self.drain.clone());
+        let farewell = self.ctx.behaviours.clone().map(|behaviours| {
+            Farewell::new(
+                behaviours,
+                Disconnected {
+                    user: user.clone(),
+                    conn: id,
+                    peer,
+                    attachments,
+                },
+            )
+        });
+        let connection = Connection::new(
+            user,
+            id,
+            self.ctx.clone(),
+            outbound,
+            self.drain.clone(),
+            farewell,
+        );
         Opened { connection, queue }
     }
 

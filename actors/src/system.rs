@@ -46,6 +46,8 @@ pub struct SystemConfig {
     pub notifier: Option<crate::notify::SharedNotifier>,
     /// Presence settings.
     pub presence: PresenceConfig,
+    /// The node's behaviours (`None`: no hooks).
+    pub behaviours: Option<Arc<crate::behaviour::Behaviours>>,
 }
 
 impl Default for SystemConfig {
@@ -57,6 +59,7 @@ impl Default for SystemConfig {
             reply_timeout: Duration::from_secs(10),
             notifier: None,
             presence: PresenceConfig::default(),
+            behaviours: None,
         }
     }
 }
@@ -117,6 +120,7 @@ impl ActorSystem {
             directory.clone(),
             cluster.clone(),
             store.clone(),
+            config.behaviours.clone(),
             root.get_cell(),
         )
         .await?;
@@ -126,6 +130,7 @@ impl ActorSystem {
             config: config.conversation.clone(),
             cluster,
             notifier: config.notifier.clone(),
+            behaviours: config.behaviours.clone(),
         });
         let conversations = Conversations::start(
             conv_ctx,
@@ -142,8 +147,12 @@ impl ActorSystem {
             runtime: tokio::runtime::Handle::current(),
             directory,
             presence,
+            behaviours: config.behaviours.clone(),
         });
         let sessions = Sessions::new(conn_ctx);
+        if let Some(behaviours) = &config.behaviours {
+            behaviours.start(crate::behaviour::Api::new(conversations.clone()));
+        }
         Ok(Self {
             conversations,
             sessions,

@@ -10,7 +10,7 @@
 //! **Finding nodes.** Remote actors are not in ractor's name registry, so each node's gateway joins the
 //! process groups `switchboard.node.<name>` (reachable) and, unless it drains, `switchboard.place.<name>`
 //! (takes conversations). ractor_cluster synchronises `pg` when a link comes up and removes a node's actors
-//! when its link drops, so `pg` is the live membership: [`Membership`] reads it every tick into a [`View`].
+//! when its link drops, so `pg` is the live membership: `Membership` reads it every tick into a `View`.
 //!
 //! **Placement.** A conversation's owner is the rendezvous winner over the placement members
 //! ([`crate::placement`]). Two nodes may briefly disagree while a view changes; both may then write the same

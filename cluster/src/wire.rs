@@ -1,7 +1,7 @@
 //! The typed messages nodes exchange, encoded with postcard (decision 0002) inside ractor_cluster's frames.
 //!
 //! ractor_cluster carries a message to a remote actor as bytes its `BytesConvertable` produced, and panics
-//! the receiving actor if they do not decode. So the gateway's ractor message ([`crate::gateway::GatewayMsg`])
+//! the receiving actor if they do not decode. So the gateway's ractor message (`GatewayMsg`)
 //! carries plain bytes, and this module decodes them into the enums below with a `Result`: a peer of another
 //! version, or a corrupt frame, costs an error in the log, never the gateway.
 

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod admit;
 pub mod error;
 pub mod pages;
 pub mod rest;
@@ -59,6 +60,8 @@ pub struct AppState {
     pub admin_token: Option<String>,
     /// Notified by `POST /v1/admin/drain`: the server then drains and stops as on SIGTERM.
     pub drain_requested: std::sync::Arc<tokio::sync::Notify>,
+    /// The node's behaviours (`on_connect` runs at the upgrade), if any.
+    pub behaviours: Option<std::sync::Arc<switchboard_actors::behaviour::Behaviours>>,
 }
 
 impl AppState {

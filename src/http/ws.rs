@@ -6,14 +6,14 @@
 //! is this module's, and the dispatcher with its two buffers is gone. What is left per connection is the
 //! socket, one task, and buffers that exist only while bytes are in flight:
 //!
-//! - reading ([`Reader`]): bytes are read when the socket is readable into a buffer that is released as
+//! - reading (`Reader`): bytes are read when the socket is readable into a buffer that is released as
 //!   soon as every complete frame in it is decoded; actix-http's frame parser checks masking, reserved bits,
 //!   control-frame rules and the frame limit, and fragmented messages are reassembled up to the same limit;
-//! - writing ([`write_queue`]): whatever the connection's outbound queue holds is framed (a 2–10 byte
+//! - writing (`write_queue`): whatever the connection's outbound queue holds is framed (a 2–10 byte
 //!   header in front of the shared JSON) into one buffer and written in one go, then the buffer is released.
 //!
 //! When both sides are done, the socket is shut down for writing and read until the client closes it too
-//! (at most [`LINGER`]), so the client is never reset before it has read the close frame. A socket that
+//! (at most `LINGER`), so the client is never reset before it has read the close frame. A socket that
 //! takes no byte for the heartbeat timeout while frames wait belongs to a client that stopped reading: it is
 //! reset and dropped, since its close frame could never be written.
 
@@ -103,7 +103,12 @@ async fn upgrade(
     let (verified, response, admitted) = accepted;
     let lifetime = verified.lifetime();
     let user = verified.user;
-    let mut opened = state.sessions.connect(user.clone());
+    let peer = framed.io_ref().peer_addr().ok();
+    let attachments = match super::admit::admit(&state, &user, peer).await {
+        Ok(attachments) => attachments,
+        Err(refusal) => return refuse(&mut framed, *refusal).await,
+    };
+    let mut opened = state.sessions.connect_with(user.clone(), peer, attachments);
     if let Some(at) = lifetime.and_then(|left| tokio::time::Instant::now().checked_add(left)) {
         opened.connection.expire_at(at);
     }

@@ -15,7 +15,7 @@
 //!   held across file writes); here that stalls only this thread, never an acknowledgement. Conversation
 //!   and membership changes are rare and are applied here too, each durably, before they are answered.
 //!   It publishes the last lsn it wrote, and the writer then drops those messages from the overlay; when
-//!   more than [`MAX_UNAPPLIED_BYTES`] wait for it, the writer waits too.
+//!   more than `MAX_UNAPPLIED_BYTES` wait for it, the writer waits too.
 //!
 //! The applier and fjall's own flush and compaction workers run at idle priority (`priority`): they use the
 //! cores only when a message's path does not. So do the writer's two helpers: `store-spares` prepares the

@@ -2,6 +2,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod raw;
+pub mod receiver;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -69,7 +69,7 @@ pub(crate) struct Common {
     /// Mint HS256 tokens with this secret instead of calling dev login.
     #[arg(long)]
     pub(crate) jwt_secret: Option<String>,
-    /// Read the HS256 secret from a file (e.g. <data-dir>/dev-jwt-secret).
+    /// Read the HS256 secret from a file (e.g. `<data-dir>/dev-jwt-secret`).
     #[arg(long, conflicts_with = "jwt_secret")]
     pub(crate) jwt_secret_file: Option<PathBuf>,
     /// `iss` claim for minted tokens.
