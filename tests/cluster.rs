@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use common::receiver::{Receiver, Reply};
 use common::{cassandra_url, Api, Client};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -196,16 +197,23 @@ struct Cluster {
     http: reqwest::Client,
     logs: PathBuf,
     _tmp: Option<tempfile::TempDir>,
+    /// Environment every node is started with, beyond the harness's own settings.
+    env: Vec<(String, String)>,
 }
 
 impl Cluster {
     /// Start redis and n1 (which creates the keyspace), then n2 and n3; wait until every node sees all three up.
     async fn start(label: &str) -> Cluster {
-        Self::start_with(label, None).await
+        Self::start_with(label, None, Vec::new()).await
     }
 
     /// [`Self::start`], with every node on mutual TLS with certificate `tls` (of `TLS_DIR`) if given.
-    async fn start_with(label: &str, tls: Option<&'static str>) -> Cluster {
+    /// … and with `env` in every node's environment.
+    async fn start_with(
+        label: &str,
+        tls: Option<&'static str>,
+        env: Vec<(String, String)>,
+    ) -> Cluster {
         let (logs, tmp) = match std::env::var_os("SWITCHBOARD_TEST_LOG_DIR") {
             Some(base) => {
                 let dir = PathBuf::from(base).join(format!(
@@ -245,6 +253,7 @@ impl Cluster {
                 .unwrap(),
             logs,
             _tmp: tmp,
+            env,
         };
         // One node creates the keyspace and tables before the others open them.
         cluster.spawn(0);
@@ -274,6 +283,7 @@ impl Cluster {
             .join(",");
         let level = std::env::var("SWITCHBOARD_TEST_NODE_LOG").unwrap_or_else(|_| "warn".into());
         let redis = self.redis.url();
+        let env = self.env.clone();
         let node = &mut self.nodes[i];
         assert!(node.child.is_none(), "{} is already running", node.name);
         let log = std::fs::OpenOptions::new()
@@ -304,6 +314,7 @@ impl Cluster {
             .args(["--presence-grace-secs", "1"])
             .args(["--registry-heartbeat-secs", "1", "--registry-ttl-secs", "5"])
             .env("SWITCHBOARD_LOG", level)
+            .envs(env)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -2047,7 +2058,7 @@ async fn a_big_group_message_crosses_to_each_node_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn nodes_on_mutual_tls_form_a_cluster_and_refuse_another_ca() {
     let _serial = SERIAL.lock().await;
-    let mut cluster = Cluster::start_with("tls", Some("node")).await;
+    let mut cluster = Cluster::start_with("tls", Some("node"), Vec::new()).await;
     let api = cluster.api(0);
     let (ta, tb) = (api.token("alice").await, api.token("bob").await);
     let dm = api.dm(&ta, "bob").await;
@@ -2192,4 +2203,61 @@ async fn presence_crosses_nodes_and_a_dead_node_takes_its_users_offline() {
         killed.elapsed()
     );
     drop(alice);
+}
+
+/// A message hook runs in the conversation's actor, on its owner: a send made on another node is screened
+/// there once (here by the HTTP hook, which rewrites it), and every member on every node gets the rewrite.
+#[tokio::test(flavor = "multi_thread")]
+async fn message_hooks_run_on_the_owner_for_sends_from_any_node() {
+    let _serial = SERIAL.lock().await;
+    let service = Receiver::start(|_, req| {
+        let body = req["body"].as_str().unwrap_or_default();
+        if req["hook"] == "message" && body.starts_with("shout") {
+            Reply::json(json!({"result": "rewrite", "body": body.to_uppercase()}))
+        } else {
+            Reply::json(json!({"result": "accept"}))
+        }
+    })
+    .await;
+    let env = vec![("SWITCHBOARD_HOOK_URL".to_owned(), service.url())];
+    let cluster = Cluster::start_with("hooks", None, env).await;
+    let api = cluster.api(0);
+    let mut tokens = Vec::new();
+    for n in ["alice", "bob", "carol"] {
+        tokens.push(api.token(n).await);
+    }
+    let group = api.group(&tokens[0], &["bob".into(), "carol".into()]).await;
+    let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
+    let owner = names
+        .iter()
+        .position(|n| n == placement::owner(&group, &names).unwrap())
+        .unwrap();
+    // Alice on a node that does not own the group, Bob on the third, Carol on the owner.
+    let (a, b) = ((owner + 1) % 3, (owner + 2) % 3);
+    let mut clients = Vec::new();
+    for (token, node) in tokens.iter().zip([a, b, owner]) {
+        let mut c = Client::connect(cluster.nodes[node].http, token).await;
+        c.send(json!({"op":"sync","conv":group,"after_seq":0}))
+            .await;
+        c.expect_op("synced").await;
+        clients.push(c);
+    }
+    clients[0].send_msg(&group, "h1", "shout across").await;
+    let ack = clients[0].expect_op("ack").await;
+    assert_eq!(ack["seq"], 1, "{ack}");
+    for c in &mut clients[1..] {
+        let m = c.expect_op("msg").await;
+        assert_eq!(
+            (m["seq"].clone(), m["body"].clone()),
+            (json!(1), json!("SHOUT ACROSS")),
+            "{m}"
+        );
+    }
+    let asked: Vec<Value> = service
+        .bodies()
+        .into_iter()
+        .filter(|r| r["hook"] == "message")
+        .collect();
+    assert_eq!(asked.len(), 1, "screened once, by the owner: {asked:?}");
+    assert_eq!(asked[0]["from"], "alice");
 }
