@@ -418,6 +418,45 @@ async fn delivery_is_filtered_per_recipient() {
     assert!(carol.silent_for(Duration::from_millis(300)).await);
     // The sender's own connection gets its ack, not a copy.
     assert!(alice.silent_for(Duration::from_millis(100)).await);
+
+    // What the filter hides cannot be read back from the store: a sync replays it filtered (and still
+    // ends at the last seq read), and so does REST history.
+    for (c, expect) in [
+        (&mut bob, vec![(1, "[redacted]"), (2, "[redacted]")]),
+        (&mut carol, vec![]),
+        (&mut dave, vec![(1, "the plan"), (2, "the other plan")]),
+    ] {
+        c.send(json!({"op":"sync","conv":conv,"after_seq":0})).await;
+        let mut replayed = Vec::new();
+        let synced = loop {
+            let f = c.frame().await;
+            match f["op"].as_str() {
+                Some("msg") => replayed.push((
+                    f["seq"].as_u64().unwrap(),
+                    f["body"].as_str().unwrap().to_owned(),
+                )),
+                Some("synced") => break f,
+                _ => {}
+            }
+        };
+        let expect: Vec<(u64, String)> = expect.iter().map(|(q, b)| (*q, b.to_string())).collect();
+        assert_eq!(replayed, expect);
+        assert_eq!(synced["last_seq"], 2, "{synced}");
+    }
+    let bodies = |page: Vec<Value>| -> Vec<String> {
+        page.iter()
+            .map(|m| m["body"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        bodies(node.history("bob", &conv).await.unwrap()),
+        ["[redacted]", "[redacted]"]
+    );
+    assert!(node.history("carol", &conv).await.unwrap().is_empty());
+    assert_eq!(
+        bodies(node.history("dave", &conv).await.unwrap()),
+        ["the plan", "the other plan"]
+    );
     node.stop().await;
 }
 

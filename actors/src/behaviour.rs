@@ -342,9 +342,9 @@ pub trait Behaviour: Send + Sync + 'static {
         false
     }
 
-    /// Deliver `msg` live to member `to`, skip it, or redact it. Synchronous and on the hot path: decide
-    /// from what is in memory. Does not apply to the sender's own connection (it gets the `ack`), nor to
-    /// `sync` and history, which read the store.
+    /// Deliver `msg` to member `to`, skip it, or redact it: live, in `sync` replays and in REST history
+    /// alike, so what a filter hides cannot be read back from the store. Synchronous and on the hot path:
+    /// decide from what is in memory. Does not apply to the sender's own connection (it gets the `ack`).
     fn on_deliver(&self, msg: &Message, to: &str) -> Delivery {
         Delivery::Deliver
     }
@@ -627,6 +627,22 @@ impl Behaviours {
     /// Whether some behaviour filters live delivery per recipient.
     pub fn filters_delivery(&self) -> bool {
         self.filters
+    }
+
+    /// `messages` (a `sync` replay or a history page) as `to` may see them: skipped ones left out, redacted
+    /// ones with their new body; the order is kept.
+    pub fn replay(&self, messages: Vec<Message>, to: &str) -> Vec<Message> {
+        if !self.filters {
+            return messages;
+        }
+        messages
+            .into_iter()
+            .filter_map(|m| match self.deliver(&m, to) {
+                Delivery::Deliver => Some(m),
+                Delivery::Skip => None,
+                Delivery::Redact(body) => Some(Message { body, ..m }),
+            })
+            .collect()
     }
 
     /// What `to` gets of `msg`: the first `Skip` wins, redactions chain. A panicking filter skips the

@@ -476,11 +476,12 @@ impl Connection {
                 self.link.watching = users;
             }
             ClientFrame::Sync { conv, after_seq } => {
-                let (store, user, replier, conversations) = (
+                let (store, user, replier, conversations, behaviours) = (
                     self.ctx.store.clone(),
                     self.link.user.clone(),
                     self.replier.clone(),
                     self.ctx.conversations.clone(),
+                    self.ctx.behaviours.clone(),
                 );
                 self.syncs.spawn_on(
                     async move {
@@ -489,10 +490,16 @@ impl Connection {
                         conversations.barrier(&conv).await;
                         match history::sync(&*store, &user, &conv, after_seq).await {
                             Ok(page) => {
-                                for m in &page.messages {
+                                // Taken before the behaviours filter: the client continues after what
+                                // was read, shown or not.
+                                let last_seq = page.messages.last().map_or(after_seq, |m| m.seq);
+                                let shown = match &behaviours {
+                                    Some(b) => b.replay(page.messages, &user),
+                                    None => page.messages,
+                                };
+                                for m in &shown {
                                     replier.send(&ServerFrame::Msg(m));
                                 }
-                                let last_seq = page.messages.last().map_or(after_seq, |m| m.seq);
                                 replier.send(&ServerFrame::Synced {
                                     conv: &conv,
                                     last_seq,

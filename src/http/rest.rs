@@ -315,7 +315,10 @@ async fn history_page(
         after: q.after,
         limit: q.limit.unwrap_or(50),
     };
-    let page = history::page(&*state.store, &me, &path.into_inner(), query).await?;
+    let mut page = history::page(&*state.store, &me, &path.into_inner(), query).await?;
+    if let Some(b) = &state.behaviours {
+        page.messages = b.replay(page.messages, &me);
+    }
     Ok(HttpResponse::Ok().json(page))
 }
 
