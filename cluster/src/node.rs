@@ -365,6 +365,16 @@ impl ClusterNode {
         Ok(())
     }
 
+    /// Change the interest map; `change` returns the users whose presence may have moved with it, and their
+    /// presence shards are told (after the lock is released).
+    fn change_interest(&self, change: impl FnOnce(&mut Interest) -> Vec<UserId>) {
+        let touched = change(&mut self.interest.write().expect("interest lock"));
+        let presence = &self.attached().presence;
+        for user in &touched {
+            presence.changed(user);
+        }
+    }
+
     /// The actor tree's handles; set before any cluster actor starts, so every actor may rely on them.
     fn attached(&self) -> &Attached {
         self.attached.get().expect("cluster node attached")
@@ -569,11 +579,7 @@ impl ClusterNode {
                 .lock()
                 .expect("forwarded lock")
                 .retain(|_, (n, _)| n != node);
-            let had = self.interest.write().expect("interest lock").forget(node);
-            let presence = &self.attached().presence;
-            for user in &had {
-                presence.changed(user);
-            }
+            self.change_interest(|i| i.forget(node));
             self.registry.forget_node(&NodeId(node.to_string()));
         }
         let a = self.attached();
@@ -976,36 +982,21 @@ impl Gateway {
                     .conversations
                     .forward_here(conv, request, answer);
             }
-            Cast::Online { user } => {
-                if node
-                    .interest
-                    .write()
-                    .expect("interest lock")
-                    .add(&user, &from)
-                {
-                    node.attached().presence.changed(&user);
+            Cast::Online { user } => node.change_interest(|i| {
+                if i.add(&user, &from) {
+                    vec![user]
+                } else {
+                    vec![]
                 }
-            }
-            Cast::Offline { user } => {
-                if node
-                    .interest
-                    .write()
-                    .expect("interest lock")
-                    .remove(&user, &from)
-                {
-                    node.attached().presence.changed(&user);
+            }),
+            Cast::Offline { user } => node.change_interest(|i| {
+                if i.remove(&user, &from) {
+                    vec![user]
+                } else {
+                    vec![]
                 }
-            }
-            Cast::Snapshot { users } => {
-                let touched = node
-                    .interest
-                    .write()
-                    .expect("interest lock")
-                    .replace(&from, users);
-                for user in &touched {
-                    node.attached().presence.changed(user);
-                }
-            }
+            }),
+            Cast::Snapshot { users } => node.change_interest(|i| i.replace(&from, users)),
         }
     }
 
