@@ -989,11 +989,7 @@ impl Applier {
         durable: bool,
     ) -> Result<Vec<Result<WriteOutcome, StoreError>>, StoreError> {
         let ks = &self.shared.ks;
-        let mut txn = self
-            .shared
-            .db
-            .write_tx()
-            .durability(durable.then_some(PersistMode::SyncData));
+        let mut txn = self.shared.db.write_tx();
         for r in records {
             insert_messages(&mut txn, ks, &r.messages)?;
         }
@@ -1005,6 +1001,15 @@ impl Applier {
             .map(|job| apply_change(&mut txn, ks, &job.op))
             .collect::<Result<Vec<_>, _>>()?;
         txn.commit().map_err(unavailable)?;
+        // Not the transaction's own durability: fjall skips an empty transaction's commit, fsync and all,
+        // and a checkpoint with nothing new to write must still make the earlier commits durable (they may
+        // still be in fjall's journal buffer) before the log they came from is deleted.
+        if durable {
+            self.shared
+                .db
+                .persist(PersistMode::SyncData)
+                .map_err(unavailable)?;
+        }
         Ok(results)
     }
 }
@@ -1562,6 +1567,56 @@ mod tests {
         assert!(late_newest.has_more);
         let resend = rt.block_on(store.append("c", 4, vec![new("b")])).unwrap();
         assert_eq!(resend, vec![Appended::Duplicate(early[1].clone())]);
+    }
+
+    /// Copy `from` into `to` as the disk has it: what a `kill -9` leaves (nothing of a process's buffers).
+    fn copy_tree(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy_tree(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_makes_fjall_hold_every_applied_message_on_disk_without_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // Appended at once after the open: the applier writes them without an fsync, and nothing follows, so
+        // the checkpoint a second later is one with nothing new to write.
+        rt.block_on(store.append("c", 1, vec![new("a"), new("b")]))
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while *store.shared.applied() < 1 {
+            assert!(
+                Instant::now() < deadline,
+                "the applier never wrote the record"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(CHECKPOINT_EVERY + Duration::from_millis(500));
+        // The log may be deleted once a checkpoint covers it: fjall's files alone, as the disk has them
+        // while the store still runs, must hold both messages.
+        let crashed = tempfile::tempdir().unwrap();
+        copy_tree(&dir.path().join(STORE_DIR), &crashed.path().join(STORE_DIR));
+        let copy = EmbeddedStore::open(crashed.path()).unwrap();
+        assert_eq!(
+            history(&copy, "c")
+                .iter()
+                .map(|m| m.msg_id.as_str())
+                .collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        drop(store);
     }
 
     #[test]

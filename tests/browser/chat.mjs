@@ -283,7 +283,7 @@ step('after the restart every page recovers: no message lost, none doubled (page
   const stored = await history(s.dm);
   for (const w of want) {
     const n = stored.filter((m) => m.body === w).length;
-    assert(n === 1, `the server stored "${w}" ${n} times`);
+    assert(n === 1, `the server stored "${w}" ${n} times: ${JSON.stringify(stored.map((m) => [m.seq, m.body]))}`);
   }
   assert(stored.length === want.length, `the server stored ${stored.length} messages, not ${want.length}`);
   assert(stored.every((m, i) => m.seq === i + 1), 'stored seqs have a gap');
