@@ -318,7 +318,12 @@ impl Settings {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_owned(), e))?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_owned(), e))
+        Self::from_toml(&text).map_err(|e| ConfigError::Parse(path.to_owned(), e))
+    }
+
+    /// Parse a TOML file's text.
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
     }
 
     /// Resolve `self` (flags and environment) over `file`, then defaults.
