@@ -1,10 +1,11 @@
 //! The config file: its text parsed into `Settings` (`Settings::from_toml`, what `--config` reads), then
 //! resolved into a `Config` over the defaults (`Settings::resolve`).
 //!
-//! Checked, besides "no panic": a config that resolves keeps the invariants the server relies on (limits
-//! positive, the body limit under the frame limit, durations positive where zero makes no sense, a valid node
-//! name, exact origins, a cluster only on a shared store, a key for public-key JWTs), and the same settings
-//! resolve to the same config whether they come from the file or from flags and the environment.
+//! Checked, besides "no panic": a config that resolves keeps the invariants the server relies on when it
+//! starts and runs (limits positive, the body limit under the frame limit, 1 to 512 HTTP workers, durations
+//! positive where zero makes no sense and small enough to add to the clock, a valid node name, exact
+//! origins, a cluster only on a shared store, a key for public-key JWTs), and the same settings resolve to
+//! the same config whether they come from the file or from flags and the environment.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -31,6 +32,24 @@ fuzz_target!(|data: &[u8]| {
     };
     assert!(c.max_body_bytes > 0 && c.max_body_bytes < c.max_frame_bytes);
     assert!(c.outbound_queue > 0 && c.max_unacked > 0);
+    // actix-server asserts 1 to 512 workers when the server starts.
+    assert!(
+        (1..=512).contains(&c.http_workers),
+        "http_workers {}",
+        c.http_workers
+    );
+    let now = std::time::Instant::now();
+    for d in [
+        c.heartbeat_timeout,
+        c.conversation_idle,
+        c.restart_window,
+        c.drain_timeout,
+        c.drain_window,
+        c.presence_grace,
+    ] {
+        // The server adds these to the clock (a connection's heartbeat deadline is `now + heartbeat`).
+        assert!(now.checked_add(d).is_some(), "{d:?} overflows the clock");
+    }
     for d in [
         c.heartbeat_timeout,
         c.conversation_idle,
