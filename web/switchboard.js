@@ -25,6 +25,7 @@
  * | `sendfailed`  | `{msgId, conv, body, code, message}`: refused for good (`not_member`, `body_too_large`, …)         |
  * | `synced`      | `{conv, lastSeq}`: a tracked conversation is caught up                                  |
  * | `syncfailed`  | `{conv, code}`: a tracked conversation could not be synced (no longer a member); it is untracked     |
+ * | `removed`     | `{conv, by}`: this user was removed from the group `conv` (or left from another device); it is untracked |
  * | `typing`      | `{conv, user}`                                                          |
  * | `receipt`     | `{conv, user, kind, seq}`: kind `delivered` or `read`; also from the user's own other devices       |
  * | `presence`    | `{user, state, last_seen}`                                              |
@@ -390,6 +391,10 @@ export class SwitchboardClient extends EventTarget {
         break;
       case 'presence':
         this.emit('presence', { user: f.user, state: f.state, last_seen: f.last_seen ?? null });
+        break;
+      case 'removed':
+        this.tracked.delete(f.conv);
+        this.emit('removed', { conv: f.conv, by: f.by ?? null });
         break;
       default:
         break; // pong, and frames newer than this client

@@ -32,7 +32,7 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use tracing::warn;
 
-use crate::cluster::{Outgoing, SharedCluster};
+use crate::cluster::{MemberChange, Outgoing, SharedCluster};
 use crate::conversation::{SendRequest, SendResult};
 use crate::conversations::Conversations;
 use crate::protocol::{self, ErrorCode, ProtocolError, ServerFrame};
@@ -419,7 +419,9 @@ impl Api {
 
     /// Add `user` to the group `conv` (through every behaviour's `on_join`).
     pub async fn add_member(&self, conv: &str, user: &str) -> Result<bool, ProtocolError> {
-        self.conversations.add_member(conv, user.to_owned()).await
+        self.conversations
+            .change_member(conv, user.to_owned(), MemberChange::Add, None)
+            .await
     }
 }
 

@@ -115,6 +115,9 @@ pub enum ErrorCode {
     Rejected,
     /// A behaviour failed (panicked or ran over its time budget) while deciding; retry later.
     BehaviourFailed,
+    /// The caller's role does not allow the change: only a group's owners add members, remove others and
+    /// change roles.
+    Forbidden,
 }
 
 impl ErrorCode {
@@ -137,6 +140,7 @@ impl ErrorCode {
             Self::Internal => "internal",
             Self::Rejected => "rejected",
             Self::BehaviourFailed => "behaviour_failed",
+            Self::Forbidden => "forbidden",
         }
     }
 }
@@ -424,6 +428,14 @@ pub enum ServerFrame<'a> {
         kind: ReceiptKind,
         /// Up to this seq.
         seq: u64,
+    },
+    /// The user was removed from a group, by an owner or by leaving (from another device): the server has
+    /// stopped delivering the conversation to them and refuses their sends, syncs and history.
+    Removed {
+        /// Conversation.
+        conv: &'a str,
+        /// Who removed them (themselves when they left); `null` when the server did.
+        by: Option<&'a str>,
     },
     /// A watched user or a contact came online or went offline (also the answer to `presence_subscribe`).
     Presence {

@@ -202,6 +202,11 @@ enum WriteOp {
         user: UserId,
         seq: u64,
     },
+    SetOwner {
+        conv: ConvId,
+        user: UserId,
+        owner: bool,
+    },
     Append {
         conv: ConvId,
         first_seq: u64,
@@ -334,6 +339,8 @@ struct Keyspaces {
     meta: SingleWriterTxKeyspace,
     /// (user, conversation) → the user's read position (u64, big-endian)
     read_positions: SingleWriterTxKeyspace,
+    /// (conversation, user) → nothing: the group's owners
+    owners: SingleWriterTxKeyspace,
 }
 
 impl Keyspaces {
@@ -351,6 +358,7 @@ impl Keyspaces {
             dedupe: open("dedupe")?,
             meta: open("meta")?,
             read_positions: open("read_positions")?,
+            owners: open("owners")?,
         })
     }
 }
@@ -1088,9 +1096,20 @@ fn apply_change(
             let removed = txn
                 .contains_key(&ks.members, &member)
                 .map_err(unavailable)?;
-            txn.remove(&ks.members, member);
+            txn.remove(&ks.members, member.clone());
+            txn.remove(&ks.owners, member);
             txn.remove(&ks.user_conversations, key::with_str(&[user], conv)?);
             Ok(WriteOutcome::Changed(removed))
+        })(),
+        WriteOp::SetOwner { conv, user, owner } => (|| {
+            let row = key::with_str(&[conv], user)?;
+            let was = txn.contains_key(&ks.owners, &row).map_err(unavailable)?;
+            if *owner {
+                txn.insert(&ks.owners, row, []);
+            } else {
+                txn.remove(&ks.owners, row);
+            }
+            Ok(WriteOutcome::Changed(was != *owner))
         })(),
         WriteOp::SetRead { conv, user, seq } => (|| {
             let position = key::with_str(&[user], conv)?;
@@ -1264,6 +1283,26 @@ impl MessageStore for EmbeddedStore {
             .write(WriteOp::RemoveMember {
                 conv: conv.to_owned(),
                 user: user.to_owned(),
+            })
+            .await?
+        {
+            WriteOutcome::Changed(c) => Ok(c),
+            _ => Err(corrupt("unexpected write outcome")),
+        }
+    }
+
+    async fn owners(&self, conv: &str) -> Result<Vec<UserId>, StoreError> {
+        let conv = conv.to_owned();
+        self.read_snapshot(move |snap, ks| second_keys(snap, &ks.owners, &conv))
+            .await
+    }
+
+    async fn set_owner(&self, conv: &str, user: &str, owner: bool) -> Result<bool, StoreError> {
+        match self
+            .write(WriteOp::SetOwner {
+                conv: conv.to_owned(),
+                user: user.to_owned(),
+                owner,
             })
             .await?
         {
