@@ -87,6 +87,15 @@ pub struct Settings {
     /// [default: 10 times the rate].
     #[arg(long, env = "SWITCHBOARD_MESSAGES_BURST")]
     pub messages_burst: Option<u32>,
+    /// `typing`, `delivered` and `read` frames per user per second, all of the user's connections together
+    /// (a token bucket holding twice as many); more are dropped, 0 for no limit [default: 30].
+    #[arg(long, env = "SWITCHBOARD_SIGNALS_PER_USER_PER_SEC")]
+    pub signals_per_user_per_sec: Option<u32>,
+    /// `sync` frames per user per second, all of the user's connections together (a token bucket holding
+    /// five times as many, for a reconnect that syncs many conversations); more get `rate_limited` with
+    /// `retry_after_ms`, 0 for no limit [default: 20].
+    #[arg(long, env = "SWITCHBOARD_SYNCS_PER_USER_PER_SEC")]
+    pub syncs_per_user_per_sec: Option<u32>,
     /// Origins allowed to open a WebSocket, comma-separated, matched exactly against the `Origin` header
     /// (`https://chat.example.com`); a browser page from another origin gets 403 `forbidden_origin`. A
     /// request without `Origin` (not a browser) is not checked [default: none: every origin].
@@ -256,6 +265,10 @@ pub struct Config {
     pub admission: Admission,
     /// Sends per user per second (all connections together) and their burst; `None`: no limit.
     pub messages_per_user: Option<(NonZeroU32, NonZeroU32)>,
+    /// Signals per user per second and their burst; `None`: no limit.
+    pub signals_per_user: Option<(NonZeroU32, NonZeroU32)>,
+    /// Syncs per user per second and their burst; `None`: no limit.
+    pub syncs_per_user: Option<(NonZeroU32, NonZeroU32)>,
     /// Heartbeat timeout.
     pub heartbeat_timeout: Duration,
     /// Conversation idle time.
@@ -375,6 +388,8 @@ impl Settings {
                 handshakes_per_ip: NonZeroU32::new(pick!(handshakes_per_ip_per_sec).unwrap_or(0)),
                 origins: pick!(allowed_origins).filter(|o| !o.is_empty()),
             },
+            signals_per_user: rate_with_burst(pick!(signals_per_user_per_sec).unwrap_or(30), 2),
+            syncs_per_user: rate_with_burst(pick!(syncs_per_user_per_sec).unwrap_or(20), 5),
             messages_per_user: match NonZeroU32::new(pick!(messages_per_user_per_sec).unwrap_or(0))
             {
                 None => None,
@@ -571,6 +586,12 @@ impl Config {
     }
 }
 
+/// A rate of `per_second` (0: no limit) with a burst of `burst_times` as many.
+fn rate_with_burst(per_second: u32, burst_times: u32) -> Option<(NonZeroU32, NonZeroU32)> {
+    let rate = NonZeroU32::new(per_second)?;
+    Some((rate, rate.saturating_mul(NonZeroU32::new(burst_times)?)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -618,7 +639,23 @@ mod tests {
     }
 
     #[test]
-    fn limits_default_to_ten_connections_per_user_and_nothing_else() {
+    fn signal_and_sync_rates_default_on_with_their_bursts_and_turn_off_with_zero() {
+        let c = Settings::default().resolve(Settings::default()).unwrap();
+        let pair = |a, b| Some((NonZeroU32::new(a).unwrap(), NonZeroU32::new(b).unwrap()));
+        assert_eq!(c.signals_per_user, pair(30, 60));
+        assert_eq!(c.syncs_per_user, pair(20, 100));
+        let c = Settings {
+            signals_per_user_per_sec: Some(0),
+            syncs_per_user_per_sec: Some(3),
+            ..Default::default()
+        }
+        .resolve(Settings::default())
+        .unwrap();
+        assert_eq!((c.signals_per_user, c.syncs_per_user), (None, pair(3, 15)));
+    }
+
+    #[test]
+    fn limits_default_to_ten_connections_per_user_and_no_address_or_send_limits() {
         let c = Settings::default().resolve(Settings::default()).unwrap();
         assert_eq!(c.admission.per_user, NonZeroUsize::new(10));
         assert_eq!(c.admission.per_ip, None);

@@ -97,6 +97,8 @@ impl Server {
                 max_unacked: config.max_unacked,
                 drain_window: config.drain_window,
                 messages_per_user: config.messages_per_user,
+                signals_per_user: config.signals_per_user,
+                syncs_per_user: config.syncs_per_user,
             },
             intensity: RestartIntensity {
                 max_restarts: config.max_restarts,

@@ -196,6 +196,80 @@ async fn sends_past_the_user_rate_get_rate_limited_with_retry_after_ms() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_past_the_user_rate_are_dropped_and_syncs_get_rate_limited_naming_their_conversation(
+) {
+    let pair = |a, b| Some((NonZeroU32::new(a).unwrap(), NonZeroU32::new(b).unwrap()));
+    let s = TestServer::start_with(|c| {
+        c.signals_per_user = pair(2, 3);
+        c.syncs_per_user = pair(1, 4);
+    })
+    .await;
+    let api = s.api();
+    let (ta, tb) = (api.token("alice").await, api.token("bob").await);
+    let conv = api.dm(&ta, "bob").await;
+    let mut alice = Client::connect(s.addr, &ta).await;
+    let mut bob = Client::connect(s.addr, &tb).await;
+    for i in 1..=6 {
+        bob.send_msg(&conv, &format!("b{i}"), "hi").await;
+        bob.expect_op("ack").await;
+        alice.expect_op("msg").await;
+    }
+    // Six reads at once, each further than the last: a burst of 3 gets through, the rest are dropped.
+    for seq in 1..=6 {
+        alice
+            .send(json!({"op":"read","conv": conv,"seq": seq}))
+            .await;
+    }
+    let mut seen = Vec::new();
+    while let Some(Recv::Frame(f)) = bob.recv_within(Duration::from_millis(400)).await {
+        if f["op"] == "receipt" {
+            seen.push(f["seq"].as_u64().unwrap());
+        }
+    }
+    assert!(
+        (3..=4).contains(&seen.len()) && seen.windows(2).all(|w| w[0] < w[1]),
+        "a burst of 3 (and maybe one more token) in order: {seen:?}"
+    );
+    // Half a second later there is room again: the next read moves the position on.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    alice.send(json!({"op":"read","conv": conv,"seq": 6})).await;
+    let r = bob.expect_op("receipt").await;
+    assert_eq!(r["seq"], 6, "{r}");
+
+    // Syncs: a burst of 4, then `rate_limited` naming the conversation, with a retry hint.
+    for _ in 0..6 {
+        alice
+            .send(json!({"op":"sync","conv": conv,"after_seq": 5}))
+            .await;
+    }
+    let (mut synced, mut limited) = (0, Vec::new());
+    while synced + limited.len() < 6 {
+        let f = alice.frame().await;
+        match f["op"].as_str() {
+            Some("synced") => synced += 1,
+            Some("error") => limited.push(f),
+            _ => {}
+        }
+    }
+    assert!((4..=5).contains(&synced), "{synced} synced, {limited:?}");
+    for e in &limited {
+        assert_eq!(
+            (e["code"].as_str(), e["conv"].as_str()),
+            (Some("rate_limited"), Some(conv.as_str())),
+            "{e}"
+        );
+        assert!(
+            (1..=1000).contains(&e["retry_after_ms"].as_u64().unwrap()),
+            "{e}"
+        );
+    }
+    // Bob's bucket is his own.
+    bob.send(json!({"op":"sync","conv": conv,"after_seq": 0}))
+        .await;
+    assert_eq!(bob.expect_op("synced").await["last_seq"], 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_origin_must_be_on_the_allowlist_when_one_is_set() {
     let s = TestServer::start_with(|c| {
         c.admission.origins = Some(vec![

@@ -462,22 +462,35 @@ export class SwitchboardClient extends EventTarget {
       this.optionalSent.clear();
       return;
     }
+    if (typeof f.conv === 'string') {
+      // A sync's error names its conversation (servers before it did not: see below).
+      const t = this.tracked.get(f.conv);
+      if (t) this.syncFailed(f.conv, t, f);
+      return;
+    }
     const syncing = [...this.tracked].filter(([, t]) => t.syncSentAt !== null);
     if (syncing.length > 0 && ['unknown_conversation', 'not_member', 'store_unavailable', 'internal'].includes(f.code)) {
-      // A sync's error names no conversation: retry each outstanding one; one that keeps failing is dropped.
-      for (const [conv, t] of syncing) {
-        t.syncErrors += 1;
-        t.syncSentAt = null;
-        if (t.syncErrors > 3) {
-          this.tracked.delete(conv);
-          this.emit('syncfailed', { conv, code: f.code });
-        } else {
-          setTimeout(() => this.syncFrom(conv), 500 * t.syncErrors);
-        }
-      }
+      // An older server's sync error names no conversation: retry each outstanding one.
+      for (const [conv, t] of syncing) this.syncFailed(conv, t, f);
       return;
     }
     this.emit('error', { code: f.code, message: f.message });
+  }
+
+  /** A sync of `conv` failed: try again after the server's hint or a backoff; one that keeps failing is dropped. */
+  syncFailed(conv, t, f) {
+    t.syncSentAt = null;
+    if (f.code === 'rate_limited') {
+      setTimeout(() => this.syncFrom(conv), f.retry_after_ms ?? 1000);
+      return;
+    }
+    t.syncErrors += 1;
+    if (t.syncErrors > 3) {
+      this.tracked.delete(conv);
+      this.emit('syncfailed', { conv, code: f.code });
+    } else {
+      setTimeout(() => this.syncFrom(conv), 500 * t.syncErrors);
+    }
   }
 
   // ---- signals --------------------------------------------------------------------------------------------

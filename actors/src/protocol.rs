@@ -459,6 +459,9 @@ pub enum ServerFrame<'a> {
         /// For `rate_limited`: when to retry.
         #[serde(skip_serializing_if = "Option::is_none")]
         retry_after_ms: Option<u64>,
+        /// The conversation of the `sync` this answers.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        conv: Option<&'a str>,
     },
 }
 
@@ -481,6 +484,27 @@ impl<'a> ServerFrame<'a> {
             message: &e.message,
             msg_id: e.msg_id.as_deref(),
             retry_after_ms: e.retry_after_ms,
+            conv: None,
+        }
+    }
+
+    /// This `error` answers a request about `conv` (a `sync`): say so.
+    pub fn about(self, conv: &'a str) -> Self {
+        match self {
+            Self::Error {
+                code,
+                message,
+                msg_id,
+                retry_after_ms,
+                ..
+            } => Self::Error {
+                code,
+                message,
+                msg_id,
+                retry_after_ms,
+                conv: Some(conv),
+            },
+            other => other,
         }
     }
 }
