@@ -79,6 +79,12 @@ pub struct Settings {
     /// refused with 429 `rate_limited` and a retry hint, 0 for no limit [default: 0].
     #[arg(long, env = "SWITCHBOARD_HANDSHAKES_PER_IP_PER_SEC")]
     pub handshakes_per_ip_per_sec: Option<u32>,
+    /// WebSocket handshakes this node admits per second, from all addresses together (a token bucket
+    /// holding as many): past it a handshake is answered with the upgrade and at once a close 1013 whose
+    /// reason carries `retry_after_ms` (a reconnect storm is admitted at this pace instead of starving the
+    /// connections already open), 0 for no limit [default: 2000].
+    #[arg(long, env = "SWITCHBOARD_HANDSHAKES_PER_SEC")]
+    pub handshakes_per_sec: Option<u32>,
     /// Sends per user per second over WebSockets, all of the user's connections together (a token bucket);
     /// more get `rate_limited` with `retry_after_ms`, 0 for no limit [default: 0].
     #[arg(long, env = "SWITCHBOARD_MESSAGES_PER_USER_PER_SEC")]
@@ -308,6 +314,8 @@ pub struct Admission {
     pub per_ip: Option<NonZeroUsize>,
     /// Handshakes per client IP address per second.
     pub handshakes_per_ip: Option<NonZeroU32>,
+    /// Handshakes per second on this node, all addresses together.
+    pub handshakes_per_node: Option<NonZeroU32>,
     /// `Origin` values allowed, when a browser sends one.
     pub origins: Option<Vec<String>>,
 }
@@ -386,6 +394,7 @@ impl Settings {
                 per_user: NonZeroUsize::new(pick!(max_connections_per_user).unwrap_or(10)),
                 per_ip: NonZeroUsize::new(pick!(max_connections_per_ip).unwrap_or(0)),
                 handshakes_per_ip: NonZeroU32::new(pick!(handshakes_per_ip_per_sec).unwrap_or(0)),
+                handshakes_per_node: NonZeroU32::new(pick!(handshakes_per_sec).unwrap_or(2000)),
                 origins: pick!(allowed_origins).filter(|o| !o.is_empty()),
             },
             signals_per_user: rate_with_burst(pick!(signals_per_user_per_sec).unwrap_or(30), 2),
@@ -660,6 +669,7 @@ mod tests {
         assert_eq!(c.admission.per_user, NonZeroUsize::new(10));
         assert_eq!(c.admission.per_ip, None);
         assert_eq!(c.admission.handshakes_per_ip, None);
+        assert_eq!(c.admission.handshakes_per_node, NonZeroU32::new(2000));
         assert_eq!(c.admission.origins, None);
         assert_eq!(c.messages_per_user, None);
         assert_eq!(c.jwt_leeway_secs, 30);

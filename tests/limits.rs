@@ -270,6 +270,44 @@ async fn signals_past_the_user_rate_are_dropped_and_syncs_get_rate_limited_namin
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_nodes_handshake_rate_the_upgrade_closes_with_1013_and_a_retry_hint() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let s = TestServer::start_with(|c| c.admission.handshakes_per_node = NonZeroU32::new(2)).await;
+    let api = s.api();
+    let token = api.token("alice").await;
+    let url = format!("ws://{}/v1/ws?token={token}", s.addr);
+    // A bad token is refused (401) without using up the node's admissions.
+    let bad = tokio_tungstenite::connect_async(format!("ws://{}/v1/ws?token=nope", s.addr)).await;
+    assert!(bad.is_err());
+    let mut admitted = vec![
+        Client::connect(s.addr, &token).await,
+        Client::connect(s.addr, &token).await,
+    ];
+    // The third within the second: upgraded, then closed at once with 1013 and when to come back.
+    let (mut ws, response) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    assert_eq!(response.status(), 101);
+    let close = match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
+        Some(Ok(Message::Close(Some(close)))) => close,
+        other => panic!("expected a close frame, got {other:?}"),
+    };
+    assert_eq!(u16::from(close.code), 1013);
+    let hint: Value = serde_json::from_str(&close.reason).unwrap();
+    let ms = hint["retry_after_ms"].as_u64().unwrap();
+    assert!(
+        (1..=1500).contains(&ms),
+        "the bucket's wait plus up to 1 s of jitter: {hint}"
+    );
+    // The admitted connections are untouched, and after the hint there is room again.
+    admitted[0].send(json!({"op":"ping"})).await;
+    admitted[0].expect_op("pong").await;
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    admitted.push(Client::connect(s.addr, &token).await);
+    admitted[2].send(json!({"op":"ping"})).await;
+    admitted[2].expect_op("pong").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_origin_must_be_on_the_allowlist_when_one_is_set() {
     let s = TestServer::start_with(|c| {
         c.admission.origins = Some(vec![

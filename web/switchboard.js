@@ -176,8 +176,8 @@ export class SwitchboardClient extends EventTarget {
       this.onOpen();
     };
     ws.onmessage = (e) => this.onFrame(e.data);
-    ws.onclose = () => {
-      if (this.ws === ws) this.onClosed(opened);
+    ws.onclose = (e) => {
+      if (this.ws === ws) this.onClosed(opened, e);
     };
   }
 
@@ -211,9 +211,21 @@ export class SwitchboardClient extends EventTarget {
     this.timers.watch = setInterval(() => this.watchdog(), 1000);
   }
 
-  async onClosed(opened) {
+  async onClosed(opened, e) {
     this.dropSocket();
     if (this.stopped) return;
+    if (e?.code === 1013) {
+      // The node admits handshakes at a bounded pace: come back when it says (its hint has jitter).
+      let delay = 1000;
+      try {
+        delay = JSON.parse(e.reason).retry_after_ms ?? delay;
+      } catch {
+        /* no hint: a second */
+      }
+      this.setState('waiting', delay);
+      this.timers.retry = setTimeout(() => this.openSocket(), delay);
+      return;
+    }
     // A socket refused before it opened may be a refused token: the upgrade's 401 is invisible to
     // scripts, so ask REST, which answers the same check with a status.
     if (!opened && (await this.tokenRefused())) {

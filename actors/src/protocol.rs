@@ -193,6 +193,8 @@ pub enum CloseCode {
     Internal,
     /// 1012: the server is restarting or draining; reconnect elsewhere or later.
     ServiceRestart,
+    /// 1013: the node admits no more handshakes this instant; the reason says when to retry.
+    TryAgainLater,
     /// 4001: no frame from the client for the heartbeat timeout.
     IdleTimeout,
     /// 4002: the client did not read fast enough and its outbound queue filled up.
@@ -210,6 +212,7 @@ impl CloseCode {
             Self::TooBig => 1009,
             Self::Internal => 1011,
             Self::ServiceRestart => 1012,
+            Self::TryAgainLater => 1013,
             Self::IdleTimeout => 4001,
             Self::SlowConsumer => 4002,
         }
@@ -225,6 +228,7 @@ impl CloseCode {
             Self::TooBig => "frame_too_large",
             Self::Internal => "internal",
             Self::ServiceRestart => "service_restart",
+            Self::TryAgainLater => "try_again_later",
             Self::IdleTimeout => "idle_timeout",
             Self::SlowConsumer => "slow_consumer",
         }

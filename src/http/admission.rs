@@ -7,6 +7,11 @@
 //! - **Handshakes per IP per second**: a token bucket per client address (governor's keyed limiter),
 //!   checked first, before the token's signature costs anything: 429 `rate_limited` with
 //!   `retry_after_ms` and `Retry-After`.
+//! - **Handshakes per second on the node**: one token bucket for every address together, checked after the
+//!   token (a handshake with a bad token does not use up the node's admissions). Past it the handshake is answered with the
+//!   upgrade and at once a close **1013** (try again later) whose reason is `{"retry_after_ms":N}`: a
+//!   browser sees a close code and its reason, never an HTTP status. N is when the bucket has room again
+//!   plus up to a second of jitter, so the refused clients of a storm do not all come back together.
 //! - **Open connections per user and per IP**: counted here, at the edge; an [`Admitted`] held by the
 //!   connection's task gives its place back when the task ends. Past either: 429 `too_many_connections`.
 //!
@@ -18,7 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use actix_http::header::HeaderMap;
 use governor::clock::Clock;
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use switchboard_actors::connection::forget_quiet_keys;
 use switchboard_actors::protocol::{ErrorCode, ProtocolError};
 use tracing::debug;
@@ -29,6 +34,7 @@ use crate::config;
 pub struct Admission {
     config: config::Admission,
     handshakes: Option<Arc<DefaultKeyedRateLimiter<IpAddr>>>,
+    node_handshakes: Option<DefaultDirectRateLimiter>,
     open: Mutex<Open>,
 }
 
@@ -56,8 +62,12 @@ impl Admission {
         if let Some(limiter) = &handshakes {
             forget_quiet_keys(limiter);
         }
+        let node_handshakes = config
+            .handshakes_per_node
+            .map(|n| RateLimiter::direct(Quota::per_second(n)));
         Arc::new(Self {
             handshakes,
+            node_handshakes,
             config,
             open: Mutex::default(),
         })
@@ -90,6 +100,22 @@ impl Admission {
             }
         }
         Ok(())
+    }
+
+    /// Take one handshake from the node's bucket, or say in how many milliseconds to try again (when it has
+    /// room, plus jitter of up to a second).
+    pub fn node_handshake(&self) -> Result<(), u64> {
+        let Some(limiter) = &self.node_handshakes else {
+            return Ok(());
+        };
+        limiter.check().map_err(|not_until| {
+            metrics::counter!("switchboard_refused_total", "reason" => "node_handshake_rate")
+                .increment(1);
+            let wait = not_until.wait_time_from(limiter.clock().now());
+            u64::try_from(wait.as_millis())
+                .unwrap_or(u64::MAX)
+                .saturating_add(1 + rand::random::<u64>() % 1000)
+        })
     }
 
     /// Take a place for one more connection of `user` from `ip`, if neither is at its limit.

@@ -19,7 +19,7 @@ use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::frame::{self, Op};
-use crate::net::{connect_error_label, connect_ws, Ws};
+use crate::net::{connect_error_label, connect_ws, TryLater, Ws};
 use crate::spec::{ClientSpec, Command, Counters, Event, WorkerResult, WorkerSpec};
 use crate::stats::{self, latency_histogram};
 use crate::Error;
@@ -564,8 +564,14 @@ async fn connect_retrying(
                 sh.c.connect_failures.fetch_add(1, Relaxed);
                 sh.error(connect_error_label(&e));
                 attempt += 1;
-                let backoff = Duration::from_millis(100 << attempt.min(4))
-                    + jitter(index as u64 * 31 + u64::from(attempt), 100);
+                // The node's hint (it carries its own jitter), or exponential backoff with jitter.
+                let backoff = match e.downcast_ref::<TryLater>() {
+                    Some(TryLater(ms)) => Duration::from_millis(*ms),
+                    None => {
+                        Duration::from_millis(100 << attempt.min(4))
+                            + jitter(index as u64 * 31 + u64::from(attempt), 100)
+                    }
+                };
                 if attempt >= attempts || Instant::now() + backoff >= deadline {
                     return None;
                 }
