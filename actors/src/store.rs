@@ -218,6 +218,12 @@ pub trait MessageStore: Send + Sync + 'static {
 
     /// Finish queued writes and release resources; called once, at shutdown, after the actors stopped.
     fn close(&self) {}
+
+    /// Why the store takes no writes until the node restarts (a full disk, a corrupted file), if it is in
+    /// that state; `/readyz` reports it. A store that fails one request at a time (Cassandra) says `None`.
+    fn failure(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A shared store handle.

@@ -70,6 +70,8 @@ async fn readyz(state: State) -> HttpResponse {
         Some("draining".to_owned())
     } else if let Some(why) = state.cluster.as_ref().and_then(|c| c.unready()) {
         Some(why)
+    } else if let Some(why) = state.store.failure() {
+        Some(format!("store: {why}"))
     } else {
         // A read of a conversation that does not exist: one cheap round trip to the store.
         let probe = state.store.conversation("_readyz");

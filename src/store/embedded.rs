@@ -396,12 +396,16 @@ impl Shared {
         self.db.read_tx()
     }
 
+    /// Stop taking writes: said once, at the first failure (every write after it fails the same way).
     fn fail(&self, e: &StoreError) {
-        tracing::error!(error = %e, "the embedded store stops taking writes until a restart");
-        self.failed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_or_insert_with(|| e.clone());
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        if failed.is_none() {
+            tracing::error!(error = %e, hint = diagnosis(e),
+                "the embedded store stops taking writes until the node restarts; every acknowledged message \
+                 is in its log, and the restart replays it");
+            metrics::gauge!("switchboard_store_failed").set(1.0);
+            *failed = Some(e.clone());
+        }
     }
 }
 
@@ -415,6 +419,19 @@ struct Threads {
     to_writer: mpsc::Sender<Job>,
     writer: JoinHandle<()>,
     applier: JoinHandle<()>,
+}
+
+/// What an operator should do about a store failure.
+pub fn diagnosis(e: &StoreError) -> &'static str {
+    let text = e.to_string();
+    if text.contains("No space left on device") || text.contains("StorageFull") {
+        "the disk is full: free space on the data directory's file system, then restart the node"
+    } else if matches!(e, StoreError::Corrupt(_)) {
+        "a store file is damaged: restore the data directory from a backup, or move the named file away \
+         (the messages in it are then lost) and restart (docs/operations.md)"
+    } else {
+        "an I/O error on the data directory: check the disk and the file system, then restart the node"
+    }
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -586,19 +603,40 @@ fn recover(db: &SingleWriterTxDatabase, ks: &Keyspaces, dir: &Path) -> Result<u6
     };
     let mut txn = db.write_tx().durability(Some(PersistMode::SyncData));
     let mut replayed = 0usize;
+    let durable = applied;
     for (_, path) in wal::segments(dir).map_err(unavailable)? {
         let contents = wal::read_segment(&path).map_err(unavailable)?;
         if contents.ignored_bytes > 0 {
             tracing::warn!(segment = %path.display(), bytes = contents.ignored_bytes, "ignoring the torn tail of the store's log (never acknowledged)");
         }
         for raw in contents.records {
-            let record: LogRecord = postcard::from_bytes(&raw).map_err(corrupt)?;
+            let record: LogRecord = postcard::from_bytes(&raw).map_err(|e| {
+                corrupt(format!(
+                    "{}: a record with a good CRC does not decode: {e}",
+                    path.display()
+                ))
+            })?;
             if record.lsn <= applied {
                 continue;
+            }
+            // Records are logged with consecutive lsns: a gap is acknowledged messages lost to damage.
+            if record.lsn != applied + 1 {
+                return Err(corrupt(format!(
+                    "{}: the log jumps from record {applied} to {}: the records between are damaged \
+                     (unreadable bytes at {:?}, as (offset, length))",
+                    path.display(),
+                    record.lsn,
+                    contents.damaged
+                )));
             }
             insert_messages(&mut txn, ks, &record.messages)?;
             applied = record.lsn;
             replayed += record.messages.len();
+        }
+        if !contents.damaged.is_empty() {
+            // Only records fjall already held (a gap among the others returned above).
+            tracing::warn!(segment = %path.display(), damaged = ?contents.damaged, durable,
+                "damaged bytes in the store's log, in records already in fjall: ignored");
         }
     }
     txn.insert(&ks.meta, APPLIED_LSN, applied.to_be_bytes());
@@ -1216,6 +1254,12 @@ fn read_message(conv: &str, entry: fjall::Guard) -> Result<Message, StoreError> 
 
 #[async_trait]
 impl MessageStore for EmbeddedStore {
+    fn failure(&self) -> Option<String> {
+        self.shared
+            .failure()
+            .map(|e| format!("{e} ({})", diagnosis(&e)))
+    }
+
     fn close(&self) {
         self.shutdown();
     }
@@ -1561,6 +1605,38 @@ mod tests {
         assert!(wal::segments(dir.path()).unwrap().is_empty());
         let store = EmbeddedStore::open(dir.path()).unwrap();
         assert_eq!(history(&store, "c").len(), 2);
+    }
+
+    #[test]
+    fn a_damaged_record_with_acknowledged_records_after_it_refuses_to_open_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Wal::create(dir.path(), 1).unwrap();
+        let mut ends = Vec::new();
+        for lsn in 1..=3 {
+            let record = LogRecord {
+                lsn,
+                messages: vec![message("c", lsn, &format!("m{lsn}"))],
+            };
+            log.append(&postcard::to_stdvec(&record).unwrap()).unwrap();
+            ends.push(log.len());
+        }
+        drop(log);
+        let segment = wal::segments(dir.path()).unwrap()[0].1.clone();
+        let mut bytes = std::fs::read(&segment).unwrap();
+        // A bit flipped inside the second record's payload; the third is intact.
+        bytes[ends[0] as usize + 12] ^= 0x01;
+        std::fs::write(&segment, &bytes).unwrap();
+        let Err(e) = EmbeddedStore::open(dir.path()) else {
+            panic!("opened over a damaged log");
+        };
+        assert!(matches!(e, StoreError::Corrupt(_)), "{e}");
+        assert!(
+            e.to_string().contains(&segment.display().to_string()),
+            "{e}"
+        );
+        assert!(diagnosis(&e).contains("damaged"));
+        // Nothing was deleted: the operator still has every byte.
+        assert_eq!(std::fs::read(&segment).unwrap(), bytes);
     }
 
     #[test]
