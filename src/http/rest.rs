@@ -258,6 +258,9 @@ async fn create_conversation(
         created_by: me,
         created_at: now_ms(),
     };
+    if let Some(behaviours) = &state.behaviours {
+        behaviours.creating(&info.id, &members).await?;
+    }
     let (info, created) = state
         .store
         .create_conversation(info, members)
