@@ -140,15 +140,20 @@ pub(crate) fn parse_nofile_limit(limits: &str) -> Option<usize> {
         .ok()
 }
 
-/// Open one client WebSocket to `server` from `source` with small buffers, bounded by `timeout`.
+/// Open one client WebSocket to `server` from `source` with small buffers, bounded by `timeout`; with
+/// `recv_buffer`, the socket's kernel receive buffer is set to that many bytes (a slow consumer's).
 pub(crate) async fn connect_ws(
     server: SocketAddrV4,
     source: Ipv4Addr,
     token: &str,
     timeout: Duration,
+    recv_buffer: Option<u32>,
 ) -> Result<Ws, Error> {
     let attempt = async {
         let socket = TcpSocket::new_v4()?;
+        if let Some(bytes) = recv_buffer {
+            socket.set_recv_buffer_size(bytes)?;
+        }
         socket.bind(SocketAddr::new(source.into(), 0))?;
         let stream = socket.connect(SocketAddr::V4(server)).await?;
         stream.set_nodelay(true)?;

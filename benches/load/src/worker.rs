@@ -539,6 +539,38 @@ fn jitter(seed: u64, max_ms: u64) -> Duration {
     Duration::from_millis(h.finish() % max_ms.max(1))
 }
 
+/// A slow consumer's kernel receive buffer: small, so that what it does not read backs up into the
+/// server's queue for it within seconds rather than minutes.
+const SLOW_RECV_BUFFER: u32 = 4096;
+
+/// A slow consumer at the end of the run: read what the server sent until its close (or the connection's
+/// end), and file how it ended. Not a dropped connection: it was meant to be cut off.
+async fn slow_end(sh: &Shared, ws: &mut Ws) {
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(cf)))) => {
+                    return format!("slow client: closed {} {}", u16::from(cf.code), cf.reason)
+                }
+                Some(Ok(Message::Close(None))) => {
+                    return "slow client: closed without a code".into()
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    return format!(
+                        "slow client: {}",
+                        e.to_string().chars().take(40).collect::<String>()
+                    )
+                }
+                None => return "slow client: connection ended, no close frame".into(),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| "slow client: still open at the end".into());
+    sh.close(ended);
+}
+
 /// Connect, retrying with exponential backoff until `attempts` or `deadline`.
 async fn connect_retrying(
     sh: &Shared,
@@ -550,7 +582,16 @@ async fn connect_retrying(
     let mut attempt = 0;
     loop {
         let t = Instant::now();
-        match connect_ws(spec.server, spec.source, &spec.token, CONNECT_TIMEOUT).await {
+        let recv_buffer = spec.slow.then_some(SLOW_RECV_BUFFER);
+        match connect_ws(
+            spec.server,
+            spec.source,
+            &spec.token,
+            CONNECT_TIMEOUT,
+            recv_buffer,
+        )
+        .await
+        {
             Ok(ws) => {
                 sh.connect
                     .lock()
@@ -635,16 +676,24 @@ async fn client(
     sh.setup_progress.notify_one();
 
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+    // A slow consumer stops reading when sending starts.
+    let mut reading = true;
     loop {
         tokio::select! {
             changed = phase.changed() => {
                 let now = if changed.is_err() { Phase::Stop } else { *phase.borrow_and_update() };
                 match now {
+                    Phase::Stop if !reading => {
+                        slow_end(&sh, &mut ws).await;
+                        sh.c.open.fetch_sub(1, Relaxed);
+                        return;
+                    }
                     Phase::Stop => {
                         let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
                         sh.c.open.fetch_sub(1, Relaxed);
                         return;
                     }
+                    Phase::Run if spec.slow => reading = false,
                     Phase::Drop => match storm(&sh, spec, index, ws, &mut conn).await {
                         Some(new) => ws = new,
                         None => return,
@@ -652,7 +701,7 @@ async fn client(
                     Phase::Setup | Phase::Run => {}
                 }
             }
-            frame = ws.next() => match frame {
+            frame = ws.next(), if reading => match frame {
                 Some(Ok(Message::Text(t))) => {
                     conn.on_text(&t, &sh, Mode::Live);
                     if let Some(seq) = conn.read_due.take() {
@@ -686,7 +735,12 @@ async fn client(
             }
             _ = ping.tick() => {
                 if ws.send(Message::Text(frame::PING.into())).await.is_err() {
-                    sh.c.dropped.fetch_add(1, Relaxed);
+                    if reading {
+                        sh.c.dropped.fetch_add(1, Relaxed);
+                    } else {
+                        // The server has cut the slow consumer off: read how.
+                        slow_end(&sh, &mut ws).await;
+                    }
                     sh.c.open.fetch_sub(1, Relaxed);
                     return;
                 }
