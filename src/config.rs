@@ -107,6 +107,12 @@ pub struct Settings {
     /// request without `Origin` (not a browser) is not checked [default: none: every origin].
     #[arg(long, env = "SWITCHBOARD_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Option<Vec<String>>,
+    /// Addresses of the reverse proxies in front of the node, comma-separated. When a WebSocket upgrade
+    /// comes from one of them, the client's address (for the per-address limits) is read from
+    /// `X-Forwarded-For`: the rightmost address that is not a trusted proxy. Unset: the TCP peer's address,
+    /// and `X-Forwarded-For` is ignored [default: none].
+    #[arg(long, env = "SWITCHBOARD_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Option<Vec<std::net::IpAddr>>,
     /// Close a connection silent for this many seconds [default: 90].
     #[arg(long, env = "SWITCHBOARD_HEARTBEAT_TIMEOUT_SECS")]
     pub heartbeat_timeout_secs: Option<f64>,
@@ -318,6 +324,8 @@ pub struct Admission {
     pub handshakes_per_node: Option<NonZeroU32>,
     /// `Origin` values allowed, when a browser sends one.
     pub origins: Option<Vec<String>>,
+    /// Proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 /// A configuration that cannot be used.
@@ -396,6 +404,7 @@ impl Settings {
                 handshakes_per_ip: NonZeroU32::new(pick!(handshakes_per_ip_per_sec).unwrap_or(0)),
                 handshakes_per_node: NonZeroU32::new(pick!(handshakes_per_sec).unwrap_or(2000)),
                 origins: pick!(allowed_origins).filter(|o| !o.is_empty()),
+                trusted_proxies: pick!(trusted_proxies).unwrap_or_default(),
             },
             signals_per_user: rate_with_burst(pick!(signals_per_user_per_sec).unwrap_or(30), 2),
             syncs_per_user: rate_with_burst(pick!(syncs_per_user_per_sec).unwrap_or(20), 5),

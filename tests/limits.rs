@@ -102,6 +102,46 @@ async fn connections_per_address_are_limited() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_count() {
+    let s = TestServer::start_with(|c| {
+        c.admission.per_user = None;
+        c.admission.per_ip = NonZeroUsize::new(1);
+        c.admission.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+    })
+    .await;
+    let api = s.api();
+    let mut keep = Vec::new();
+    let via = |client: &str| format!("X-Forwarded-For: 1.1.1.1, {client}");
+    // Two clients through the proxy (127.0.0.1): one place each.
+    for (user, client) in [("a", "198.51.100.1"), ("b", "198.51.100.2")] {
+        let token = api.token(user).await;
+        let (status, head, _) =
+            upgrade_from(s.addr, "127.0.0.1", &token, &via(client), &mut keep).await;
+        assert_eq!(status, 101, "{head}");
+    }
+    let token = api.token("c").await;
+    let (status, _, body) =
+        upgrade_from(s.addr, "127.0.0.1", &token, &via("198.51.100.1"), &mut keep).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (429, Some("too_many_connections"))
+    );
+    // A peer that is not a trusted proxy is its own address, whatever it forwards.
+    let (status, head, _) =
+        upgrade_from(s.addr, "127.0.0.2", &token, &via("198.51.100.9"), &mut keep).await;
+    assert_eq!(status, 101, "{head}");
+    let (status, _, _) = upgrade_from(
+        s.addr,
+        "127.0.0.2",
+        &token,
+        &via("198.51.100.10"),
+        &mut keep,
+    )
+    .await;
+    assert_eq!(status, 429, "127.0.0.2 already has its one place");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshakes_past_the_rate_get_429_with_a_retry_hint() {
     let s = TestServer::start_with(|c| c.admission.handshakes_per_ip = NonZeroU32::new(4)).await;
     let token = s.api().token("alice").await;

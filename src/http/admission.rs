@@ -73,6 +73,34 @@ impl Admission {
         })
     }
 
+    /// The client's address: the TCP peer's, or, when the peer is a trusted proxy, the rightmost address
+    /// of `X-Forwarded-For` that is not a trusted proxy (each proxy appends the address it got the request
+    /// from; what is left of a client's own address is whatever the client wrote, so it is not believed).
+    pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        let trusted = &self.config.trusted_proxies;
+        if !trusted.contains(&peer) {
+            return peer;
+        }
+        let hops: Vec<&str> = headers
+            .get_all(actix_http::header::X_FORWARDED_FOR)
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .collect();
+        // From the right, past our own proxies; an entry that is not an address ends the walk at the last
+        // proxy seen.
+        let mut client = peer;
+        for hop in hops.iter().rev() {
+            let Ok(ip) = hop.trim().parse::<IpAddr>() else {
+                break;
+            };
+            client = ip;
+            if !trusted.contains(&ip) {
+                break;
+            }
+        }
+        client
+    }
+
     /// The checks that need no token: the handshake rate of `ip`, then the `Origin`.
     pub fn before_token(&self, ip: IpAddr, headers: &HeaderMap) -> Result<(), ProtocolError> {
         if let Some(limiter) = &self.handshakes {
@@ -219,6 +247,44 @@ mod tests {
             "alice's first place was given back"
         );
         assert!(a.lock().per_user.get("alice") == Some(&1));
+    }
+
+    fn forwarded(values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(
+                actix_http::header::X_FORWARDED_FOR,
+                actix_http::header::HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn the_client_address_comes_from_x_forwarded_for_only_through_trusted_proxies() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let a = admission(config::Admission {
+            trusted_proxies: vec![ip("10.0.0.1"), ip("10.0.0.2")],
+            ..Default::default()
+        });
+        // Not from a proxy: the header is whatever the client wrote, and ignored.
+        let h = forwarded(&["1.1.1.1"]);
+        assert_eq!(a.client_ip(ip("203.0.113.9"), &h), ip("203.0.113.9"));
+        // Through two proxies: the rightmost address that is not one of ours; what the client put in
+        // front of it (a forged "1.1.1.1") is not believed.
+        let h = forwarded(&["1.1.1.1, 198.51.100.7", "10.0.0.2"]);
+        assert_eq!(a.client_ip(ip("10.0.0.1"), &h), ip("198.51.100.7"));
+        // No header, or garbage at the right: the proxy itself.
+        assert_eq!(
+            a.client_ip(ip("10.0.0.1"), &HeaderMap::new()),
+            ip("10.0.0.1")
+        );
+        let h = forwarded(&["198.51.100.7, unknown"]);
+        assert_eq!(a.client_ip(ip("10.0.0.1"), &h), ip("10.0.0.1"));
+        // Nobody trusted: always the peer.
+        let none = admission(config::Admission::default());
+        let h = forwarded(&["198.51.100.7"]);
+        assert_eq!(none.client_ip(ip("10.0.0.1"), &h), ip("10.0.0.1"));
     }
 
     #[tokio::test]

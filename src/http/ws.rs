@@ -19,7 +19,7 @@
 
 use std::convert::Infallible;
 use std::future::poll_fn;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -88,12 +88,15 @@ async fn upgrade(
     req: Request,
     mut framed: Framed<TcpStream, h1::Codec>,
 ) {
-    let peer = framed.io_ref().peer_addr().map(|a| a.ip());
-    let accepted = match peer {
-        Ok(ip) => accept(&state, &req, ip),
-        // The client is already gone.
-        Err(_) => return,
+    // The client is already gone.
+    let Ok(peer) = framed.io_ref().peer_addr() else {
+        return;
     };
+    let client = SocketAddr::new(
+        state.admission.client_ip(peer.ip(), &req.head().headers),
+        peer.port(),
+    );
+    let accepted = accept(&state, &req, client.ip());
     // The request's head goes back to actix's pool now, not when the connection ends.
     drop(req);
     let accepted = match accepted {
@@ -106,7 +109,7 @@ async fn upgrade(
     let (verified, response, admitted) = accepted;
     let lifetime = verified.lifetime();
     let user = verified.user;
-    let peer = framed.io_ref().peer_addr().ok();
+    let peer = Some(client);
     let attachments = match super::admit::admit(&state, &user, peer).await {
         Ok(attachments) => attachments,
         Err(refusal) => return refuse(&mut framed, *refusal).await,
