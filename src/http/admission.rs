@@ -11,7 +11,8 @@
 //!   token (a handshake with a bad token does not use up the node's admissions). Past it the handshake is answered with the
 //!   upgrade and at once a close **1013** (try again later) whose reason is `{"retry_after_ms":N}`: a
 //!   browser sees a close code and its reason, never an HTTP status. N is when the bucket has room again
-//!   plus up to a second of jitter, so the refused clients of a storm do not all come back together.
+//!   plus jitter over about the time the node needs to admit those refused lately (at least a second), so
+//!   the refused clients of a storm come back spread out, not together to be refused again.
 //! - **Open connections per user and per IP**: counted here, at the edge; an [`Admitted`] held by the
 //!   connection's task gives its place back when the task ends. Past either: 429 `too_many_connections`.
 //!
@@ -35,6 +36,9 @@ pub struct Admission {
     config: config::Admission,
     handshakes: Option<Arc<DefaultKeyedRateLimiter<IpAddr>>>,
     node_handshakes: Option<DefaultDirectRateLimiter>,
+    /// Handshakes refused by the node's rate lately: (when last counted, count decaying with a 1 s time
+    /// constant).
+    backlog: Mutex<(std::time::Instant, f64)>,
     open: Mutex<Open>,
 }
 
@@ -68,6 +72,7 @@ impl Admission {
         Arc::new(Self {
             handshakes,
             node_handshakes,
+            backlog: Mutex::new((std::time::Instant::now(), 0.0)),
             config,
             open: Mutex::default(),
         })
@@ -142,8 +147,25 @@ impl Admission {
             let wait = not_until.wait_time_from(limiter.clock().now());
             u64::try_from(wait.as_millis())
                 .unwrap_or(u64::MAX)
-                .saturating_add(1 + rand::random::<u64>() % 1000)
+                .saturating_add(1 + rand::random::<u64>() % self.retry_spread_ms())
         })
+    }
+
+    /// Over how long to spread the refused clients' retries: about as long as the node needs to admit
+    /// those refused lately (a count decaying with a 1 s time constant, over the rate), at least a second.
+    /// A storm's first wave is then told to come back evenly over the time it takes to let it in, rather
+    /// than all within the next second to be refused again.
+    fn retry_spread_ms(&self) -> u64 {
+        let rate = self
+            .config
+            .handshakes_per_node
+            .map_or(1.0, |r| f64::from(r.get()));
+        let mut backlog = self.backlog.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        let (since, count) = *backlog;
+        let count = count * (-(now - since).as_secs_f64()).exp() + 1.0;
+        *backlog = (now, count);
+        ((count / rate * 1000.0) as u64).max(1000)
     }
 
     /// Take a place for one more connection of `user` from `ip`, if neither is at its limit.

@@ -199,7 +199,7 @@ impl std::fmt::Display for TryLater {
 impl std::error::Error for TryLater {}
 
 /// `retry_after_ms` from a 1013 close reason (`{"retry_after_ms":N}`); a second when it has none.
-fn retry_hint(reason: &str) -> u64 {
+pub(crate) fn retry_hint(reason: &str) -> u64 {
     serde_json::from_str::<serde_json::Value>(reason)
         .ok()
         .and_then(|v| v["retry_after_ms"].as_u64())

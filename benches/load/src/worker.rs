@@ -19,7 +19,7 @@ use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::frame::{self, Op};
-use crate::net::{connect_error_label, connect_ws, TryLater, Ws};
+use crate::net::{connect_error_label, connect_ws, retry_hint, TryLater, Ws};
 use crate::spec::{ClientSpec, Command, Counters, Event, WorkerResult, WorkerSpec};
 use crate::stats::{self, latency_histogram};
 use crate::Error;
@@ -498,6 +498,10 @@ async fn sync_fully(ws: &mut Ws, conn: &mut Conn, sh: &Shared, conv: &str) -> Re
                     }
                 }
             }
+            // Admitted late: the node's 1013 came after the connect's short look for it.
+            Some(Ok(Message::Close(Some(cf)))) if u16::from(cf.code) == 1013 => {
+                return Err(Box::new(TryLater(retry_hint(&cf.reason))))
+            }
             Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
                 return Err("socket closed during sync".into())
             }
@@ -604,11 +608,12 @@ async fn connect_retrying(
             Err(e) => {
                 sh.c.connect_failures.fetch_add(1, Relaxed);
                 sh.error(connect_error_label(&e));
-                attempt += 1;
-                // The node's hint (it carries its own jitter), or exponential backoff with jitter.
+                // The node's hint (it carries its own jitter; being asked to wait is not a failed
+                // attempt), or exponential backoff with jitter.
                 let backoff = match e.downcast_ref::<TryLater>() {
                     Some(TryLater(ms)) => Duration::from_millis(*ms),
                     None => {
+                        attempt += 1;
                         Duration::from_millis(100 << attempt.min(4))
                             + jitter(index as u64 * 31 + u64::from(attempt), 100)
                     }
@@ -637,21 +642,42 @@ async fn client(
     };
     let permit = sem.acquire().await;
     let far = Instant::now() + Duration::from_secs(120);
-    let Some(mut ws) = connect_retrying(&sh, spec, index, SETUP_ATTEMPTS, far).await else {
-        setup_failed(&sh);
-        return;
-    };
-    drop(permit);
-    sh.last_upgrade_us
-        .fetch_max(start.elapsed().as_micros() as u64, Relaxed);
     let mut conn = Conn {
         pending: HashMap::new(),
         next_id: 0,
         read_due: None,
     };
+    // Connect and sync; a node that closes with 1013 after the connect's look for it is tried again later.
+    let (mut ws, synced) = loop {
+        let Some(mut ws) = connect_retrying(&sh, spec, index, SETUP_ATTEMPTS, far).await else {
+            setup_failed(&sh);
+            return;
+        };
+        let Some(conv) = &spec.conv else {
+            break (ws, Ok(Ok(())));
+        };
+        let synced = tokio::time::timeout(
+            SETUP_STEP_TIMEOUT,
+            sync_fully(&mut ws, &mut conn, &sh, conv),
+        )
+        .await;
+        match synced {
+            Ok(Err(e)) if e.downcast_ref::<TryLater>().is_some() => {
+                sh.c.connect_failures.fetch_add(1, Relaxed);
+                sh.error(connect_error_label(&e));
+                sh.c.open.fetch_sub(1, Relaxed);
+                let TryLater(ms) = *e.downcast::<TryLater>().expect("checked");
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            other => break (ws, other),
+        }
+    };
+    drop(permit);
+    sh.last_upgrade_us
+        .fetch_max(start.elapsed().as_micros() as u64, Relaxed);
     if let Some(conv) = &spec.conv {
         let setup = async {
-            sync_fully(&mut ws, &mut conn, &sh, conv).await?;
+            synced.map_err(|_| -> Error { "sync timed out".into() })??;
             prefill(&mut ws, &mut conn, &sh, conv, spec.prefill).await
         };
         match tokio::time::timeout(SETUP_STEP_TIMEOUT, setup).await {
@@ -765,20 +791,37 @@ async fn storm(
     drop(ws);
     sh.c.open.fetch_sub(1, Relaxed);
     conn.pending.clear();
+    let mut synced = None;
     let fail = || {
         sh.storm_failed.fetch_add(1, Relaxed);
         sh.storm_progress.notify_one();
     };
-    let Some(mut ws) = connect_retrying(sh, spec, index, u32::MAX, t0 + timeout).await else {
-        fail();
-        return None;
+    let ws = loop {
+        let Some(mut ws) = connect_retrying(sh, spec, index, u32::MAX, t0 + timeout).await else {
+            fail();
+            return None;
+        };
+        let Some(conv) = &spec.conv else { break ws };
+        let left = (t0 + timeout).saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, sync_fully(&mut ws, conn, sh, conv)).await {
+            Ok(Err(e)) if e.downcast_ref::<TryLater>().is_some() => {
+                sh.c.connect_failures.fetch_add(1, Relaxed);
+                sh.error(connect_error_label(&e));
+                sh.c.open.fetch_sub(1, Relaxed);
+                let TryLater(ms) = *e.downcast::<TryLater>().expect("checked");
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            other => {
+                synced = Some(other);
+                break ws;
+            }
+        }
     };
     sh.storm_back.fetch_add(1, Relaxed);
     sh.last_back_us
         .fetch_max(t0.elapsed().as_micros() as u64, Relaxed);
-    if let Some(conv) = &spec.conv {
-        let left = (t0 + timeout).saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, sync_fully(&mut ws, conn, sh, conv)).await {
+    if let Some(outcome) = synced {
+        match outcome {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 sh.error(format!("storm: {e}"));
