@@ -347,7 +347,12 @@ impl Settings {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_owned(), e))?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_owned(), e))
+        Self::from_toml(&text).map_err(|e| ConfigError::Parse(path.to_owned(), e))
+    }
+
+    /// Parse a TOML file's text.
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
     }
 
     /// Resolve `self` (flags and environment) over `file`, then defaults.
@@ -361,9 +366,11 @@ impl Settings {
             let v = v.unwrap_or(default);
             Duration::try_from_secs_f64(v)
                 .ok()
-                .filter(|d| !d.is_zero())
+                .filter(|d| !d.is_zero() && d.as_secs_f64() <= MAX_SECS)
                 .ok_or_else(|| {
-                    ConfigError::Invalid(format!("{name} must be a positive number of seconds"))
+                    ConfigError::Invalid(format!(
+                        "{name} must be a positive number of seconds, at most {MAX_SECS:e}"
+                    ))
                 })
         };
         let listen =
@@ -438,8 +445,11 @@ impl Settings {
             max_restarts: pick!(max_restarts).unwrap_or(20),
             restart_window: secs(pick!(restart_window_secs), 10.0, "restart_window_secs")?,
             drain_timeout: secs(pick!(drain_timeout_secs), 30.0, "drain_timeout_secs")?,
-            http_workers: pick!(http_workers)
-                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+            http_workers: pick!(http_workers).unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map_or(2, |n| n.get())
+                    .min(MAX_HTTP_WORKERS)
+            }),
             log: pick!(log).unwrap_or_else(|| "info".into()),
             drain_window: match pick!(drain_window_secs) {
                 Some(0.0) => Duration::ZERO,
@@ -555,6 +565,16 @@ impl Settings {
                 "max_body_bytes must be positive and below max_frame_bytes".into(),
             ));
         }
+        if !(1..=MAX_HTTP_WORKERS).contains(&config.http_workers) {
+            return Err(ConfigError::Invalid(format!(
+                "http_workers must be 1 to {MAX_HTTP_WORKERS}"
+            )));
+        }
+        if config.jwt_leeway_secs > MAX_JWT_LEEWAY_SECS {
+            return Err(ConfigError::Invalid(format!(
+                "jwt_leeway_secs must be at most {MAX_JWT_LEEWAY_SECS} (a day)"
+            )));
+        }
         if config.outbound_queue == 0 || config.max_unacked == 0 {
             return Err(ConfigError::Invalid(
                 "outbound_queue and max_unacked must be positive".into(),
@@ -579,6 +599,19 @@ impl Settings {
         Ok(config)
     }
 }
+
+/// Longest duration setting, in seconds (about 31 years): the server adds durations to the clock, and
+/// one near `u64::MAX` seconds overflows it (`heartbeat_timeout_secs = 1e19` panicked on every connection;
+/// the `config` fuzz target checks it).
+const MAX_SECS: f64 = 1e9;
+
+/// Most HTTP workers: actix-server's own limit, which it asserts (`http_workers = 0` or `513` panicked at
+/// start; the `config` fuzz target checks it).
+const MAX_HTTP_WORKERS: usize = 512;
+
+/// Most clock skew allowed on a JWT: jsonwebtoken computes `now - leeway` in `u64`, which wraps (or panics)
+/// once the leeway passes the Unix time; a day is already far more skew than any clock has.
+const MAX_JWT_LEEWAY_SECS: u64 = 86_400;
 
 /// Whether `origin` is written as a browser sends it in `Origin` (RFC 6454 §6.1): a scheme, `://`, a host
 /// and maybe a port — nothing that could never match exactly.
@@ -706,6 +739,37 @@ mod tests {
                 ..Default::default()
             };
             assert!(s.resolve(Settings::default()).is_err(), "{bad}");
+        }
+    }
+
+    /// Checked by the `config` fuzz target: these resolved, then panicked when the server started or took a
+    /// connection (or, for the leeway, made jsonwebtoken's `now - leeway` wrap).
+    #[test]
+    fn refuses_values_the_server_cannot_run_with() {
+        for text in [
+            "http_workers = 0",
+            "http_workers = 513",
+            "heartbeat_timeout_secs = 1e19",
+            "conversation_idle_secs = 1.8e19",
+            "drain_window_secs = 1e10",
+            "jwt_leeway_secs = 18446744073709551615",
+        ] {
+            let file = Settings::from_toml(text).unwrap();
+            assert!(
+                matches!(
+                    Settings::default().resolve(file),
+                    Err(ConfigError::Invalid(_))
+                ),
+                "{text}"
+            );
+        }
+        for text in [
+            "http_workers = 512",
+            "heartbeat_timeout_secs = 1e9",
+            "jwt_leeway_secs = 86400",
+        ] {
+            let file = Settings::from_toml(text).unwrap();
+            Settings::default().resolve(file).expect(text);
         }
     }
 

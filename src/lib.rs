@@ -13,12 +13,15 @@
 //! - [`http`]: the WebSocket edge and the REST API.
 //! - [`server`]: [`Server`], started from a listener and stopped by a drain.
 //! - [`testing`]: an in-process node for testing behaviours.
+//! - `fuzzing` (hidden): entry points for the `cargo fuzz` targets in `fuzz/`.
 //!
 //! Only `main.rs` reads flags and the environment.
 
 pub mod auth;
 pub mod builder;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hook;
 pub mod http;
 pub mod push;

@@ -245,11 +245,12 @@ pub fn decode_client_frame(text: &str, max_body: usize) -> Result<ClientFrame, P
             "a frame must be a JSON object",
         ));
     };
+    // Any error but a sync's carries the frame's string `msg_id`, whatever the op (docs/protocol.md).
     let msg_id = obj.get("msg_id").and_then(Value::as_str);
-    let op = required_str(&obj, "op").map_err(|e| e.for_msg(msg_id))?;
+    let fail = |e: ProtocolError| e.for_msg(msg_id);
+    let op = required_str(&obj, "op").map_err(fail)?;
     match op {
         "send" => {
-            let fail = |e: ProtocolError| e.for_msg(msg_id);
             let msg_id = required_str(&obj, "msg_id").map_err(fail)?.to_owned();
             let conv = id_field(&obj, "conv").map_err(fail)?;
             let body = required_str(&obj, "body").map_err(fail)?;
@@ -267,25 +268,24 @@ pub fn decode_client_frame(text: &str, max_body: usize) -> Result<ClientFrame, P
         }
         "ping" => Ok(ClientFrame::Ping),
         "typing" => Ok(ClientFrame::Typing {
-            conv: id_field(&obj, "conv")?,
+            conv: id_field(&obj, "conv").map_err(fail)?,
         }),
         "delivered" | "read" => Ok(ClientFrame::Receipt {
-            conv: id_field(&obj, "conv")?,
+            conv: id_field(&obj, "conv").map_err(fail)?,
             kind: if op == "read" {
                 ReceiptKind::Read
             } else {
                 ReceiptKind::Delivered
             },
-            seq: seq_field(&obj, "seq")?,
+            seq: seq_field(&obj, "seq").map_err(fail)?,
         }),
         "presence_subscribe" => Ok(ClientFrame::PresenceSubscribe {
-            users: user_list(obj.get("users"), "users")?,
+            users: user_list(obj.get("users"), "users").map_err(fail)?,
         }),
-        other => Err(ProtocolError::new(
+        other => Err(fail(ProtocolError::new(
             ErrorCode::UnknownOp,
             format!("unknown op {:?}", truncate(other, 32)),
-        )
-        .for_msg(msg_id)),
+        ))),
     }
 }
 
@@ -598,6 +598,25 @@ mod tests {
         let err =
             decode_client_frame(r#"{"op":"send","msg_id":"abc","body":"x"}"#, 16).unwrap_err();
         assert_eq!(err.msg_id.as_deref(), Some("abc"));
+    }
+
+    /// Found by the `client_frame` fuzz target: typing, receipt and presence errors lost the `msg_id`
+    /// that docs/protocol.md says every error but a sync's carries.
+    #[test]
+    fn errors_of_every_op_but_sync_carry_the_frames_msg_id() {
+        for frame in [
+            r#"{"op":"read","msg_id":"m\u00e9","conv":"c","body":""}"#,
+            r#"{"op":"delivered","msg_id":"mé","conv":""}"#,
+            r#"{"op":"typing","msg_id":"mé"}"#,
+            r#"{"op":"presence_subscribe","msg_id":"mé","users":[1]}"#,
+            r#"{"op":"dance","msg_id":"mé"}"#,
+            r#"{"op":5,"msg_id":"mé"}"#,
+        ] {
+            let err = decode_client_frame(frame, 16).unwrap_err();
+            assert_eq!(err.msg_id.as_deref(), Some("mé"), "{frame}");
+        }
+        let err = decode_client_frame(r#"{"op":"sync","msg_id":"mé","conv":"c"}"#, 16).unwrap_err();
+        assert_eq!(err.msg_id, None);
     }
 
     #[test]

@@ -141,18 +141,30 @@ async fn metrics(state: State) -> HttpResponse {
         .body(state.metrics.render())
 }
 
+/// The body of `POST /v1/dev/token`.
 #[derive(Deserialize)]
-struct DevTokenBody {
+pub struct DevTokenBody {
     user: String,
 }
 
-async fn dev_token(state: State, body: web::Json<DevTokenBody>) -> Result<HttpResponse, ApiError> {
-    if !valid_user_id(&body.user) {
-        return Err(ApiError::new(
-            ErrorCode::InvalidField,
-            "user must be 1-64 of A-Z a-z 0-9 _ . @ -",
-        ));
+impl DevTokenBody {
+    /// Refuse a user id that is not one.
+    pub fn check(&self) -> Result<(), ApiError> {
+        check_user(&self.user, "user must be 1-64 of A-Z a-z 0-9 _ . @ -")
     }
+}
+
+/// `Ok` for a valid user id, else `invalid_field` saying `why`.
+fn check_user(user: &str, why: &'static str) -> Result<(), ApiError> {
+    if valid_user_id(user) {
+        Ok(())
+    } else {
+        Err(ApiError::new(ErrorCode::InvalidField, why))
+    }
+}
+
+async fn dev_token(state: State, body: web::Json<DevTokenBody>) -> Result<HttpResponse, ApiError> {
+    body.check()?;
     let token = state
         .auth
         .mint(&body.user, DEV_TOKEN_TTL_SECS)
@@ -161,13 +173,73 @@ async fn dev_token(state: State, body: web::Json<DevTokenBody>) -> Result<HttpRe
         .json(json!({"token": token, "user": body.user, "expires_in": DEV_TOKEN_TTL_SECS})))
 }
 
+/// The body of `POST /v1/conversations`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CreateBody {
+pub struct CreateBody {
     kind: ConversationKind,
     #[serde(default)]
     name: Option<String>,
     members: Vec<String>,
+}
+
+/// A conversation to create, as a valid [`CreateBody`] asks for it.
+#[derive(Debug)]
+pub struct NewConversation {
+    /// DM or group.
+    pub kind: ConversationKind,
+    /// A group's name (1 to 200 bytes, not blank); `None` for a DM.
+    pub name: Option<String>,
+    /// Every member, the creator included, sorted, without repeats: two for a DM, at most [`MAX_MEMBERS`].
+    pub members: Vec<String>,
+}
+
+impl CreateBody {
+    /// What `me` asks to create, or why it may not be: member ids must be valid, a DM has exactly one
+    /// other member, a group needs a name, and the creator always belongs.
+    pub fn check(self, me: &str) -> Result<NewConversation, ApiError> {
+        if let Some(bad) = self.members.iter().find(|m| !valid_user_id(m)) {
+            return Err(ApiError::new(
+                ErrorCode::InvalidField,
+                format!("{bad:?} is not a valid user id"),
+            ));
+        }
+        let mut members: BTreeSet<String> = self.members.into_iter().collect();
+        let name = match self.kind {
+            ConversationKind::Dm => {
+                members.remove(me);
+                if members.len() != 1 {
+                    return Err(ApiError::new(
+                        ErrorCode::InvalidField,
+                        "a DM has exactly one other member",
+                    ));
+                }
+                None
+            }
+            ConversationKind::Group => {
+                let name = self.name.unwrap_or_default();
+                if name.trim().is_empty() || name.len() > 200 {
+                    return Err(ApiError::new(
+                        ErrorCode::InvalidField,
+                        "a group needs a name of 1 to 200 bytes",
+                    ));
+                }
+                Some(name)
+            }
+        };
+        members.insert(me.to_owned());
+        if members.len() > MAX_MEMBERS {
+            return Err(ApiError::new(
+                ErrorCode::InvalidField,
+                format!("a conversation has at most {MAX_MEMBERS} members, the creator included"),
+            ));
+        }
+        Ok(NewConversation {
+            kind: self.kind,
+            name,
+            members: members.into_iter().collect(),
+        })
+    }
 }
 
 fn conversation_json(
@@ -213,47 +285,14 @@ async fn create_conversation(
     state: State,
     body: web::Json<CreateBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let body = body.into_inner();
-    if let Some(bad) = body.members.iter().find(|m| !valid_user_id(m)) {
-        return Err(ApiError::new(
-            ErrorCode::InvalidField,
-            format!("{bad:?} is not a valid user id"),
-        ));
-    }
-    let mut members: BTreeSet<String> = body.members.into_iter().collect();
-    let name = match body.kind {
-        ConversationKind::Dm => {
-            members.remove(&me);
-            if members.len() != 1 {
-                return Err(ApiError::new(
-                    ErrorCode::InvalidField,
-                    "a DM has exactly one other member",
-                ));
-            }
-            None
-        }
-        ConversationKind::Group => {
-            let name = body.name.unwrap_or_default();
-            if name.trim().is_empty() || name.len() > 200 {
-                return Err(ApiError::new(
-                    ErrorCode::InvalidField,
-                    "a group needs a name of 1 to 200 bytes",
-                ));
-            }
-            Some(name)
-        }
-    };
-    members.insert(me.clone());
-    if members.len() > MAX_MEMBERS {
-        return Err(ApiError::new(
-            ErrorCode::InvalidField,
-            format!("a conversation has at most {MAX_MEMBERS} members, the creator included"),
-        ));
-    }
-    let members: Vec<String> = members.into_iter().collect();
+    let NewConversation {
+        kind,
+        name,
+        members,
+    } = body.into_inner().check(&me)?;
     let info = ConversationInfo {
         id: format!("c_{}", uuid::Uuid::now_v7().simple()),
-        kind: body.kind,
+        kind,
         name,
         created_by: me,
         created_at: now_ms(),
@@ -336,9 +375,26 @@ async fn history_page(
     Ok(HttpResponse::Ok().json(page))
 }
 
+/// The query of `GET /v1/presence`.
 #[derive(Deserialize)]
-struct PresenceParams {
+pub struct PresenceParams {
     users: Option<String>,
+}
+
+impl PresenceParams {
+    /// The users asked about: `users` is a comma-separated list (empty items skipped), checked as
+    /// `presence_subscribe`'s list is.
+    pub fn users(&self) -> Result<Vec<String>, ApiError> {
+        let users = self.users.as_deref().map(|list| {
+            Value::Array(
+                list.split(',')
+                    .filter(|u| !u.is_empty())
+                    .map(|u| Value::String(u.to_owned()))
+                    .collect(),
+            )
+        });
+        Ok(user_list(users.as_ref(), "users")?)
+    }
 }
 
 /// `GET /v1/presence?users=a,b`: each user's presence as this node's events say it.
@@ -347,23 +403,23 @@ async fn presence(
     state: State,
     q: web::Query<PresenceParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let users = q.users.as_deref().map(|list| {
-        Value::Array(
-            list.split(',')
-                .filter(|u| !u.is_empty())
-                .map(|u| Value::String(u.to_owned()))
-                .collect(),
-        )
-    });
-    let users = user_list(users.as_ref(), "users")?;
+    let users = q.users()?;
     let users = state.sessions.presence().lookup(&users);
     Ok(HttpResponse::Ok().json(json!({ "users": users })))
 }
 
+/// The body of `POST /v1/conversations/{id}/messages`.
 #[derive(Deserialize)]
-struct SendBody {
+pub struct SendBody {
     msg_id: String,
     body: String,
+}
+
+impl SendBody {
+    /// The checks a send over the socket passes too: a valid `msg_id`, a body of at most `max_body` bytes.
+    pub fn check(&self, max_body: usize) -> Result<(), ApiError> {
+        Ok(check_send(&self.msg_id, &self.body, max_body)?)
+    }
 }
 
 async fn send_message(
@@ -372,8 +428,8 @@ async fn send_message(
     path: web::Path<String>,
     body: web::Json<SendBody>,
 ) -> Result<HttpResponse, ApiError> {
+    body.check(state.max_body_bytes)?;
     let SendBody { msg_id, body } = body.into_inner();
-    check_send(&msg_id, &body, state.max_body_bytes)?;
     let request = SendRequest {
         from: me,
         msg_id,
@@ -387,9 +443,17 @@ async fn send_message(
     Ok(HttpResponse::Created().json(message))
 }
 
+/// The body of `POST /v1/conversations/{id}/members`.
 #[derive(Deserialize)]
-struct MemberBody {
+pub struct MemberBody {
     user: String,
+}
+
+impl MemberBody {
+    /// Refuse a user id that is not one.
+    pub fn check(&self) -> Result<(), ApiError> {
+        check_user(&self.user, "user is not a valid user id")
+    }
 }
 
 async fn add_member(
@@ -399,12 +463,7 @@ async fn add_member(
     body: web::Json<MemberBody>,
 ) -> Result<HttpResponse, ApiError> {
     let conv = path.into_inner();
-    if !valid_user_id(&body.user) {
-        return Err(ApiError::new(
-            ErrorCode::InvalidField,
-            "user is not a valid user id",
-        ));
-    }
+    body.check()?;
     history::authorize(&*state.store, &conv, &me).await?;
     let added = state
         .conversations

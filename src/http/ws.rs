@@ -6,9 +6,10 @@
 //! is this module's, and the dispatcher with its two buffers is gone. What is left per connection is the
 //! socket, one task, and buffers that exist only while bytes are in flight:
 //!
-//! - reading (`Reader`): bytes are read when the socket is readable into a buffer that is released as
-//!   soon as every complete frame in it is decoded; actix-http's frame parser checks masking, reserved bits,
-//!   control-frame rules and the frame limit, and fragmented messages are reassembled up to the same limit;
+//! - reading (`Reader`, its decoding in [`FrameDecoder`]): bytes are read when the socket is readable into
+//!   a buffer that is released as soon as every complete frame in it is decoded; actix-http's frame parser
+//!   checks masking, reserved bits, control-frame rules and the frame limit, and fragmented messages are
+//!   reassembled up to the same limit;
 //! - writing (`write_queue`): whatever the connection's outbound queue holds is framed (a 2–10 byte
 //!   header in front of the shared JSON) into one buffer and written in one go, then the buffer is released.
 //!
@@ -167,9 +168,7 @@ async fn serve(
 ) {
     let reader = Reader {
         io: &io,
-        buf: read_buf,
-        max_frame,
-        fragments: None,
+        frames: FrameDecoder::new(read_buf, max_frame),
         done: false,
     };
     let ((), written) = futures_util::future::join(
@@ -288,13 +287,21 @@ async fn refuse(framed: &mut Framed<TcpStream, h1::Codec>, refusal: HttpResponse
 /// What the client sends, decoded frame by frame as the socket has it.
 struct Reader<'a> {
     io: &'a TcpStream,
+    /// What was read and not yet decoded, and the message being reassembled.
+    frames: FrameDecoder,
+    /// The client closed, or broke the protocol: nothing more is read.
+    done: bool,
+}
+
+/// The reader's bytes-to-messages half, with no socket: RFC 6455 frames in, [`Inbound`] items out. The
+/// server's reader feeds it what the socket gives; the `ws_reader` fuzz target (`fuzz/`) feeds it arbitrary
+/// bytes.
+pub struct FrameDecoder {
     /// Bytes read and not yet decoded; no allocation while nothing is in flight.
     buf: BytesMut,
     max_frame: usize,
     /// A fragmented message being reassembled.
     fragments: Option<Fragments>,
-    /// The client closed, or broke the protocol: nothing more is read.
-    done: bool,
 }
 
 /// A fragmented message so far.
@@ -337,19 +344,21 @@ impl Stream for Reader<'_> {
             return Poll::Ready(None);
         }
         loop {
-            if let Some(item) = this.decode() {
+            if let Some(item) = this.frames.decode() {
                 this.done = matches!(item, Inbound::Closed | Inbound::Refused(_));
                 return Poll::Ready(Some(item));
             }
-            if this.buf.is_empty() {
+            let buf = this.frames.buffer();
+            if buf.is_empty() {
                 // Idle: hold no buffer.
-                this.buf = BytesMut::new();
+                *buf = BytesMut::new();
             }
             if let Err(e) = ready!(this.io.poll_read_ready(cx)) {
                 return this.ended(&e);
             }
-            this.buf.reserve(READ_CHUNK);
-            match this.io.try_read_buf(&mut this.buf) {
+            let buf = this.frames.buffer();
+            buf.reserve(READ_CHUNK);
+            match this.io.try_read_buf(buf) {
                 Ok(0) => {
                     this.done = true;
                     return Poll::Ready(Some(Inbound::Closed));
@@ -369,9 +378,33 @@ impl Reader<'_> {
         self.done = true;
         Poll::Ready(Some(Inbound::Closed))
     }
+}
 
-    /// The next whole message or control frame in the buffer, if there is one.
-    fn decode(&mut self) -> Option<Inbound> {
+impl FrameDecoder {
+    /// A decoder of frames up to `max_frame` bytes (a fragmented message counts whole), starting with the
+    /// bytes in `buf` (what the client sent with its upgrade request).
+    pub fn new(buf: BytesMut, max_frame: usize) -> Self {
+        Self {
+            buf,
+            max_frame,
+            fragments: None,
+        }
+    }
+
+    /// The undecoded bytes: read more into it, then [`decode`](Self::decode). It holds at most one frame
+    /// header and `max_frame` payload bytes once `decode` returned `None`.
+    pub fn buffer(&mut self) -> &mut BytesMut {
+        &mut self.buf
+    }
+
+    /// The bytes of the fragmented message being reassembled (0 when none is).
+    pub fn fragmented_bytes(&self) -> usize {
+        self.fragments.as_ref().map_or(0, |f| f.data.len())
+    }
+
+    /// The next whole message or control frame in the buffer, if there is one. After a `Closed` or a
+    /// `Refused` the connection ends: what follows is not to be decoded.
+    pub fn decode(&mut self) -> Option<Inbound> {
         loop {
             // Everything a frame's header can break is refused as soon as the header is in, before its
             // payload is waited for or buffered (actix's parser would read a whole frame first).

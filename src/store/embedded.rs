@@ -28,7 +28,7 @@
 
 mod dedupe;
 mod priority;
-mod wal;
+pub(crate) mod wal;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -179,9 +179,21 @@ impl Record {
 
 /// One log record: the new messages of one writer group, in the order they took their seqs.
 #[derive(Serialize, Deserialize)]
-struct LogRecord {
-    lsn: u64,
-    messages: Vec<Message>,
+pub(crate) struct LogRecord {
+    pub(crate) lsn: u64,
+    pub(crate) messages: Vec<Message>,
+}
+
+impl LogRecord {
+    /// The record's bytes in the log (postcard).
+    pub(crate) fn encode(&self) -> Result<Vec<u8>, StoreError> {
+        postcard::to_stdvec(self).map_err(corrupt)
+    }
+
+    /// A record read back from the log; bytes that are not one are a corrupt store.
+    pub(crate) fn decode(raw: &[u8]) -> Result<Self, StoreError> {
+        postcard::from_bytes(raw).map_err(corrupt)
+    }
 }
 
 enum WriteOp {
@@ -610,7 +622,7 @@ fn recover(db: &SingleWriterTxDatabase, ks: &Keyspaces, dir: &Path) -> Result<u6
             tracing::warn!(segment = %path.display(), bytes = contents.ignored_bytes, "ignoring the torn tail of the store's log (never acknowledged)");
         }
         for raw in contents.records {
-            let record: LogRecord = postcard::from_bytes(&raw).map_err(|e| {
+            let record = LogRecord::decode(&raw).map_err(|e| {
                 corrupt(format!(
                     "{}: a record with a good CRC does not decode: {e}",
                     path.display()
@@ -897,7 +909,7 @@ impl Writer {
             lsn: self.next_lsn,
             messages,
         };
-        let raw = postcard::to_stdvec(&record).map_err(corrupt)?;
+        let raw = record.encode()?;
         self.wal.append(&raw).map_err(unavailable)?;
         self.next_lsn += 1;
         self.shared.overlay().add(&record);
@@ -1587,7 +1599,7 @@ mod tests {
                 lsn,
                 messages: vec![message("c", lsn, &format!("m{lsn}"))],
             };
-            log.append(&postcard::to_stdvec(&record).unwrap()).unwrap();
+            log.append(&record.encode().unwrap()).unwrap();
         }
         drop(log);
         let segment = wal::segments(dir.path()).unwrap()[0].1.clone();

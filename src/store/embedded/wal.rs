@@ -39,20 +39,20 @@ const SPARE_CHUNK: usize = 512 * 1024;
 const SPARE_PAUSE: Duration = Duration::from_millis(10);
 
 /// The records read back from a log.
-pub(super) struct Contents {
+pub(crate) struct Contents {
     /// Every good record's payload, in the order they were appended.
-    pub(super) records: Vec<Vec<u8>>,
+    pub(crate) records: Vec<Vec<u8>>,
     /// Bytes after the last good record up to the last non-zero byte (a torn tail), ignored. The zeros of
     /// preallocated space never written are not counted.
-    pub(super) ignored_bytes: u64,
+    pub(crate) ignored_bytes: u64,
     /// Stretches (offset, length) that are not good records but have good records after them: damage, not
     /// a torn tail (nothing is appended after a record whose append failed). Whether acknowledged messages
     /// were lost in them is for the reader to tell from the records' lsns.
-    pub(super) damaged: Vec<(u64, u64)>,
+    pub(crate) damaged: Vec<(u64, u64)>,
 }
 
 /// An open log file. Not shared: one owner appends, truncates and reads it.
-pub(super) struct Wal {
+pub(crate) struct Wal {
     file: File,
     /// Bytes written since the last truncate (the file's length when nothing failed and it was not
     /// preallocated).
@@ -66,7 +66,7 @@ pub(super) struct Wal {
 impl Wal {
     /// Create the segment whose first record will carry `first_lsn`, in `dir`, and make its directory entry
     /// durable. A segment of that name left by an earlier run is replaced (recovery has read it already).
-    pub(super) fn create(dir: &Path, first_lsn: u64) -> io::Result<Self> {
+    pub(crate) fn create(dir: &Path, first_lsn: u64) -> io::Result<Self> {
         let path = segment_path(dir, first_lsn);
         let file = OpenOptions::new()
             .read(true)
@@ -134,7 +134,7 @@ impl Wal {
     /// Append one record and `fdatasync` the file. When this returns `Ok`, the record survives a crash.
     /// After an error the file's tail is unknown (the record may or may not be there): the caller must not
     /// append again before the log has been read back and truncated (that is, before a restart).
-    pub(super) fn append(&mut self, payload: &[u8]) -> io::Result<()> {
+    pub(crate) fn append(&mut self, payload: &[u8]) -> io::Result<()> {
         let len = u32::try_from(payload.len())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "log record over 4 GiB"))?;
         let len_bytes = len.to_le_bytes();
@@ -326,7 +326,7 @@ pub(super) fn segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
 }
 
 /// Every good record of the segment at `path` (see [`Wal::read_all`]).
-pub(super) fn read_segment(path: &Path) -> io::Result<Contents> {
+pub(crate) fn read_segment(path: &Path) -> io::Result<Contents> {
     Wal::open(path)?.read_all()
 }
 
@@ -356,7 +356,8 @@ fn is_spare(name: &str) -> bool {
     name.starts_with(SPARE_PREFIX) && name.ends_with(SPARE_SUFFIX)
 }
 
-fn segment_path(dir: &Path, first_lsn: u64) -> PathBuf {
+/// The path of the segment whose first record carries `first_lsn`.
+pub(crate) fn segment_path(dir: &Path, first_lsn: u64) -> PathBuf {
     dir.join(format!("{PREFIX}{first_lsn:020}{SUFFIX}"))
 }
 
