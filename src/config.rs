@@ -79,6 +79,12 @@ pub struct Settings {
     /// refused with 429 `rate_limited` and a retry hint, 0 for no limit [default: 0].
     #[arg(long, env = "SWITCHBOARD_HANDSHAKES_PER_IP_PER_SEC")]
     pub handshakes_per_ip_per_sec: Option<u32>,
+    /// WebSocket handshakes this node admits per second, from all addresses together (a token bucket
+    /// holding as many): past it a handshake is answered with the upgrade and at once a close 1013 whose
+    /// reason carries `retry_after_ms` (a reconnect storm is admitted at this pace instead of starving the
+    /// connections already open), 0 for no limit [default: 2000].
+    #[arg(long, env = "SWITCHBOARD_HANDSHAKES_PER_SEC")]
+    pub handshakes_per_sec: Option<u32>,
     /// Sends per user per second over WebSockets, all of the user's connections together (a token bucket);
     /// more get `rate_limited` with `retry_after_ms`, 0 for no limit [default: 0].
     #[arg(long, env = "SWITCHBOARD_MESSAGES_PER_USER_PER_SEC")]
@@ -87,11 +93,26 @@ pub struct Settings {
     /// [default: 10 times the rate].
     #[arg(long, env = "SWITCHBOARD_MESSAGES_BURST")]
     pub messages_burst: Option<u32>,
+    /// `typing`, `delivered` and `read` frames per user per second, all of the user's connections together
+    /// (a token bucket holding twice as many); more are dropped, 0 for no limit [default: 30].
+    #[arg(long, env = "SWITCHBOARD_SIGNALS_PER_USER_PER_SEC")]
+    pub signals_per_user_per_sec: Option<u32>,
+    /// `sync` frames per user per second, all of the user's connections together (a token bucket holding
+    /// five times as many, for a reconnect that syncs many conversations); more get `rate_limited` with
+    /// `retry_after_ms`, 0 for no limit [default: 20].
+    #[arg(long, env = "SWITCHBOARD_SYNCS_PER_USER_PER_SEC")]
+    pub syncs_per_user_per_sec: Option<u32>,
     /// Origins allowed to open a WebSocket, comma-separated, matched exactly against the `Origin` header
     /// (`https://chat.example.com`); a browser page from another origin gets 403 `forbidden_origin`. A
     /// request without `Origin` (not a browser) is not checked [default: none: every origin].
     #[arg(long, env = "SWITCHBOARD_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Option<Vec<String>>,
+    /// Addresses of the reverse proxies in front of the node, comma-separated. When a WebSocket upgrade
+    /// comes from one of them, the client's address (for the per-address limits) is read from
+    /// `X-Forwarded-For`: the rightmost address that is not a trusted proxy. Unset: the TCP peer's address,
+    /// and `X-Forwarded-For` is ignored [default: none].
+    #[arg(long, env = "SWITCHBOARD_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Option<Vec<std::net::IpAddr>>,
     /// Close a connection silent for this many seconds [default: 90].
     #[arg(long, env = "SWITCHBOARD_HEARTBEAT_TIMEOUT_SECS")]
     pub heartbeat_timeout_secs: Option<f64>,
@@ -256,6 +277,10 @@ pub struct Config {
     pub admission: Admission,
     /// Sends per user per second (all connections together) and their burst; `None`: no limit.
     pub messages_per_user: Option<(NonZeroU32, NonZeroU32)>,
+    /// Signals per user per second and their burst; `None`: no limit.
+    pub signals_per_user: Option<(NonZeroU32, NonZeroU32)>,
+    /// Syncs per user per second and their burst; `None`: no limit.
+    pub syncs_per_user: Option<(NonZeroU32, NonZeroU32)>,
     /// Heartbeat timeout.
     pub heartbeat_timeout: Duration,
     /// Conversation idle time.
@@ -295,8 +320,12 @@ pub struct Admission {
     pub per_ip: Option<NonZeroUsize>,
     /// Handshakes per client IP address per second.
     pub handshakes_per_ip: Option<NonZeroU32>,
+    /// Handshakes per second on this node, all addresses together.
+    pub handshakes_per_node: Option<NonZeroU32>,
     /// `Origin` values allowed, when a browser sends one.
     pub origins: Option<Vec<String>>,
+    /// Proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 /// A configuration that cannot be used.
@@ -380,8 +409,12 @@ impl Settings {
                 per_user: NonZeroUsize::new(pick!(max_connections_per_user).unwrap_or(10)),
                 per_ip: NonZeroUsize::new(pick!(max_connections_per_ip).unwrap_or(0)),
                 handshakes_per_ip: NonZeroU32::new(pick!(handshakes_per_ip_per_sec).unwrap_or(0)),
+                handshakes_per_node: NonZeroU32::new(pick!(handshakes_per_sec).unwrap_or(2000)),
                 origins: pick!(allowed_origins).filter(|o| !o.is_empty()),
+                trusted_proxies: pick!(trusted_proxies).unwrap_or_default(),
             },
+            signals_per_user: rate_with_burst(pick!(signals_per_user_per_sec).unwrap_or(30), 2),
+            syncs_per_user: rate_with_burst(pick!(syncs_per_user_per_sec).unwrap_or(20), 5),
             messages_per_user: match NonZeroU32::new(pick!(messages_per_user_per_sec).unwrap_or(0))
             {
                 None => None,
@@ -604,6 +637,12 @@ impl Config {
     }
 }
 
+/// A rate of `per_second` (0: no limit) with a burst of `burst_times` as many.
+fn rate_with_burst(per_second: u32, burst_times: u32) -> Option<(NonZeroU32, NonZeroU32)> {
+    let rate = NonZeroU32::new(per_second)?;
+    Some((rate, rate.saturating_mul(NonZeroU32::new(burst_times)?)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -651,11 +690,28 @@ mod tests {
     }
 
     #[test]
-    fn limits_default_to_ten_connections_per_user_and_nothing_else() {
+    fn signal_and_sync_rates_default_on_with_their_bursts_and_turn_off_with_zero() {
+        let c = Settings::default().resolve(Settings::default()).unwrap();
+        let pair = |a, b| Some((NonZeroU32::new(a).unwrap(), NonZeroU32::new(b).unwrap()));
+        assert_eq!(c.signals_per_user, pair(30, 60));
+        assert_eq!(c.syncs_per_user, pair(20, 100));
+        let c = Settings {
+            signals_per_user_per_sec: Some(0),
+            syncs_per_user_per_sec: Some(3),
+            ..Default::default()
+        }
+        .resolve(Settings::default())
+        .unwrap();
+        assert_eq!((c.signals_per_user, c.syncs_per_user), (None, pair(3, 15)));
+    }
+
+    #[test]
+    fn limits_default_to_ten_connections_per_user_and_no_address_or_send_limits() {
         let c = Settings::default().resolve(Settings::default()).unwrap();
         assert_eq!(c.admission.per_user, NonZeroUsize::new(10));
         assert_eq!(c.admission.per_ip, None);
         assert_eq!(c.admission.handshakes_per_ip, None);
+        assert_eq!(c.admission.handshakes_per_node, NonZeroU32::new(2000));
         assert_eq!(c.admission.origins, None);
         assert_eq!(c.messages_per_user, None);
         assert_eq!(c.jwt_leeway_secs, 30);

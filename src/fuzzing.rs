@@ -24,6 +24,8 @@ pub struct LogContents {
     pub records: Vec<Vec<u8>>,
     /// Bytes after the last good record up to the last non-zero byte: a torn tail, ignored.
     pub ignored_bytes: u64,
+    /// Stretches (offset, length) skipped because good records follow them: damage.
+    pub damaged: Vec<(u64, u64)>,
 }
 
 /// Create the segment whose first record carries `first_lsn` in `dir`, append each payload as the store's
@@ -41,10 +43,12 @@ pub fn read_log_segment(path: &Path) -> io::Result<LogContents> {
     let wal::Contents {
         records,
         ignored_bytes,
+        damaged,
     } = wal::read_segment(path)?;
     Ok(LogContents {
         records,
         ignored_bytes,
+        damaged,
     })
 }
 

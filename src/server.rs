@@ -37,6 +37,8 @@ use crate::store::embedded::EmbeddedStore;
 use switchboard_actors::behaviour::{Behaviour, Behaviours, Budgets};
 use switchboard_actors::store::SharedStore;
 
+use crate::store::failed::FailedStore;
+
 /// A running node.
 pub struct Server {
     addr: SocketAddr,
@@ -77,7 +79,18 @@ impl Server {
     ) -> anyhow::Result<Server> {
         let metrics = prometheus();
         let store: SharedStore = match &config.store {
-            StoreKind::Embedded => Arc::new(EmbeddedStore::open(&config.data_dir)?),
+            StoreKind::Embedded => match EmbeddedStore::open(&config.data_dir) {
+                Ok(store) => Arc::new(store),
+                // Up, refusing writes and saying why (`/readyz`), rather than exiting to be restarted into
+                // the same failure: a full disk or a damaged file needs the operator.
+                Err(e) => {
+                    let hint = crate::store::embedded::diagnosis(&e);
+                    tracing::error!(error = %e, hint, data_dir = %config.data_dir.display(),
+                        "the embedded store could not open: the node runs without it, refusing every \
+                         request with store_unavailable, until it is fixed and restarted");
+                    Arc::new(FailedStore::new(e, hint))
+                }
+            },
             StoreKind::Cassandra(c) => Arc::new(CassandraStore::open(c.clone()).await?),
         };
         let auth = Auth::from_config(config)?;
@@ -97,6 +110,8 @@ impl Server {
                 max_unacked: config.max_unacked,
                 drain_window: config.drain_window,
                 messages_per_user: config.messages_per_user,
+                signals_per_user: config.signals_per_user,
+                syncs_per_user: config.syncs_per_user,
             },
             intensity: RestartIntensity {
                 max_restarts: config.max_restarts,

@@ -1518,6 +1518,74 @@ async fn cross_node_dm_and_group() {
         "sends were forwarded ({forwarded}) and deliveries crossed nodes ({delivered})"
     );
     println!("cross_node_dm_and_group: {report:?}");
+
+    // Roles are checked by the group's actor, on its owner node, whichever node takes the request: the
+    // asking user travels with the forwarded change.
+    let group = &setup.convs[0].id;
+    let (alice, bob) = (&setup.tokens["alice"], &setup.tokens["bob"]);
+    let members = |i: usize, token: &str, user: &str, body: Option<Value>, method| {
+        let api = cluster.api(i);
+        let (token, user, body) = (token.to_owned(), user.to_owned(), body);
+        async move {
+            let path = match method {
+                reqwest::Method::POST => format!("/v1/conversations/{group}/members"),
+                _ => format!("/v1/conversations/{group}/members/{user}"),
+            };
+            api.call(method, &path, &token, body).await
+        }
+    };
+    for i in 0..3 {
+        let (status, v) = members(
+            i,
+            bob,
+            "",
+            Some(json!({"user":"dave"})),
+            reqwest::Method::POST,
+        )
+        .await;
+        assert_eq!(
+            (status, v["error"]["code"].as_str()),
+            (403, Some("forbidden")),
+            "n{}: {v}",
+            i + 1
+        );
+    }
+    let (status, v) = members(
+        1,
+        alice,
+        "bob",
+        Some(json!({"role":"owner"})),
+        reqwest::Method::PUT,
+    )
+    .await;
+    assert_eq!((status, v), (200, json!({"changed": true})));
+    let (status, v) = members(
+        2,
+        bob,
+        "",
+        Some(json!({"user":"dave"})),
+        reqwest::Method::POST,
+    )
+    .await;
+    assert_eq!((status, v), (200, json!({"added": true})));
+    for i in 0..3 {
+        let (_, v) = cluster
+            .api(i)
+            .call(
+                reqwest::Method::GET,
+                &format!("/v1/conversations/{group}"),
+                alice,
+                None,
+            )
+            .await;
+        assert_eq!(v["owners"], json!(["alice", "bob"]), "n{}", i + 1);
+        assert_eq!(
+            v["members"],
+            json!(["alice", "bob", "carol", "dave"]),
+            "n{}",
+            i + 1
+        );
+    }
     close_all(&devices).await;
 }
 

@@ -22,7 +22,7 @@ use switchboard::behaviour::{
     async_trait, Behaviour, Connecting, Delivery, Disconnected, Incoming, MemberEvent, Message,
     MessageVerdict, PresenceChange, Rejection, Verdict,
 };
-use switchboard::testing::TestNode;
+use switchboard::testing::{Refused, TestNode};
 use switchboard::{Config, Server, ServerBuilder};
 use word_filter::{Mode, WordFilter};
 
@@ -351,6 +351,20 @@ async fn connect_and_join_hooks_refuse_attach_and_observe() {
         seen.disconnected.lock().unwrap()[0],
         ("alice".to_owned(), Some("tag-alice".to_owned()))
     );
+    // Members listed at creation go through on_join too: a group or a DM with mallory is not created.
+    for refused in [
+        node.group("alice", &["bob", "mallory"]).await,
+        node.dm("alice", "mallory").await,
+    ] {
+        let e = refused.expect_err("created with mallory in it");
+        assert_eq!(
+            e.downcast_ref::<Refused>(),
+            Some(&Refused {
+                status: 403,
+                code: "rejected".into()
+            })
+        );
+    }
     let conv = node.group("alice", &["bob"]).await.unwrap();
     let refused = node.add_member("alice", &conv, "mallory").await.unwrap();
     assert_eq!(

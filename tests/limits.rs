@@ -102,6 +102,46 @@ async fn connections_per_address_are_limited() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_count() {
+    let s = TestServer::start_with(|c| {
+        c.admission.per_user = None;
+        c.admission.per_ip = NonZeroUsize::new(1);
+        c.admission.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+    })
+    .await;
+    let api = s.api();
+    let mut keep = Vec::new();
+    let via = |client: &str| format!("X-Forwarded-For: 1.1.1.1, {client}");
+    // Two clients through the proxy (127.0.0.1): one place each.
+    for (user, client) in [("a", "198.51.100.1"), ("b", "198.51.100.2")] {
+        let token = api.token(user).await;
+        let (status, head, _) =
+            upgrade_from(s.addr, "127.0.0.1", &token, &via(client), &mut keep).await;
+        assert_eq!(status, 101, "{head}");
+    }
+    let token = api.token("c").await;
+    let (status, _, body) =
+        upgrade_from(s.addr, "127.0.0.1", &token, &via("198.51.100.1"), &mut keep).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (429, Some("too_many_connections"))
+    );
+    // A peer that is not a trusted proxy is its own address, whatever it forwards.
+    let (status, head, _) =
+        upgrade_from(s.addr, "127.0.0.2", &token, &via("198.51.100.9"), &mut keep).await;
+    assert_eq!(status, 101, "{head}");
+    let (status, _, _) = upgrade_from(
+        s.addr,
+        "127.0.0.2",
+        &token,
+        &via("198.51.100.10"),
+        &mut keep,
+    )
+    .await;
+    assert_eq!(status, 429, "127.0.0.2 already has its one place");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshakes_past_the_rate_get_429_with_a_retry_hint() {
     let s = TestServer::start_with(|c| c.admission.handshakes_per_ip = NonZeroU32::new(4)).await;
     let token = s.api().token("alice").await;
@@ -193,6 +233,118 @@ async fn sends_past_the_user_rate_get_rate_limited_with_retry_after_ms() {
         answer,
         json!({"op":"ack","msg_id":refused,"conv":conv,"seq":answer["seq"],"id":answer["id"],"ts":answer["ts"]})
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_past_the_user_rate_are_dropped_and_syncs_get_rate_limited_naming_their_conversation(
+) {
+    let pair = |a, b| Some((NonZeroU32::new(a).unwrap(), NonZeroU32::new(b).unwrap()));
+    let s = TestServer::start_with(|c| {
+        c.signals_per_user = pair(2, 3);
+        c.syncs_per_user = pair(1, 4);
+    })
+    .await;
+    let api = s.api();
+    let (ta, tb) = (api.token("alice").await, api.token("bob").await);
+    let conv = api.dm(&ta, "bob").await;
+    let mut alice = Client::connect(s.addr, &ta).await;
+    let mut bob = Client::connect(s.addr, &tb).await;
+    for i in 1..=6 {
+        bob.send_msg(&conv, &format!("b{i}"), "hi").await;
+        bob.expect_op("ack").await;
+        alice.expect_op("msg").await;
+    }
+    // Six reads at once, each further than the last: a burst of 3 gets through, the rest are dropped.
+    for seq in 1..=6 {
+        alice
+            .send(json!({"op":"read","conv": conv,"seq": seq}))
+            .await;
+    }
+    let mut seen = Vec::new();
+    while let Some(Recv::Frame(f)) = bob.recv_within(Duration::from_millis(400)).await {
+        if f["op"] == "receipt" {
+            seen.push(f["seq"].as_u64().unwrap());
+        }
+    }
+    assert!(
+        (3..=4).contains(&seen.len()) && seen.windows(2).all(|w| w[0] < w[1]),
+        "a burst of 3 (and maybe one more token) in order: {seen:?}"
+    );
+    // Half a second later there is room again: the next read moves the position on.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    alice.send(json!({"op":"read","conv": conv,"seq": 6})).await;
+    let r = bob.expect_op("receipt").await;
+    assert_eq!(r["seq"], 6, "{r}");
+
+    // Syncs: a burst of 4, then `rate_limited` naming the conversation, with a retry hint.
+    for _ in 0..6 {
+        alice
+            .send(json!({"op":"sync","conv": conv,"after_seq": 5}))
+            .await;
+    }
+    let (mut synced, mut limited) = (0, Vec::new());
+    while synced + limited.len() < 6 {
+        let f = alice.frame().await;
+        match f["op"].as_str() {
+            Some("synced") => synced += 1,
+            Some("error") => limited.push(f),
+            _ => {}
+        }
+    }
+    assert!((4..=5).contains(&synced), "{synced} synced, {limited:?}");
+    for e in &limited {
+        assert_eq!(
+            (e["code"].as_str(), e["conv"].as_str()),
+            (Some("rate_limited"), Some(conv.as_str())),
+            "{e}"
+        );
+        assert!(
+            (1..=1000).contains(&e["retry_after_ms"].as_u64().unwrap()),
+            "{e}"
+        );
+    }
+    // Bob's bucket is his own.
+    bob.send(json!({"op":"sync","conv": conv,"after_seq": 0}))
+        .await;
+    assert_eq!(bob.expect_op("synced").await["last_seq"], 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_nodes_handshake_rate_the_upgrade_closes_with_1013_and_a_retry_hint() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let s = TestServer::start_with(|c| c.admission.handshakes_per_node = NonZeroU32::new(2)).await;
+    let api = s.api();
+    let token = api.token("alice").await;
+    let url = format!("ws://{}/v1/ws?token={token}", s.addr);
+    // A bad token is refused (401) without using up the node's admissions.
+    let bad = tokio_tungstenite::connect_async(format!("ws://{}/v1/ws?token=nope", s.addr)).await;
+    assert!(bad.is_err());
+    let mut admitted = vec![
+        Client::connect(s.addr, &token).await,
+        Client::connect(s.addr, &token).await,
+    ];
+    // The third within the second: upgraded, then closed at once with 1013 and when to come back.
+    let (mut ws, response) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    assert_eq!(response.status(), 101);
+    let close = match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
+        Some(Ok(Message::Close(Some(close)))) => close,
+        other => panic!("expected a close frame, got {other:?}"),
+    };
+    assert_eq!(u16::from(close.code), 1013);
+    let hint: Value = serde_json::from_str(&close.reason).unwrap();
+    let ms = hint["retry_after_ms"].as_u64().unwrap();
+    assert!(
+        (1..=1500).contains(&ms),
+        "the bucket's wait plus up to 1 s of jitter: {hint}"
+    );
+    // The admitted connections are untouched, and after the hint there is room again.
+    admitted[0].send(json!({"op":"ping"})).await;
+    admitted[0].expect_op("pong").await;
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    admitted.push(Client::connect(s.addr, &token).await);
+    admitted[2].send(json!({"op":"ping"})).await;
+    admitted[2].expect_op("pong").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -45,6 +45,46 @@ impl Node {
         node
     }
 
+    /// Start without waiting for `/readyz` (a node whose store failed never becomes ready): wait until it
+    /// answers `/healthz`.
+    async fn start_unready(dir: &Path, out: Stdio) -> Node {
+        let addr: SocketAddr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["serve", "--listen", &addr.to_string(), "--data-dir"])
+            .arg(dir)
+            .env("SWITCHBOARD_LOG", "warn")
+            .stdout(out)
+            .spawn()
+            .expect("start switchboard");
+        let mut node = Node { child, addr };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = reqwest::get(format!("http://{addr}/healthz")).await {
+                if r.status() == 200 {
+                    return node;
+                }
+            }
+            if let Some(status) = node.child.try_wait().unwrap() {
+                panic!("the node exited instead of starting: {status}");
+            }
+            assert!(Instant::now() < deadline, "the node did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `/readyz`: (status, reason).
+    async fn readiness(&self) -> (u16, String) {
+        let r = reqwest::get(format!("http://{}/readyz", self.addr))
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let v: Value = r.json().await.unwrap();
+        (status, v["reason"].as_str().unwrap_or_default().to_owned())
+    }
+
     fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
             .args([sig, &self.child.id().to_string()])
@@ -350,4 +390,183 @@ async fn tokens_and_bodies_never_reach_the_log() {
             panic!("{what} in the log, in the line starting {line:?}");
         }
     }
+}
+
+/// A tmpfs of `size` mounted on a new directory (a disk that fills up), unmounted on drop.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "the disk-full test mounts a tmpfs: it needs root (CAP_SYS_ADMIN), as CI has"
+        );
+        SmallDisk { dir }
+    }
+
+    fn grow(&self, size: &str) {
+        let ok = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(self.dir.path())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "remount the tmpfs larger");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_sends_says_why_and_loses_nothing_acknowledged() {
+    let disk = SmallDisk::mount("100m");
+    let data = disk.dir.path().join("data");
+    let logs = tempfile::tempdir().unwrap();
+    let log_path = logs.path().join("node.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut node = Node::start_logging(&data, "warn", log.into()).await;
+    let api = Api::new(node.addr);
+    let token = api.token("alice").await;
+    let conv = api.group(&token, &[]).await;
+    let mut alice = Client::connect(node.addr, &token).await;
+    let body = "x".repeat(4000);
+    // Fill the disk: ~10,000 messages of 4 KB go into the log and fjall before it is full.
+    let mut acked = Vec::new();
+    let refusal = loop {
+        let n = acked.len();
+        assert!(n < 40_000, "the disk never filled");
+        alice.send_msg(&conv, &format!("m{n}"), &body).await;
+        let f = alice.frame().await;
+        match f["op"].as_str() {
+            Some("ack") => acked.push(f["seq"].as_u64().unwrap()),
+            _ => break f,
+        }
+    };
+    assert_eq!(refusal["code"], "store_unavailable", "{refusal}");
+    assert!(acked.len() > 1000, "{} acked", acked.len());
+    // Every later send is refused the same way; the node stays up and says why.
+    for i in 0..20 {
+        alice.send_msg(&conv, &format!("after{i}"), "small").await;
+        assert_eq!(alice.expect_op("error").await["code"], "store_unavailable");
+    }
+    let (status, reason) = node.readiness().await;
+    assert_eq!(status, 503);
+    assert!(
+        reason.contains("No space left on device") && reason.contains("disk is full"),
+        "{reason}"
+    );
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert_eq!(
+        log.matches("stops taking writes").count(),
+        1,
+        "said once, not once per refused write:\n{log}"
+    );
+
+    // A restart on the still-full disk: the node comes up refusing, and says why, instead of exiting.
+    node.signal("-KILL");
+    node.wait_exit(Duration::from_secs(10));
+    let node = Node::start_unready(&data, Stdio::null()).await;
+    let (status, reason) = node.readiness().await;
+    assert_eq!(status, 503);
+    assert!(
+        reason.contains("could not open") && reason.contains("disk is full"),
+        "{reason}"
+    );
+    let api = Api::new(node.addr);
+    let (status, v) = api
+        .call(
+            reqwest::Method::POST,
+            &format!("/v1/conversations/{conv}/messages"),
+            &token,
+            Some(serde_json::json!({"msg_id":"rest-1","body":"hi"})),
+        )
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (503, Some("store_unavailable")),
+        "{v}"
+    );
+    drop(node);
+
+    // Space freed: the restart replays the log, and every acknowledged message is there once, in order.
+    disk.grow("400m");
+    let node = Node::start(&data).await;
+    let api = Api::new(node.addr);
+    let history = api.all_messages(&token, &conv).await;
+    let seqs: Vec<u64> = history.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, acked, "exactly the acknowledged messages, in order");
+    let mut alice = Client::connect(node.addr, &token).await;
+    alice.send_msg(&conv, "after-restart", "hi").await;
+    assert_eq!(alice.expect_op("ack").await["seq"], acked.len() as u64 + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_store_keeps_the_node_up_refusing_and_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut node = Node::start(&data).await;
+    let api = Api::new(node.addr);
+    let token = api.token("alice").await;
+    let conv = api.group(&token, &[]).await;
+    let mut alice = Client::connect(node.addr, &token).await;
+    for i in 0..50 {
+        alice
+            .send_msg(&conv, &format!("m{i}"), &format!("message {i}"))
+            .await;
+        alice.expect_op("ack").await;
+    }
+    node.signal("-KILL");
+    node.wait_exit(Duration::from_secs(10));
+    // fjall's files lost and a bit flipped in the middle of the newest log segment: the log must now
+    // supply every message, and some of them are unreadable.
+    std::fs::remove_dir_all(data.join("store")).unwrap();
+    let segment = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("wal-0")
+        })
+        .max()
+        .expect("a log segment");
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let written = bytes.iter().rposition(|b| *b != 0).unwrap();
+    bytes[written / 2] ^= 0x20;
+    std::fs::write(&segment, &bytes).unwrap();
+    let node = Node::start_unready(&data, Stdio::null()).await;
+    let (status, reason) = node.readiness().await;
+    assert_eq!(status, 503);
+    assert!(
+        reason.contains("damaged")
+            && reason.contains(segment.file_name().unwrap().to_str().unwrap()),
+        "{reason}"
+    );
+    // Up, and refusing: every request gets store_unavailable, nothing is deleted.
+    let api = Api::new(node.addr);
+    let (status, v) = api.history(&token, &conv, "?after=0").await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (503, Some("store_unavailable")),
+        "{v}"
+    );
+    assert_eq!(
+        std::fs::read(&segment).unwrap(),
+        bytes,
+        "the damaged segment is left as it was"
+    );
 }

@@ -267,7 +267,20 @@ async fn conversations_members_and_inbox(store: &dyn MessageStore) {
     );
     assert!(store.add_member("g1", "ben").await.unwrap());
     assert!(!store.add_member("g1", "ben").await.unwrap());
+    // Owners: recorded and dropped idempotently, sorted, and gone with the membership.
+    assert!(store.owners("g1").await.unwrap().is_empty());
+    assert!(store.set_owner("g1", "cat", true).await.unwrap());
+    assert!(!store.set_owner("g1", "cat", true).await.unwrap());
+    assert!(store.set_owner("g1", "ann", true).await.unwrap());
+    assert_eq!(store.owners("g1").await.unwrap(), vec!["ann", "cat"]);
+    assert!(store.set_owner("g1", "ann", false).await.unwrap());
+    assert!(!store.set_owner("g1", "ann", false).await.unwrap());
+    assert_eq!(store.owners("g1").await.unwrap(), vec!["cat"]);
     assert!(store.remove_member("g1", "cat").await.unwrap());
+    assert!(
+        store.owners("g1").await.unwrap().is_empty(),
+        "a removed member is no owner"
+    );
     assert!(!store.remove_member("g1", "cat").await.unwrap());
     assert_eq!(store.members("g1").await.unwrap(), vec!["ann", "ben"]);
     let mut carol = store.user_conversations("cat").await.unwrap();

@@ -144,6 +144,11 @@ function signIn(token) {
       renderPresence();
     }
   });
+  on('removed', ({ conv, by }) => {
+    inbox.delete(conv);
+    if (conv === current) notice(by === me ? 'You left this group.' : `${by ?? 'The server'} removed you from this group.`);
+    renderInbox();
+  });
   on('syncfailed', ({ conv }) => {
     if (conv === current) notice('This conversation is no longer available to you.');
   });

@@ -25,6 +25,7 @@
  * | `sendfailed`  | `{msgId, conv, body, code, message}`: refused for good (`not_member`, `body_too_large`, …)         |
  * | `synced`      | `{conv, lastSeq}`: a tracked conversation is caught up                                  |
  * | `syncfailed`  | `{conv, code}`: a tracked conversation could not be synced (no longer a member); it is untracked     |
+ * | `removed`     | `{conv, by}`: this user was removed from the group `conv` (or left from another device); it is untracked |
  * | `typing`      | `{conv, user}`                                                          |
  * | `receipt`     | `{conv, user, kind, seq}`: kind `delivered` or `read`; also from the user's own other devices       |
  * | `presence`    | `{user, state, last_seen}`                                              |
@@ -175,8 +176,8 @@ export class SwitchboardClient extends EventTarget {
       this.onOpen();
     };
     ws.onmessage = (e) => this.onFrame(e.data);
-    ws.onclose = () => {
-      if (this.ws === ws) this.onClosed(opened);
+    ws.onclose = (e) => {
+      if (this.ws === ws) this.onClosed(opened, e);
     };
   }
 
@@ -210,9 +211,21 @@ export class SwitchboardClient extends EventTarget {
     this.timers.watch = setInterval(() => this.watchdog(), 1000);
   }
 
-  async onClosed(opened) {
+  async onClosed(opened, e) {
     this.dropSocket();
     if (this.stopped) return;
+    if (e?.code === 1013) {
+      // The node admits handshakes at a bounded pace: come back when it says (its hint has jitter).
+      let delay = 1000;
+      try {
+        delay = JSON.parse(e.reason).retry_after_ms ?? delay;
+      } catch {
+        /* no hint: a second */
+      }
+      this.setState('waiting', delay);
+      this.timers.retry = setTimeout(() => this.openSocket(), delay);
+      return;
+    }
     // A socket refused before it opened may be a refused token: the upgrade's 401 is invisible to
     // scripts, so ask REST, which answers the same check with a status.
     if (!opened && (await this.tokenRefused())) {
@@ -391,6 +404,10 @@ export class SwitchboardClient extends EventTarget {
       case 'presence':
         this.emit('presence', { user: f.user, state: f.state, last_seen: f.last_seen ?? null });
         break;
+      case 'removed':
+        this.tracked.delete(f.conv);
+        this.emit('removed', { conv: f.conv, by: f.by ?? null });
+        break;
       default:
         break; // pong, and frames newer than this client
     }
@@ -457,22 +474,35 @@ export class SwitchboardClient extends EventTarget {
       this.optionalSent.clear();
       return;
     }
+    if (typeof f.conv === 'string') {
+      // A sync's error names its conversation (servers before it did not: see below).
+      const t = this.tracked.get(f.conv);
+      if (t) this.syncFailed(f.conv, t, f);
+      return;
+    }
     const syncing = [...this.tracked].filter(([, t]) => t.syncSentAt !== null);
     if (syncing.length > 0 && ['unknown_conversation', 'not_member', 'store_unavailable', 'internal'].includes(f.code)) {
-      // A sync's error names no conversation: retry each outstanding one; one that keeps failing is dropped.
-      for (const [conv, t] of syncing) {
-        t.syncErrors += 1;
-        t.syncSentAt = null;
-        if (t.syncErrors > 3) {
-          this.tracked.delete(conv);
-          this.emit('syncfailed', { conv, code: f.code });
-        } else {
-          setTimeout(() => this.syncFrom(conv), 500 * t.syncErrors);
-        }
-      }
+      // An older server's sync error names no conversation: retry each outstanding one.
+      for (const [conv, t] of syncing) this.syncFailed(conv, t, f);
       return;
     }
     this.emit('error', { code: f.code, message: f.message });
+  }
+
+  /** A sync of `conv` failed: try again after the server's hint or a backoff; one that keeps failing is dropped. */
+  syncFailed(conv, t, f) {
+    t.syncSentAt = null;
+    if (f.code === 'rate_limited') {
+      setTimeout(() => this.syncFrom(conv), f.retry_after_ms ?? 1000);
+      return;
+    }
+    t.syncErrors += 1;
+    if (t.syncErrors > 3) {
+      this.tracked.delete(conv);
+      this.emit('syncfailed', { conv, code: f.code });
+    } else {
+      setTimeout(() => this.syncFrom(conv), 500 * t.syncErrors);
+    }
   }
 
   // ---- signals --------------------------------------------------------------------------------------------

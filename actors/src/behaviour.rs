@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | [`on_connect`](Behaviour::on_connect) | the edge of the node the client connects to, before the `101` | accept, reject (an HTTP status), attach data |
 //! | [`on_disconnect`](Behaviour::on_disconnect) | a task of its own when a connection ends, on that node | observe (sees the attached data) |
-//! | [`on_join`](Behaviour::on_join) | the conversation's actor (on its owner), before the member is stored | accept or reject |
+//! | [`on_join`](Behaviour::on_join) | the conversation's actor (on its owner), before the member is stored; for the members listed at creation, the creating node, before the conversation is stored | accept or reject |
 //! | [`on_leave`](Behaviour::on_leave) | a task of its own after a member is removed, on the owner | observe |
 //! | [`on_message`](Behaviour::on_message) | the conversation's actor (on its owner), before the store write | accept, reject with an error code, rewrite the body |
 //! | [`on_stored`](Behaviour::on_stored) | one task per conversation, in seq order, after the batch is acked and fanned out | side effects ([`Api::send`] included) |
@@ -32,7 +32,7 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use tracing::warn;
 
-use crate::cluster::{Outgoing, SharedCluster};
+use crate::cluster::{MemberChange, Outgoing, SharedCluster};
 use crate::conversation::{SendRequest, SendResult};
 use crate::conversations::Conversations;
 use crate::protocol::{self, ErrorCode, ProtocolError, ServerFrame};
@@ -419,7 +419,9 @@ impl Api {
 
     /// Add `user` to the group `conv` (through every behaviour's `on_join`).
     pub async fn add_member(&self, conv: &str, user: &str) -> Result<bool, ProtocolError> {
-        self.conversations.add_member(conv, user.to_owned()).await
+        self.conversations
+            .change_member(conv, user.to_owned(), MemberChange::Add, None)
+            .await
     }
 }
 
@@ -556,6 +558,20 @@ impl Behaviours {
                 Ok(Verdict::Reject(r)) => return Err(r.into_error()),
                 Err(_) => return Err(failed_error(Hook::Join)),
             }
+        }
+        Ok(())
+    }
+
+    /// A conversation is being created with `members` (the creator among them): run every `on_join` for
+    /// each, in order, before anything is stored; the first refusal refuses the creation. Runs on the node
+    /// that creates it (there is no actor yet).
+    pub async fn creating(&self, conv: &str, members: &[UserId]) -> Result<(), ProtocolError> {
+        for user in members {
+            let event = MemberEvent {
+                conv: conv.to_owned(),
+                user: user.clone(),
+            };
+            self.join(&event).await?;
         }
         Ok(())
     }

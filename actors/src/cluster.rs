@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use serde::{Deserialize, Serialize};
 
 use crate::conversation::SendResult;
 use crate::protocol::{ProtocolError, ReceiptKind};
@@ -152,12 +153,24 @@ pub struct Signal {
 }
 
 /// A membership change routed to the conversation's owner.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MemberChange {
     /// Add the user.
     Add,
     /// Remove the user.
     Remove,
+    /// Give the user (a member) this role.
+    SetRole(Role),
+}
+
+/// A member's role in a group. DMs have none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Adds and removes members and changes roles. The creator is the first; a group keeps at least one.
+    Owner,
+    /// Sends, reads and leaves.
+    Member,
 }
 
 /// Which members of a conversation are online on which other node, resolved by the cluster and kept by the
@@ -195,6 +208,7 @@ pub trait Cluster: Send + Sync + 'static {
         conv: &str,
         user: &str,
         change: MemberChange,
+        by: Option<&str>,
     ) -> Result<Result<bool, ProtocolError>, Lost>;
 
     /// Resolves once `node` has seen every session change this node made before the call (they travel on

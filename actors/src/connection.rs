@@ -54,6 +54,12 @@ pub struct ConnectionLimits {
     /// Sends per user per second, all of the user's connections on this node together, and how many may
     /// come at once; past them a send gets `rate_limited`. `None`: no limit.
     pub messages_per_user: Option<(NonZeroU32, NonZeroU32)>,
+    /// `typing`, `delivered` and `read` frames per user per second (all connections together) and their
+    /// burst; past them a frame is dropped (signals are best effort). `None`: no limit.
+    pub signals_per_user: Option<(NonZeroU32, NonZeroU32)>,
+    /// `sync` frames per user per second (all connections together) and their burst; past them a sync gets
+    /// `rate_limited` with `retry_after_ms` and its `conv`. `None`: no limit.
+    pub syncs_per_user: Option<(NonZeroU32, NonZeroU32)>,
 }
 
 impl ConnectionLimits {
@@ -73,19 +79,21 @@ impl Default for ConnectionLimits {
             max_unacked: 1024,
             drain_window: Duration::ZERO,
             messages_per_user: None,
+            signals_per_user: None,
+            syncs_per_user: None,
         }
     }
 }
 
-/// The per-user send rate: one GCRA token bucket per user (governor's keyed limiter), shared by the user's
-/// connections on this node. A check is a hash of the user id and one compare-and-swap, so the send path
-/// stays cheap; users whose bucket is full again are forgotten every minute, so its memory follows the
-/// users who sent recently.
+/// A per-user rate (of sends, signals or syncs): one GCRA token bucket per user (governor's keyed limiter),
+/// shared by the user's connections on this node. A check is a hash of the user id and one
+/// compare-and-swap, so the frame's path stays cheap; users whose bucket is full again are forgotten every
+/// minute, so its memory follows the users who were active recently, and an idle connection costs nothing.
 #[derive(Clone)]
-pub struct SendLimiter(Arc<DefaultKeyedRateLimiter<UserId>>);
+pub struct UserLimiter(Arc<DefaultKeyedRateLimiter<UserId>>);
 
-impl SendLimiter {
-    /// `per_second` sends per user per second, `burst` at once; `None` when `limit` is. Must be called on a
+impl UserLimiter {
+    /// `per_second` frames per user per second, `burst` at once; `None` when `limit` is. Must be called on a
     /// Tokio runtime (the cleanup task runs there, and ends with the limiter).
     pub fn new(limit: Option<(NonZeroU32, NonZeroU32)>) -> Option<Self> {
         let (per_second, burst) = limit?;
@@ -96,7 +104,7 @@ impl SendLimiter {
         Some(Self(limiter))
     }
 
-    /// Take one send from `user`'s bucket, or say how long until one is there.
+    /// Take one frame from `user`'s bucket, or say how long until one is there.
     pub fn check(&self, user: &UserId) -> Result<(), Duration> {
         self.0
             .check_key(user)
@@ -141,7 +149,11 @@ pub struct ConnectionContext {
     /// Limits.
     pub limits: ConnectionLimits,
     /// Sends per user per second (`limits.messages_per_user`), when limited.
-    pub send_limiter: Option<SendLimiter>,
+    pub send_limiter: Option<UserLimiter>,
+    /// Signals per user per second (`limits.signals_per_user`), when limited.
+    pub signal_limiter: Option<UserLimiter>,
+    /// Syncs per user per second (`limits.syncs_per_user`), when limited.
+    pub sync_limiter: Option<UserLimiter>,
     /// Where syncs run: the actors' runtime, whatever runtime the transport runs the connection on (the edge
     /// runs it on this one too, decision 0011). A sync is a task of its own, so the loop keeps reading while a
     /// reconnect storm's history reads and replays run.
@@ -416,6 +428,17 @@ impl Connection {
         self.close(CloseCode::ServiceRestart);
     }
 
+    /// Take one frame of this user's from `limiter` (none: no limit); past it, count the frame as limited
+    /// and say how long until the next is allowed.
+    fn limited(&self, limiter: &Option<UserLimiter>, frame: &'static str) -> Result<(), Duration> {
+        let Some(limiter) = limiter else {
+            return Ok(());
+        };
+        limiter.check(&self.link.user).inspect_err(|_| {
+            metrics::counter!("switchboard_frames_limited_total", "frame" => frame).increment(1);
+        })
+    }
+
     async fn inbound(&mut self, text: &str) {
         let frame = match protocol::decode_client_frame(text, self.ctx.limits.max_body) {
             Ok(f) => f,
@@ -458,12 +481,16 @@ impl Connection {
                 }
             }
             ClientFrame::Typing { conv } => {
-                let signal = self.signal(SignalKind::Typing);
-                self.ctx.conversations.signal(&conv, signal).await;
+                if self.limited(&self.ctx.signal_limiter, "typing").is_ok() {
+                    let signal = self.signal(SignalKind::Typing);
+                    self.ctx.conversations.signal(&conv, signal).await;
+                }
             }
             ClientFrame::Receipt { conv, kind, seq } => {
-                let signal = self.signal(SignalKind::Receipt { kind, seq });
-                self.ctx.conversations.signal(&conv, signal).await;
+                if self.limited(&self.ctx.signal_limiter, "receipt").is_ok() {
+                    let signal = self.signal(SignalKind::Receipt { kind, seq });
+                    self.ctx.conversations.signal(&conv, signal).await;
+                }
             }
             ClientFrame::PresenceSubscribe { users } => {
                 let presence = &self.ctx.presence;
@@ -476,6 +503,14 @@ impl Connection {
                 self.link.watching = users;
             }
             ClientFrame::Sync { conv, after_seq } => {
+                if let Err(wait) = self.limited(&self.ctx.sync_limiter, "sync") {
+                    let mut e = ProtocolError::new(
+                        ErrorCode::RateLimited,
+                        "too many syncs from this user; retry after retry_after_ms",
+                    );
+                    e.retry_after_ms = Some(retry_after_ms(wait));
+                    return self.reply(&ServerFrame::error(&e).about(&conv));
+                }
                 let (store, user, replier, conversations, behaviours) = (
                     self.ctx.store.clone(),
                     self.link.user.clone(),
@@ -506,7 +541,7 @@ impl Connection {
                                     has_more: page.has_more,
                                 });
                             }
-                            Err(e) => replier.send(&ServerFrame::error(&e)),
+                            Err(e) => replier.send(&ServerFrame::error(&e).about(&conv)),
                         }
                     },
                     &self.ctx.runtime,

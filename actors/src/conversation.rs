@@ -19,15 +19,16 @@ use tracing::{debug, warn};
 
 use crate::behaviour::{Behaviours, FilteredFanOut, MemberEvent};
 use crate::cluster::{
-    Origin, Outgoing, RemoteAnswer, RemoteAnswers, SharedCluster, Signal, SignalKind,
+    MemberChange, Origin, Outgoing, RemoteAnswer, RemoteAnswers, Role, SharedCluster, Signal,
+    SignalKind,
 };
 use crate::conversations::ConversationsMsg;
 use crate::notify::{Offline, SharedNotifier};
 use crate::protocol::{self, ErrorCode, ProtocolError, ReceiptKind, ServerFrame};
 use crate::session::{Recipients, SessionDirectory};
 use crate::store::{
-    Appended, ConvId, ConversationKind, Message, NewMessage, SharedStore, StoreError, UserId,
-    MAX_MEMBERS,
+    Appended, ConvId, ConversationInfo, ConversationKind, Message, NewMessage, SharedStore,
+    StoreError, UserId, MAX_MEMBERS,
 };
 
 /// Receipts go to the other members in DMs and groups of at most this many members; larger groups send none.
@@ -130,18 +131,15 @@ pub enum ConversationMsg {
         /// The next seq after the batch, or `None` when the write failed and the last seq must be reloaded.
         next_seq: Option<u64>,
     },
-    /// Add a member (groups only).
-    AddMember {
-        /// The user to add.
+    /// Add or remove a member, or change a member's role (groups only).
+    ChangeMember {
+        /// The user changed.
         user: UserId,
-        /// `true` if added, `false` if already a member.
-        reply: RpcReplyPort<Result<bool, ProtocolError>>,
-    },
-    /// Remove a member.
-    RemoveMember {
-        /// The user to remove.
-        user: UserId,
-        /// `true` if removed, `false` if not a member.
+        /// What changes.
+        change: MemberChange,
+        /// Who asks (their role is checked), or `None` for the server itself.
+        by: Option<UserId>,
+        /// `true` if something changed, `false` if it already was so.
         reply: RpcReplyPort<Result<bool, ProtocolError>>,
     },
     /// Answer once every accepted send is durable and acknowledged.
@@ -207,6 +205,10 @@ pub struct ConversationState {
     members: Arc<HashSet<UserId>>,
     /// Bumped whenever `members` changes.
     members_version: u64,
+    /// A group's owners (none for a DM, or for a group from before roles whose creator left).
+    owners: HashSet<UserId>,
+    /// Whether `owners` is what the store holds, or the creator by default (see [`owners_of`]).
+    owners_stored: bool,
     /// The members' connections, resolved for fan-out; used by one write job at a time.
     recipients: Arc<std::sync::Mutex<Recipients>>,
     /// The seq the next new message takes; `None` after a failed write, until reloaded from the store.
@@ -456,29 +458,61 @@ impl ConversationState {
 
     /// Pass a signal to the sender's own devices only (but the one that sent it), here and on other nodes.
     fn signal_own_devices(&self, signal: &Signal, frame: &bytes::Bytes) {
-        let skip = signal.origin.as_ref().and_then(Origin::here);
-        let me = [signal.from.clone()];
-        self.ctx.sessions.deliver_signal_to(&me, frame, skip);
+        self.signal_users(
+            std::slice::from_ref(&signal.from),
+            frame,
+            signal.origin.as_ref(),
+        );
+    }
+
+    /// Pass a signal to these users' devices (but `origin`), here and on other nodes, member or not.
+    fn signal_users(&self, users: &[UserId], frame: &bytes::Bytes, origin: Option<&Origin>) {
+        let skip = origin.and_then(Origin::here);
+        self.ctx.sessions.deliver_signal_to(users, frame, skip);
         if let Some(cluster) = &self.ctx.cluster {
-            let only_me: HashSet<UserId> = me.into_iter().collect();
-            cluster.fan_out_signal(
-                &self.id,
-                &only_me,
-                0,
-                frame,
-                signal.origin.as_ref(),
-                &mut Default::default(),
-            );
+            let only: HashSet<UserId> = users.iter().cloned().collect();
+            cluster.fan_out_signal(&self.id, &only, 0, frame, origin, &mut Default::default());
         }
     }
 
-    async fn add_member(&mut self, user: UserId) -> Result<bool, ProtocolError> {
+    /// Apply a membership or role change asked by `by` (`None`: the server itself), checking the roles:
+    /// a group's owners add members, remove others and change roles; anyone may leave, but the last owner
+    /// only when nobody else remains. A DM's members never change.
+    async fn change_member(
+        &mut self,
+        user: UserId,
+        change: MemberChange,
+        by: Option<UserId>,
+    ) -> Result<bool, ProtocolError> {
         if self.kind == ConversationKind::Dm {
             return Err(ProtocolError::new(
                 ErrorCode::InvalidField,
                 "a DM's members cannot change",
             ));
         }
+        if let Some(by) = &by {
+            if !self.members.contains(by) {
+                return Err(ProtocolError::new(
+                    ErrorCode::NotMember,
+                    "you are not a member of this conversation",
+                ));
+            }
+            let leaving = change == MemberChange::Remove && *by == user;
+            if !leaving && !self.owners.is_empty() && !self.owners.contains(by) {
+                return Err(ProtocolError::new(
+                    ErrorCode::Forbidden,
+                    "only the group's owners add members, remove others and change roles",
+                ));
+            }
+        }
+        match change {
+            MemberChange::Add => self.add_member(user).await,
+            MemberChange::Remove => self.remove_member(user, by).await,
+            MemberChange::SetRole(role) => self.set_role(user, role).await,
+        }
+    }
+
+    async fn add_member(&mut self, user: UserId) -> Result<bool, ProtocolError> {
         if self.members.contains(&user) {
             return Ok(false);
         }
@@ -506,11 +540,15 @@ impl ConversationState {
         Ok(added)
     }
 
-    async fn remove_member(&mut self, user: UserId) -> Result<bool, ProtocolError> {
-        if self.kind == ConversationKind::Dm {
+    async fn remove_member(
+        &mut self,
+        user: UserId,
+        by: Option<UserId>,
+    ) -> Result<bool, ProtocolError> {
+        if self.owners.len() == 1 && self.owners.contains(&user) && self.members.len() > 1 {
             return Err(ProtocolError::new(
                 ErrorCode::InvalidField,
-                "a DM's members cannot change",
+                "the last owner cannot leave while others remain: make another member owner first",
             ));
         }
         let removed = self
@@ -519,15 +557,71 @@ impl ConversationState {
             .remove_member(&self.id, &user)
             .await
             .map_err(store_error)?;
+        // From here on nothing reaches the user: the next fan-out resolves the new member list, and
+        // their sends, signals and syncs are refused.
         Arc::make_mut(&mut self.members).remove(&user);
         self.members_version += 1;
-        if let (Some(behaviours), true) = (&self.ctx.behaviours, removed) {
-            behaviours.left(MemberEvent {
-                conv: self.id.clone(),
-                user,
+        self.owners.remove(&user);
+        self.typing_at.remove(&user);
+        self.read_at.remove(&user);
+        if removed {
+            // Their open sockets learn of it at once (best effort, like a signal: the refusals above are
+            // what holds).
+            let frame = protocol::encode(&ServerFrame::Removed {
+                conv: &self.id,
+                by: by.as_deref(),
             });
+            self.signal_users(std::slice::from_ref(&user), &frame, None);
+            if let Some(behaviours) = &self.ctx.behaviours {
+                behaviours.left(MemberEvent {
+                    conv: self.id.clone(),
+                    user,
+                });
+            }
         }
         Ok(removed)
+    }
+
+    async fn set_role(&mut self, user: UserId, role: Role) -> Result<bool, ProtocolError> {
+        if !self.members.contains(&user) {
+            return Err(ProtocolError::new(
+                ErrorCode::InvalidField,
+                "only a member can have a role",
+            ));
+        }
+        let owner = role == Role::Owner;
+        if owner == self.owners.contains(&user) {
+            return Ok(false);
+        }
+        if !owner && self.owners.len() == 1 {
+            return Err(ProtocolError::new(
+                ErrorCode::InvalidField,
+                "a group keeps at least one owner: make another member owner first",
+            ));
+        }
+        // A group whose creator is its owner only by default (no owner stored yet) records that first, so
+        // the new role adds to it rather than replacing it.
+        if !self.owners_stored {
+            for o in &self.owners {
+                self.ctx
+                    .store
+                    .set_owner(&self.id, o, true)
+                    .await
+                    .map_err(store_error)?;
+            }
+            self.owners_stored = true;
+        }
+        self.ctx
+            .store
+            .set_owner(&self.id, &user, owner)
+            .await
+            .map_err(store_error)?;
+        if owner {
+            self.owners.insert(user);
+        } else {
+            self.owners.remove(&user);
+        }
+        Ok(true)
     }
 }
 
@@ -752,6 +846,18 @@ pub fn store_error(e: StoreError) -> ProtocolError {
     }
 }
 
+/// A group's owners: those the store records or, when it records none (a new group, or one from before
+/// roles), its creator while a member. A DM has none.
+pub fn owners_of(info: &ConversationInfo, members: &[UserId], stored: Vec<UserId>) -> Vec<UserId> {
+    if info.kind == ConversationKind::Dm {
+        Vec::new()
+    } else if stored.is_empty() && members.contains(&info.created_by) {
+        vec![info.created_by.clone()]
+    } else {
+        stored
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -776,6 +882,9 @@ impl Actor for ConversationActor {
             .map_err(StartError::from)?
             .ok_or(StartError::NotFound)?;
         let members = store.members(&args.id).await.map_err(StartError::from)?;
+        let stored_owners = store.owners(&args.id).await.map_err(StartError::from)?;
+        let owners_stored = !stored_owners.is_empty();
+        let owners = owners_of(&info, &members, stored_owners);
         let last_seq = store.last_seq(&args.id).await.map_err(StartError::from)?;
         let tick = (args.ctx.config.idle_after / 2).max(Duration::from_millis(50));
         myself.send_interval(tick, || ConversationMsg::IdleCheck);
@@ -785,6 +894,8 @@ impl Actor for ConversationActor {
             kind: info.kind,
             members: Arc::new(members.into_iter().collect()),
             members_version: 0,
+            owners: owners.into_iter().collect(),
+            owners_stored,
             recipients: Arc::default(),
             next_seq: Some(last_seq + 1),
             writing: false,
@@ -828,11 +939,13 @@ impl Actor for ConversationActor {
                 state.start_write(&myself);
                 state.answer_flushes();
             }
-            ConversationMsg::AddMember { user, reply } => {
-                let _ = reply.send(state.add_member(user).await);
-            }
-            ConversationMsg::RemoveMember { user, reply } => {
-                let _ = reply.send(state.remove_member(user).await);
+            ConversationMsg::ChangeMember {
+                user,
+                change,
+                by,
+                reply,
+            } => {
+                let _ = reply.send(state.change_member(user, change, by).await);
             }
             ConversationMsg::Flush { reply } => {
                 state.flush_waiters.push(reply);

@@ -523,28 +523,25 @@ impl Conversations {
         self.submit(conv, request).await?.wait().await
     }
 
-    /// Add a member through the conversation's single writer.
-    pub async fn add_member(&self, conv: &str, user: UserId) -> Result<bool, ProtocolError> {
-        self.change_member(conv, user, MemberChange::Add).await
-    }
-
-    /// Remove a member through the conversation's single writer.
-    pub async fn remove_member(&self, conv: &str, user: UserId) -> Result<bool, ProtocolError> {
-        self.change_member(conv, user, MemberChange::Remove).await
-    }
-
-    async fn change_member(
+    /// Add, remove or change the role of a member through the conversation's single writer, wherever it
+    /// runs. `by` is the user asking, whose role the actor checks; `None` is the server itself (a
+    /// behaviour's [`crate::behaviour::Api`]), which may make any change.
+    pub async fn change_member(
         &self,
         conv: &str,
         user: UserId,
         change: MemberChange,
+        by: Option<&str>,
     ) -> Result<bool, ProtocolError> {
         match self.remote_owner(conv) {
             Some((cluster, node)) => cluster
-                .forward_member(&node, conv, &user, change)
+                .forward_member(&node, conv, &user, change, by)
                 .await
                 .unwrap_or_else(|Lost| Err(owner_unreachable())),
-            None => self.change_member_here(conv, user, change).await,
+            None => {
+                self.change_member_here(conv, user, change, by.map(str::to_owned))
+                    .await
+            }
         }
     }
 
@@ -554,21 +551,16 @@ impl Conversations {
         conv: &str,
         user: UserId,
         change: MemberChange,
+        by: Option<UserId>,
     ) -> Result<bool, ProtocolError> {
         let actor = self.actor(conv).await?;
-        match change {
-            MemberChange::Add => {
-                self.ask(&actor, |reply| ConversationMsg::AddMember { user, reply })
-                    .await?
-            }
-            MemberChange::Remove => {
-                self.ask(&actor, |reply| ConversationMsg::RemoveMember {
-                    user,
-                    reply,
-                })
-                .await?
-            }
-        }
+        self.ask(&actor, |reply| ConversationMsg::ChangeMember {
+            user,
+            change,
+            by,
+            reply,
+        })
+        .await?
     }
 
     /// Wait until every running conversation has made its accepted sends durable and acknowledged them.

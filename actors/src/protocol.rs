@@ -115,6 +115,9 @@ pub enum ErrorCode {
     Rejected,
     /// A behaviour failed (panicked or ran over its time budget) while deciding; retry later.
     BehaviourFailed,
+    /// The caller's role does not allow the change: only a group's owners add members, remove others and
+    /// change roles.
+    Forbidden,
 }
 
 impl ErrorCode {
@@ -137,6 +140,7 @@ impl ErrorCode {
             Self::Internal => "internal",
             Self::Rejected => "rejected",
             Self::BehaviourFailed => "behaviour_failed",
+            Self::Forbidden => "forbidden",
         }
     }
 }
@@ -189,6 +193,8 @@ pub enum CloseCode {
     Internal,
     /// 1012: the server is restarting or draining; reconnect elsewhere or later.
     ServiceRestart,
+    /// 1013: the node admits no more handshakes this instant; the reason says when to retry.
+    TryAgainLater,
     /// 4001: no frame from the client for the heartbeat timeout.
     IdleTimeout,
     /// 4002: the client did not read fast enough and its outbound queue filled up.
@@ -206,6 +212,7 @@ impl CloseCode {
             Self::TooBig => 1009,
             Self::Internal => 1011,
             Self::ServiceRestart => 1012,
+            Self::TryAgainLater => 1013,
             Self::IdleTimeout => 4001,
             Self::SlowConsumer => 4002,
         }
@@ -221,6 +228,7 @@ impl CloseCode {
             Self::TooBig => "frame_too_large",
             Self::Internal => "internal",
             Self::ServiceRestart => "service_restart",
+            Self::TryAgainLater => "try_again_later",
             Self::IdleTimeout => "idle_timeout",
             Self::SlowConsumer => "slow_consumer",
         }
@@ -425,6 +433,14 @@ pub enum ServerFrame<'a> {
         /// Up to this seq.
         seq: u64,
     },
+    /// The user was removed from a group, by an owner or by leaving (from another device): the server has
+    /// stopped delivering the conversation to them and refuses their sends, syncs and history.
+    Removed {
+        /// Conversation.
+        conv: &'a str,
+        /// Who removed them (themselves when they left); `null` when the server did.
+        by: Option<&'a str>,
+    },
     /// A watched user or a contact came online or went offline (also the answer to `presence_subscribe`).
     Presence {
         /// Whose presence.
@@ -447,6 +463,9 @@ pub enum ServerFrame<'a> {
         /// For `rate_limited`: when to retry.
         #[serde(skip_serializing_if = "Option::is_none")]
         retry_after_ms: Option<u64>,
+        /// The conversation of the `sync` this answers.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        conv: Option<&'a str>,
     },
 }
 
@@ -469,6 +488,27 @@ impl<'a> ServerFrame<'a> {
             message: &e.message,
             msg_id: e.msg_id.as_deref(),
             retry_after_ms: e.retry_after_ms,
+            conv: None,
+        }
+    }
+
+    /// This `error` answers a request about `conv` (a `sync`): say so.
+    pub fn about(self, conv: &'a str) -> Self {
+        match self {
+            Self::Error {
+                code,
+                message,
+                msg_id,
+                retry_after_ms,
+                ..
+            } => Self::Error {
+                code,
+                message,
+                msg_id,
+                retry_after_ms,
+                conv: Some(conv),
+            },
+            other => other,
         }
     }
 }

@@ -169,8 +169,16 @@ pub trait MessageStore: Send + Sync + 'static {
     /// Add a member; `false` if already a member.
     async fn add_member(&self, conv: &str, user: &str) -> Result<bool, StoreError>;
 
-    /// Remove a member; `false` if not a member.
+    /// Remove a member (and their owner role, if any); `false` if not a member.
     async fn remove_member(&self, conv: &str, user: &str) -> Result<bool, StoreError>;
+
+    /// The users recorded as owners of a group, sorted (empty for a DM, and for a group created before
+    /// roles existed: its creator is then its owner, see [`crate::conversation`]).
+    async fn owners(&self, conv: &str) -> Result<Vec<UserId>, StoreError>;
+
+    /// Record (`owner = true`) or drop a user's owner role in `conv`; `false` if nothing changed. The
+    /// caller (the conversation's single writer) checks that the user is a member.
+    async fn set_owner(&self, conv: &str, user: &str, owner: bool) -> Result<bool, StoreError>;
 
     /// The conversations `user` belongs to (any order).
     async fn user_conversations(&self, user: &str) -> Result<Vec<ConvId>, StoreError>;
@@ -210,6 +218,12 @@ pub trait MessageStore: Send + Sync + 'static {
 
     /// Finish queued writes and release resources; called once, at shutdown, after the actors stopped.
     fn close(&self) {}
+
+    /// Why the store takes no writes until the node restarts (a full disk, a corrupted file), if it is in
+    /// that state; `/readyz` reports it. A store that fails one request at a time (Cassandra) says `None`.
+    fn failure(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A shared store handle.

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use tracing::error;
 
 use crate::cluster::SharedCluster;
-use crate::connection::{ConnectionContext, ConnectionLimits, SendLimiter};
+use crate::connection::{ConnectionContext, ConnectionLimits, UserLimiter};
 use crate::conversation::{ConversationConfig, ConversationContext};
 use crate::conversations::Conversations;
 use crate::presence::{Presence, PresenceConfig};
@@ -142,7 +142,9 @@ impl ActorSystem {
         let conn_ctx = Arc::new(ConnectionContext {
             conversations: conversations.clone(),
             store,
-            send_limiter: SendLimiter::new(config.limits.messages_per_user),
+            send_limiter: UserLimiter::new(config.limits.messages_per_user),
+            signal_limiter: UserLimiter::new(config.limits.signals_per_user),
+            sync_limiter: UserLimiter::new(config.limits.syncs_per_user),
             limits: config.limits,
             runtime: tokio::runtime::Handle::current(),
             directory,

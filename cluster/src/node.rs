@@ -722,11 +722,13 @@ impl Cluster for ClusterNode {
         conv: &str,
         user: &str,
         change: MemberChange,
+        by: Option<&str>,
     ) -> Result<Result<bool, ProtocolError>, Lost> {
         let call = Call::Member {
             conv: conv.to_owned(),
             user: user.to_owned(),
-            add: change == MemberChange::Add,
+            change,
+            by: by.map(str::to_owned),
         };
         let bytes = self.call(node, &call).await?;
         wire::decode(&bytes).map_err(|_| Lost)
@@ -1003,14 +1005,16 @@ impl Gateway {
     fn call(node: &Arc<ClusterNode>, call: Call, reply: RpcReplyPort<Vec<u8>>) {
         let conversations = node.attached().conversations.clone();
         match call {
-            Call::Member { conv, user, add } => {
+            Call::Member {
+                conv,
+                user,
+                change,
+                by,
+            } => {
                 tokio::spawn(async move {
-                    let change = if add {
-                        MemberChange::Add
-                    } else {
-                        MemberChange::Remove
-                    };
-                    let result = conversations.change_member_here(&conv, user, change).await;
+                    let result = conversations
+                        .change_member_here(&conv, user, change, by)
+                        .await;
                     reply_with(reply, &result, "member_reply");
                 });
             }

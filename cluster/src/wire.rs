@@ -6,7 +6,7 @@
 //! version, or a corrupt frame, costs an error in the log, never the gateway.
 
 use serde::{Deserialize, Serialize};
-use switchboard_actors::cluster::SignalKind;
+use switchboard_actors::cluster::{MemberChange, SignalKind};
 use switchboard_actors::protocol::ProtocolError;
 use switchboard_actors::store::Message;
 
@@ -129,8 +129,10 @@ pub enum Call {
         conv: String,
         /// User.
         user: String,
-        /// Add (`true`) or remove.
-        add: bool,
+        /// Add, remove or set a role.
+        change: MemberChange,
+        /// Who asks (the owner checks their role), or `None` for the server itself.
+        by: Option<String>,
     },
     /// Answered once every earlier message from the caller is handled.
     Barrier,
@@ -176,7 +178,8 @@ mod tests {
         let call = Call::Member {
             conv: "c".into(),
             user: "alice".into(),
-            add: true,
+            change: MemberChange::SetRole(switchboard_actors::cluster::Role::Owner),
+            by: Some("bob".into()),
         };
         assert_eq!(decode::<Call>(&encode(&call)).unwrap(), call);
         let cast = Envelope {

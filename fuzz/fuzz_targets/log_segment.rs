@@ -1,9 +1,10 @@
 //! The store's log read back from any file (`wal::read_segment`, what recovery reads after a crash), and
 //! each record it returns decoded as recovery decodes it (`LogRecord`, postcard).
 //!
-//! Checked, besides "no panic": the records returned, appended again by the log's own writer, make exactly
-//! the bytes they were read from (a prefix of the file); `ignored_bytes` counts the rest of the file up to its
-//! last non-zero byte; a record that decodes encodes back to bytes that decode to the same record.
+//! Checked, besides "no panic": the records returned, each appended again by the log's own writer, and the
+//! damaged stretches skipped between them, in offset order, make exactly the bytes they were read from (a
+//! prefix of the file); `ignored_bytes` counts the rest of the file up to its last non-zero byte; a record
+//! that decodes encodes back to bytes that decode to the same record.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -17,14 +18,36 @@ fuzz_target!(|data: &[u8]| {
     std::fs::write(&path, data).unwrap();
     let contents = read_log_segment(&path).unwrap();
 
-    let rewritten = write_log_segment(scratch_dir(), 1, &contents.records).unwrap();
-    let prefix = std::fs::read(rewritten).unwrap();
-    assert_eq!(
-        prefix,
-        data[..prefix.len()],
-        "records read are not the file's prefix"
+    // Walk the file: damage where a stretch starts, else the next record, framed as the writer frames it.
+    let mut at = 0usize;
+    let mut damage = contents.damaged.iter().peekable();
+    let mut records = contents.records.iter();
+    loop {
+        if let Some(&&(offset, len)) = damage.peek() {
+            if offset as usize == at {
+                assert!(len > 0, "an empty damaged stretch");
+                at += len as usize;
+                damage.next();
+                continue;
+            }
+        }
+        let Some(record) = records.next() else { break };
+        let framed = std::fs::read(
+            write_log_segment(scratch_dir(), 1, std::slice::from_ref(record)).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            framed,
+            data[at..at + framed.len()],
+            "a record read is not the bytes at its place"
+        );
+        at += framed.len();
+    }
+    assert!(
+        damage.next().is_none(),
+        "a damaged stretch after the last record"
     );
-    let tail = &data[prefix.len()..];
+    let tail = &data[at..];
     let extent = tail.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
     assert_eq!(contents.ignored_bytes, extent as u64);
 

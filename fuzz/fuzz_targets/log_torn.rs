@@ -1,7 +1,7 @@
 //! The store's log after a crash, structure-aware: records of messages encoded as the store's writer
 //! encodes them and appended by the log's own writer (`Wal::append`), then a tail that is
 //! - garbage: reading gives exactly the records written, followed by what the garbage alone reads as
-//!   (framing resumes where the good records end);
+//!   (framing resumes where the good records end), its damaged stretches included;
 //! - one more record cut short (a torn write): exactly the records written;
 //! - one more record whose bytes from some offset on never reached the disk (zeros, maybe followed by the
 //!   zeros of preallocated space): exactly the records written, plus that record only when the zeros were
@@ -93,11 +93,13 @@ fuzz_target!(|input: Input| {
             file.extend_from_slice(garbage);
             let mut records = payloads.clone();
             records.extend(alone.records);
+            let shift = (file.len() - garbage.len()) as u64;
             (
                 file,
                 LogContents {
                     records,
                     ignored_bytes: alone.ignored_bytes,
+                    damaged: alone.damaged.iter().map(|&(o, l)| (o + shift, l)).collect(),
                 },
             )
         }
@@ -136,6 +138,7 @@ fuzz_target!(|input: Input| {
                 LogContents {
                     records,
                     ignored_bytes: extent as u64,
+                    damaged: Vec::new(),
                 },
             )
         }

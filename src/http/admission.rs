@@ -7,6 +7,12 @@
 //! - **Handshakes per IP per second**: a token bucket per client address (governor's keyed limiter),
 //!   checked first, before the token's signature costs anything: 429 `rate_limited` with
 //!   `retry_after_ms` and `Retry-After`.
+//! - **Handshakes per second on the node**: one token bucket for every address together, checked after the
+//!   token (a handshake with a bad token does not use up the node's admissions). Past it the handshake is answered with the
+//!   upgrade and at once a close **1013** (try again later) whose reason is `{"retry_after_ms":N}`: a
+//!   browser sees a close code and its reason, never an HTTP status. N is when the bucket has room again
+//!   plus jitter over about the time the node needs to admit those refused lately (at least a second), so
+//!   the refused clients of a storm come back spread out, not together to be refused again.
 //! - **Open connections per user and per IP**: counted here, at the edge; an [`Admitted`] held by the
 //!   connection's task gives its place back when the task ends. Past either: 429 `too_many_connections`.
 //!
@@ -18,7 +24,7 @@ use std::sync::{Arc, Mutex};
 
 use actix_http::header::HeaderMap;
 use governor::clock::Clock;
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use switchboard_actors::connection::forget_quiet_keys;
 use switchboard_actors::protocol::{ErrorCode, ProtocolError};
 use tracing::debug;
@@ -29,6 +35,10 @@ use crate::config;
 pub struct Admission {
     config: config::Admission,
     handshakes: Option<Arc<DefaultKeyedRateLimiter<IpAddr>>>,
+    node_handshakes: Option<DefaultDirectRateLimiter>,
+    /// Handshakes refused by the node's rate lately: (when last counted, count decaying with a 1 s time
+    /// constant).
+    backlog: Mutex<(std::time::Instant, f64)>,
     open: Mutex<Open>,
 }
 
@@ -56,11 +66,44 @@ impl Admission {
         if let Some(limiter) = &handshakes {
             forget_quiet_keys(limiter);
         }
+        let node_handshakes = config
+            .handshakes_per_node
+            .map(|n| RateLimiter::direct(Quota::per_second(n)));
         Arc::new(Self {
             handshakes,
+            node_handshakes,
+            backlog: Mutex::new((std::time::Instant::now(), 0.0)),
             config,
             open: Mutex::default(),
         })
+    }
+
+    /// The client's address: the TCP peer's, or, when the peer is a trusted proxy, the rightmost address
+    /// of `X-Forwarded-For` that is not a trusted proxy (each proxy appends the address it got the request
+    /// from; what is left of a client's own address is whatever the client wrote, so it is not believed).
+    pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        let trusted = &self.config.trusted_proxies;
+        if !trusted.contains(&peer) {
+            return peer;
+        }
+        let hops: Vec<&str> = headers
+            .get_all(actix_http::header::X_FORWARDED_FOR)
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .collect();
+        // From the right, past our own proxies; an entry that is not an address ends the walk at the last
+        // proxy seen.
+        let mut client = peer;
+        for hop in hops.iter().rev() {
+            let Ok(ip) = hop.trim().parse::<IpAddr>() else {
+                break;
+            };
+            client = ip;
+            if !trusted.contains(&ip) {
+                break;
+            }
+        }
+        client
     }
 
     /// The checks that need no token: the handshake rate of `ip`, then the `Origin`.
@@ -90,6 +133,39 @@ impl Admission {
             }
         }
         Ok(())
+    }
+
+    /// Take one handshake from the node's bucket, or say in how many milliseconds to try again (when it has
+    /// room, plus jitter of up to a second).
+    pub fn node_handshake(&self) -> Result<(), u64> {
+        let Some(limiter) = &self.node_handshakes else {
+            return Ok(());
+        };
+        limiter.check().map_err(|not_until| {
+            metrics::counter!("switchboard_refused_total", "reason" => "node_handshake_rate")
+                .increment(1);
+            let wait = not_until.wait_time_from(limiter.clock().now());
+            u64::try_from(wait.as_millis())
+                .unwrap_or(u64::MAX)
+                .saturating_add(1 + rand::random::<u64>() % self.retry_spread_ms())
+        })
+    }
+
+    /// Over how long to spread the refused clients' retries: about as long as the node needs to admit
+    /// those refused lately (a count decaying with a 1 s time constant, over the rate), at least a second.
+    /// A storm's first wave is then told to come back evenly over the time it takes to let it in, rather
+    /// than all within the next second to be refused again.
+    fn retry_spread_ms(&self) -> u64 {
+        let rate = self
+            .config
+            .handshakes_per_node
+            .map_or(1.0, |r| f64::from(r.get()));
+        let mut backlog = self.backlog.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        let (since, count) = *backlog;
+        let count = count * (-(now - since).as_secs_f64()).exp() + 1.0;
+        *backlog = (now, count);
+        ((count / rate * 1000.0) as u64).max(1000)
     }
 
     /// Take a place for one more connection of `user` from `ip`, if neither is at its limit.
@@ -193,6 +269,44 @@ mod tests {
             "alice's first place was given back"
         );
         assert!(a.lock().per_user.get("alice") == Some(&1));
+    }
+
+    fn forwarded(values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(
+                actix_http::header::X_FORWARDED_FOR,
+                actix_http::header::HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn the_client_address_comes_from_x_forwarded_for_only_through_trusted_proxies() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let a = admission(config::Admission {
+            trusted_proxies: vec![ip("10.0.0.1"), ip("10.0.0.2")],
+            ..Default::default()
+        });
+        // Not from a proxy: the header is whatever the client wrote, and ignored.
+        let h = forwarded(&["1.1.1.1"]);
+        assert_eq!(a.client_ip(ip("203.0.113.9"), &h), ip("203.0.113.9"));
+        // Through two proxies: the rightmost address that is not one of ours; what the client put in
+        // front of it (a forged "1.1.1.1") is not believed.
+        let h = forwarded(&["1.1.1.1, 198.51.100.7", "10.0.0.2"]);
+        assert_eq!(a.client_ip(ip("10.0.0.1"), &h), ip("198.51.100.7"));
+        // No header, or garbage at the right: the proxy itself.
+        assert_eq!(
+            a.client_ip(ip("10.0.0.1"), &HeaderMap::new()),
+            ip("10.0.0.1")
+        );
+        let h = forwarded(&["198.51.100.7, unknown"]);
+        assert_eq!(a.client_ip(ip("10.0.0.1"), &h), ip("10.0.0.1"));
+        // Nobody trusted: always the peer.
+        let none = admission(config::Admission::default());
+        let h = forwarded(&["198.51.100.7"]);
+        assert_eq!(none.client_ip(ip("10.0.0.1"), &h), ip("10.0.0.1"));
     }
 
     #[tokio::test]

@@ -16,9 +16,10 @@ pub fn status(code: ErrorCode) -> StatusCode {
         | ErrorCode::InvalidField => StatusCode::BAD_REQUEST,
         ErrorCode::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::UnknownConversation => StatusCode::NOT_FOUND,
-        ErrorCode::NotMember | ErrorCode::ForbiddenOrigin | ErrorCode::Rejected => {
-            StatusCode::FORBIDDEN
-        }
+        ErrorCode::NotMember
+        | ErrorCode::ForbiddenOrigin
+        | ErrorCode::Rejected
+        | ErrorCode::Forbidden => StatusCode::FORBIDDEN,
         ErrorCode::RateLimited | ErrorCode::TooManyConnections => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::StoreUnavailable | ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,

@@ -7,7 +7,8 @@ use std::sync::atomic::Ordering;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use switchboard_actors::conversation::{now_ms, store_error, SendRequest};
+use switchboard_actors::cluster::{MemberChange, Role};
+use switchboard_actors::conversation::{now_ms, owners_of, store_error, SendRequest};
 use switchboard_actors::history;
 use switchboard_actors::protocol::{check_send, user_list, ErrorCode};
 use switchboard_actors::store::{
@@ -42,6 +43,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/conversations/{id}/members", web::post().to(add_member))
         .route(
             "/v1/conversations/{id}/members/{user}",
+            web::put().to(set_role),
+        )
+        .route(
+            "/v1/conversations/{id}/members/{user}",
             web::delete().to(remove_member),
         );
 }
@@ -65,6 +70,8 @@ async fn readyz(state: State) -> HttpResponse {
         Some("draining".to_owned())
     } else if let Some(why) = state.cluster.as_ref().and_then(|c| c.unready()) {
         Some(why)
+    } else if let Some(why) = state.store.failure() {
+        Some(format!("store: {why}"))
     } else {
         // A read of a conversation that does not exist: one cheap round trip to the store.
         let probe = state.store.conversation("_readyz");
@@ -261,12 +268,16 @@ async fn full_view(
     info: &ConversationInfo,
 ) -> Result<serde_json::Value, ApiError> {
     let members = state.store.members(&info.id).await.map_err(store_error)?;
+    let stored = state.store.owners(&info.id).await.map_err(store_error)?;
+    let owners = owners_of(info, &members, stored);
     let last = state
         .store
         .last_message(&info.id)
         .await
         .map_err(store_error)?;
-    Ok(conversation_json(info, Some(&members), last.as_ref()))
+    let mut view = conversation_json(info, Some(&members), last.as_ref());
+    view["owners"] = json!(owners);
+    Ok(view)
 }
 
 async fn create_conversation(
@@ -286,6 +297,9 @@ async fn create_conversation(
         created_by: me,
         created_at: now_ms(),
     };
+    if let Some(behaviours) = &state.behaviours {
+        behaviours.creating(&info.id, &members).await?;
+    }
     let (info, created) = state
         .store
         .create_conversation(info, members)
@@ -453,7 +467,7 @@ async fn add_member(
     history::authorize(&*state.store, &conv, &me).await?;
     let added = state
         .conversations
-        .add_member(&conv, body.into_inner().user)
+        .change_member(&conv, body.into_inner().user, MemberChange::Add, Some(&me))
         .await?;
     Ok(HttpResponse::Ok().json(json!({ "added": added })))
 }
@@ -465,6 +479,30 @@ async fn remove_member(
 ) -> Result<HttpResponse, ApiError> {
     let (conv, member) = path.into_inner();
     history::authorize(&*state.store, &conv, &me).await?;
-    let removed = state.conversations.remove_member(&conv, member).await?;
+    let removed = state
+        .conversations
+        .change_member(&conv, member, MemberChange::Remove, Some(&me))
+        .await?;
     Ok(HttpResponse::Ok().json(json!({ "removed": removed })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoleBody {
+    role: Role,
+}
+
+async fn set_role(
+    AuthUser(me): AuthUser,
+    state: State,
+    path: web::Path<(String, String)>,
+    body: web::Json<RoleBody>,
+) -> Result<HttpResponse, ApiError> {
+    let (conv, member) = path.into_inner();
+    history::authorize(&*state.store, &conv, &me).await?;
+    let changed = state
+        .conversations
+        .change_member(&conv, member, MemberChange::SetRole(body.role), Some(&me))
+        .await?;
+    Ok(HttpResponse::Ok().json(json!({ "changed": changed })))
 }

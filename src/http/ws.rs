@@ -20,7 +20,7 @@
 
 use std::convert::Infallible;
 use std::future::poll_fn;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -89,22 +89,28 @@ async fn upgrade(
     req: Request,
     mut framed: Framed<TcpStream, h1::Codec>,
 ) {
-    let peer = framed.io_ref().peer_addr().map(|a| a.ip());
-    let accepted = match peer {
-        Ok(ip) => accept(&state, &req, ip),
-        // The client is already gone.
-        Err(_) => return,
+    // The client is already gone.
+    let Ok(peer) = framed.io_ref().peer_addr() else {
+        return;
     };
+    let client = SocketAddr::new(
+        state.admission.client_ip(peer.ip(), &req.head().headers),
+        peer.port(),
+    );
+    let accepted = accept(&state, &req, client.ip());
     // The request's head goes back to actix's pool now, not when the connection ends.
     drop(req);
     let accepted = match accepted {
         Ok(accepted) => accepted,
-        Err(refusal) => return refuse(&mut framed, *refusal).await,
+        Err(Refusal::Http(refusal)) => return refuse(&mut framed, *refusal).await,
+        Err(Refusal::TryLater(response, retry_after_ms)) => {
+            return try_later(framed, response, retry_after_ms).await
+        }
     };
     let (verified, response, admitted) = accepted;
     let lifetime = verified.lifetime();
     let user = verified.user;
-    let peer = framed.io_ref().peer_addr().ok();
+    let peer = Some(client);
     let attachments = match super::admit::admit(&state, &user, peer).await {
         Ok(attachments) => attachments,
         Err(refusal) => return refuse(&mut framed, *refusal).await,
@@ -176,17 +182,26 @@ async fn serve(
     }
 }
 
-/// Check an upgrade request from `ip`: the path, the node's state, the handshake rate and the origin, the
-/// token, the handshake, then the open connections of the user and of the address. The refusal is a whole
-/// HTTP response.
+/// Why an upgrade is not admitted.
+enum Refusal {
+    /// A whole HTTP response (status, headers, JSON error).
+    Http(Box<HttpResponse>),
+    /// The node's handshake rate is full: the upgrade's response, to be followed at once by a close 1013
+    /// with this retry hint (ms).
+    TryLater(Response<()>, u64),
+}
+
+/// Check an upgrade request from `ip`: the path, the node's state, the address's handshake rate and the
+/// origin, the handshake, the token, the node's handshake rate, then the open connections of the user and
+/// of the address.
 fn accept(
     state: &AppState,
     req: &Request,
     ip: IpAddr,
-) -> Result<(Verified, Response<()>, Admitted), Box<HttpResponse>> {
-    let refused = |e: ApiError| Box::new(e.error_response());
+) -> Result<(Verified, Response<()>, Admitted), Refusal> {
+    let refused = |e: ApiError| Refusal::Http(Box::new(e.error_response()));
     if req.path() != PATH {
-        return Err(Box::new(HttpResponse::NotFound().finish()));
+        return Err(Refusal::Http(Box::new(HttpResponse::NotFound().finish())));
     }
     if state.is_draining() {
         return Err(refused(ApiError::new(
@@ -199,18 +214,57 @@ fn accept(
         .admission
         .before_token(ip, &req.head().headers)
         .map_err(|e| refused(e.into()))?;
-    let verified = token_of(&req.head().headers, req.uri().query().unwrap_or(""))
-        .and_then(|token| state.auth.verify_until(&token))
-        .map_err(|e| refused(e.into()))?;
     let response = actix_http::ws::handshake(req.head())
         .map_err(|e| refused(ApiError::new(ErrorCode::InvalidField, e.to_string())))?
         .finish()
         .drop_body();
+    let verified = token_of(&req.head().headers, req.uri().query().unwrap_or(""))
+        .and_then(|token| state.auth.verify_until(&token))
+        .map_err(|e| refused(e.into()))?;
+    // After the token: handshakes with bad tokens (refused at a signature check's cost) do not use up the
+    // node's admissions; the address's own rate is what limits a flood of them.
+    if let Err(retry_after_ms) = state.admission.node_handshake() {
+        return Err(Refusal::TryLater(response, retry_after_ms));
+    }
     let admitted = state
         .admission
         .admit(&verified.user, ip)
         .map_err(|e| refused(e.into()))?;
     Ok((verified, response, admitted))
+}
+
+/// Complete the upgrade and close at once with 1013 (try again later) and `{"retry_after_ms":N}` as the
+/// reason: what a browser's WebSocket can see, where an HTTP status before the upgrade shows only as a
+/// failed connection.
+async fn try_later(
+    mut framed: Framed<TcpStream, h1::Codec>,
+    response: Response<()>,
+    retry_after_ms: u64,
+) {
+    debug!(
+        retry_after_ms,
+        "websocket upgraded and closed with 1013: the node's handshake rate is full"
+    );
+    if framed
+        .send((response, BodySize::None).into())
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut close = BytesMut::new();
+    Parser::write_close(
+        &mut close,
+        Some(CloseReason {
+            code: actix_http::ws::CloseCode::from(CloseCode::TryAgainLater.code()),
+            description: Some(format!("{{\"retry_after_ms\":{retry_after_ms}}}")),
+        }),
+        false,
+    );
+    let FramedParts { mut io, .. } = framed.into_parts();
+    if io.write_all(&close).await.is_ok() {
+        linger(io).await;
+    }
 }
 
 /// Write a refusal (status, headers, JSON body) and let the connection go.

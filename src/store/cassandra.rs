@@ -42,7 +42,7 @@ type CurrentSession = Session<
 >;
 
 /// The schema version this binary writes and reads.
-const SCHEMA_VERSION: i32 = 2;
+const SCHEMA_VERSION: i32 = 3;
 /// Largest conditional batch, in bytes of message bodies (Cassandra refuses batches over
 /// `batch_size_fail_threshold`, 50 KiB by default).
 const MAX_BATCH_BYTES: usize = 32 * 1024;
@@ -165,6 +165,10 @@ struct Statements {
     delete_member: PreparedQuery,
     select_members: PreparedQuery,
     select_member: PreparedQuery,
+    insert_owner: PreparedQuery,
+    delete_owner: PreparedQuery,
+    select_owners: PreparedQuery,
+    select_owner: PreparedQuery,
     insert_user_conversation: PreparedQuery,
     delete_user_conversation: PreparedQuery,
     select_user_conversations: PreparedQuery,
@@ -240,6 +244,8 @@ impl CassandraStore {
                 "CREATE TABLE IF NOT EXISTS {ks}.read_positions (member text, conv text, seq bigint, \
                  PRIMARY KEY ((member), conv))"
             ),
+            // Version 3: a group's owners.
+            format!("CREATE TABLE IF NOT EXISTS {ks}.owners (conv text, owner text, PRIMARY KEY ((conv), owner))"),
         ];
         for statement in &ddl {
             // cdrs does not wait for schema agreement: a node may not know the keyspace or table created
@@ -537,6 +543,10 @@ async fn prepare_all(
         delete_member: prepare(format!("DELETE FROM {ks}.members WHERE conv = ? AND member = ?")).await?,
         select_members: prepare(format!("SELECT member FROM {ks}.members WHERE conv = ?")).await?,
         select_member: prepare(format!("SELECT member FROM {ks}.members WHERE conv = ? AND member = ?")).await?,
+        insert_owner: prepare(format!("INSERT INTO {ks}.owners (conv, owner) VALUES (?, ?)")).await?,
+        delete_owner: prepare(format!("DELETE FROM {ks}.owners WHERE conv = ? AND owner = ?")).await?,
+        select_owners: prepare(format!("SELECT owner FROM {ks}.owners WHERE conv = ?")).await?,
+        select_owner: prepare(format!("SELECT owner FROM {ks}.owners WHERE conv = ? AND owner = ?")).await?,
         insert_user_conversation: prepare(format!("INSERT INTO {ks}.conversations_by_user (member, conv) VALUES (?, ?)")).await?,
         delete_user_conversation: prepare(format!("DELETE FROM {ks}.conversations_by_user WHERE member = ? AND conv = ?")).await?,
         select_user_conversations: prepare(format!("SELECT conv FROM {ks}.conversations_by_user WHERE member = ?")).await?,
@@ -817,11 +827,37 @@ impl MessageStore for CassandraStore {
             .fetch(|s| &s.select_member, query_values!(conv, user))
             .await?
             .is_empty();
+        self.exec(|s| &s.delete_owner, query_values!(conv, user))
+            .await?;
         self.exec(|s| &s.delete_member, query_values!(conv, user))
             .await?;
         self.exec(|s| &s.delete_user_conversation, query_values!(user, conv))
             .await?;
         Ok(existed)
+    }
+
+    async fn owners(&self, conv: &str) -> Result<Vec<UserId>, StoreError> {
+        let rows = self
+            .fetch(|s| &s.select_owners, query_values!(conv))
+            .await?;
+        rows.iter()
+            .map(|r| IntoRustByName::<String>::get_r_by_name(r, "owner").map_err(corrupt))
+            .collect()
+    }
+
+    async fn set_owner(&self, conv: &str, user: &str, owner: bool) -> Result<bool, StoreError> {
+        let was = !self
+            .fetch(|s| &s.select_owner, query_values!(conv, user))
+            .await?
+            .is_empty();
+        if owner {
+            self.exec(|s| &s.insert_owner, query_values!(conv, user))
+                .await?;
+        } else {
+            self.exec(|s| &s.delete_owner, query_values!(conv, user))
+                .await?;
+        }
+        Ok(was != owner)
     }
 
     async fn user_conversations(&self, user: &str) -> Result<Vec<ConvId>, StoreError> {

@@ -214,6 +214,11 @@ enum WriteOp {
         user: UserId,
         seq: u64,
     },
+    SetOwner {
+        conv: ConvId,
+        user: UserId,
+        owner: bool,
+    },
     Append {
         conv: ConvId,
         first_seq: u64,
@@ -346,6 +351,8 @@ struct Keyspaces {
     meta: SingleWriterTxKeyspace,
     /// (user, conversation) → the user's read position (u64, big-endian)
     read_positions: SingleWriterTxKeyspace,
+    /// (conversation, user) → nothing: the group's owners
+    owners: SingleWriterTxKeyspace,
 }
 
 impl Keyspaces {
@@ -363,6 +370,7 @@ impl Keyspaces {
             dedupe: open("dedupe")?,
             meta: open("meta")?,
             read_positions: open("read_positions")?,
+            owners: open("owners")?,
         })
     }
 }
@@ -400,12 +408,16 @@ impl Shared {
         self.db.read_tx()
     }
 
+    /// Stop taking writes: said once, at the first failure (every write after it fails the same way).
     fn fail(&self, e: &StoreError) {
-        tracing::error!(error = %e, "the embedded store stops taking writes until a restart");
-        self.failed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_or_insert_with(|| e.clone());
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        if failed.is_none() {
+            tracing::error!(error = %e, hint = diagnosis(e),
+                "the embedded store stops taking writes until the node restarts; every acknowledged message \
+                 is in its log, and the restart replays it");
+            metrics::gauge!("switchboard_store_failed").set(1.0);
+            *failed = Some(e.clone());
+        }
     }
 }
 
@@ -419,6 +431,19 @@ struct Threads {
     to_writer: mpsc::Sender<Job>,
     writer: JoinHandle<()>,
     applier: JoinHandle<()>,
+}
+
+/// What an operator should do about a store failure.
+pub fn diagnosis(e: &StoreError) -> &'static str {
+    let text = e.to_string();
+    if text.contains("No space left on device") || text.contains("StorageFull") {
+        "the disk is full: free space on the data directory's file system, then restart the node"
+    } else if matches!(e, StoreError::Corrupt(_)) {
+        "a store file is damaged: restore the data directory from a backup, or move the named file away \
+         (the messages in it are then lost) and restart (docs/operations.md)"
+    } else {
+        "an I/O error on the data directory: check the disk and the file system, then restart the node"
+    }
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -590,19 +615,40 @@ fn recover(db: &SingleWriterTxDatabase, ks: &Keyspaces, dir: &Path) -> Result<u6
     };
     let mut txn = db.write_tx().durability(Some(PersistMode::SyncData));
     let mut replayed = 0usize;
+    let durable = applied;
     for (_, path) in wal::segments(dir).map_err(unavailable)? {
         let contents = wal::read_segment(&path).map_err(unavailable)?;
         if contents.ignored_bytes > 0 {
             tracing::warn!(segment = %path.display(), bytes = contents.ignored_bytes, "ignoring the torn tail of the store's log (never acknowledged)");
         }
         for raw in contents.records {
-            let record = LogRecord::decode(&raw)?;
+            let record = LogRecord::decode(&raw).map_err(|e| {
+                corrupt(format!(
+                    "{}: a record with a good CRC does not decode: {e}",
+                    path.display()
+                ))
+            })?;
             if record.lsn <= applied {
                 continue;
+            }
+            // Records are logged with consecutive lsns: a gap is acknowledged messages lost to damage.
+            if record.lsn != applied + 1 {
+                return Err(corrupt(format!(
+                    "{}: the log jumps from record {applied} to {}: the records between are damaged \
+                     (unreadable bytes at {:?}, as (offset, length))",
+                    path.display(),
+                    record.lsn,
+                    contents.damaged
+                )));
             }
             insert_messages(&mut txn, ks, &record.messages)?;
             applied = record.lsn;
             replayed += record.messages.len();
+        }
+        if !contents.damaged.is_empty() {
+            // Only records fjall already held (a gap among the others returned above).
+            tracing::warn!(segment = %path.display(), damaged = ?contents.damaged, durable,
+                "damaged bytes in the store's log, in records already in fjall: ignored");
         }
     }
     txn.insert(&ks.meta, APPLIED_LSN, applied.to_be_bytes());
@@ -1100,9 +1146,20 @@ fn apply_change(
             let removed = txn
                 .contains_key(&ks.members, &member)
                 .map_err(unavailable)?;
-            txn.remove(&ks.members, member);
+            txn.remove(&ks.members, member.clone());
+            txn.remove(&ks.owners, member);
             txn.remove(&ks.user_conversations, key::with_str(&[user], conv)?);
             Ok(WriteOutcome::Changed(removed))
+        })(),
+        WriteOp::SetOwner { conv, user, owner } => (|| {
+            let row = key::with_str(&[conv], user)?;
+            let was = txn.contains_key(&ks.owners, &row).map_err(unavailable)?;
+            if *owner {
+                txn.insert(&ks.owners, row, []);
+            } else {
+                txn.remove(&ks.owners, row);
+            }
+            Ok(WriteOutcome::Changed(was != *owner))
         })(),
         WriteOp::SetRead { conv, user, seq } => (|| {
             let position = key::with_str(&[user], conv)?;
@@ -1209,6 +1266,12 @@ fn read_message(conv: &str, entry: fjall::Guard) -> Result<Message, StoreError> 
 
 #[async_trait]
 impl MessageStore for EmbeddedStore {
+    fn failure(&self) -> Option<String> {
+        self.shared
+            .failure()
+            .map(|e| format!("{e} ({})", diagnosis(&e)))
+    }
+
     fn close(&self) {
         self.shutdown();
     }
@@ -1276,6 +1339,26 @@ impl MessageStore for EmbeddedStore {
             .write(WriteOp::RemoveMember {
                 conv: conv.to_owned(),
                 user: user.to_owned(),
+            })
+            .await?
+        {
+            WriteOutcome::Changed(c) => Ok(c),
+            _ => Err(corrupt("unexpected write outcome")),
+        }
+    }
+
+    async fn owners(&self, conv: &str) -> Result<Vec<UserId>, StoreError> {
+        let conv = conv.to_owned();
+        self.read_snapshot(move |snap, ks| second_keys(snap, &ks.owners, &conv))
+            .await
+    }
+
+    async fn set_owner(&self, conv: &str, user: &str, owner: bool) -> Result<bool, StoreError> {
+        match self
+            .write(WriteOp::SetOwner {
+                conv: conv.to_owned(),
+                user: user.to_owned(),
+                owner,
             })
             .await?
         {
@@ -1534,6 +1617,38 @@ mod tests {
         assert!(wal::segments(dir.path()).unwrap().is_empty());
         let store = EmbeddedStore::open(dir.path()).unwrap();
         assert_eq!(history(&store, "c").len(), 2);
+    }
+
+    #[test]
+    fn a_damaged_record_with_acknowledged_records_after_it_refuses_to_open_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Wal::create(dir.path(), 1).unwrap();
+        let mut ends = Vec::new();
+        for lsn in 1..=3 {
+            let record = LogRecord {
+                lsn,
+                messages: vec![message("c", lsn, &format!("m{lsn}"))],
+            };
+            log.append(&postcard::to_stdvec(&record).unwrap()).unwrap();
+            ends.push(log.len());
+        }
+        drop(log);
+        let segment = wal::segments(dir.path()).unwrap()[0].1.clone();
+        let mut bytes = std::fs::read(&segment).unwrap();
+        // A bit flipped inside the second record's payload; the third is intact.
+        bytes[ends[0] as usize + 12] ^= 0x01;
+        std::fs::write(&segment, &bytes).unwrap();
+        let Err(e) = EmbeddedStore::open(dir.path()) else {
+            panic!("opened over a damaged log");
+        };
+        assert!(matches!(e, StoreError::Corrupt(_)), "{e}");
+        assert!(
+            e.to_string().contains(&segment.display().to_string()),
+            "{e}"
+        );
+        assert!(diagnosis(&e).contains("damaged"));
+        // Nothing was deleted: the operator still has every byte.
+        assert_eq!(std::fs::read(&segment).unwrap(), bytes);
     }
 
     #[test]

@@ -125,6 +125,8 @@ pub(crate) struct RunSpec {
     pub(crate) placement: Placement,
     /// Dm: typing before each send, a read for each message received.
     pub(crate) signals: bool,
+    /// Group: members that stop reading when sending starts (the last ones).
+    pub(crate) slow: usize,
 }
 
 impl RunSpec {
@@ -142,6 +144,7 @@ impl RunSpec {
                 p.insert("warmup_s".into(), self.warmup_s.to_string());
                 if self.scenario == Scenario::Group {
                     p.insert("senders".into(), self.senders.to_string());
+                    p.insert("slow".into(), self.slow.to_string());
                 } else {
                     p.insert("signals".into(), self.signals.to_string());
                 }
@@ -195,6 +198,13 @@ fn check_bounds(run: &RunSpec, common: &Common) -> Result<(), Error> {
     }
     if run.scenario == Scenario::Group && run.clients < 2 {
         return Err("a group needs at least 2 members".into());
+    }
+    if run.slow > 0
+        && (run.scenario != Scenario::Group || run.slow + run.senders.max(1) >= run.clients)
+    {
+        return Err(
+            "--slow is for a group, and leaves senders and at least one other reader".into(),
+        );
     }
     if common.body_bytes > 4096 {
         return Err("--body-bytes is at most 4,096 (the server's limit)".into());
@@ -710,6 +720,7 @@ async fn plan(
                 Scenario::Group => i < run.senders.max(1),
                 Scenario::Idle | Scenario::Storm => false,
             },
+            slow: run.scenario == Scenario::Group && i >= n - run.slow,
             prefill: if run.scenario == Scenario::Storm && i % 2 == 0 {
                 run.history
             } else {
@@ -875,6 +886,7 @@ async fn run_once(
     );
     report.push("setup_s", "setup until all synced", ready_ms / 1e3, "s");
     let mut storm_s2 = None;
+    let mut peak_rss_kb: Option<u64> = None;
 
     let s2 = match run.scenario {
         Scenario::Idle => {
@@ -892,12 +904,17 @@ async fn run_once(
                     warmup_ms: run.warmup_s * 1000,
                 })
                 .await?;
-            fleet
-                .pump_until(
-                    tokio::time::Instant::now()
-                        + Duration::from_secs(run.warmup_s + run.duration_s),
-                )
-                .await;
+            // The server's RSS is sampled every 250 ms while sending: its peak shows what queues for
+            // slow consumers cost (bounded by their outbound queues, then closed).
+            let send_end =
+                tokio::time::Instant::now() + Duration::from_secs(run.warmup_s + run.duration_s);
+            while tokio::time::Instant::now() < send_end {
+                let step = tokio::time::Instant::now() + Duration::from_millis(250);
+                fleet.pump_until(step.min(send_end)).await;
+                if let Some(kb) = sample(pid).rss_kb {
+                    peak_rss_kb = Some(peak_rss_kb.map_or(kb, |p: u64| p.max(kb)));
+                }
+            }
             fleet.set_phase("drain");
             let drain_end = tokio::time::Instant::now() + Duration::from_secs(common.drain);
             let mut last = fleet.total();
@@ -994,6 +1011,14 @@ async fn run_once(
             b as f64 / 1024.0,
             "MiB",
         );
+        if let Some(peak) = peak_rss_kb {
+            report.push(
+                "server_rss_peak_mib",
+                "server RSS, peak while sending",
+                peak as f64 / 1024.0,
+                "MiB",
+            );
+        }
         if let Some(c2) = s2.rss_kb {
             report.push(
                 "server_rss_end_mib",
@@ -1039,10 +1064,11 @@ async fn run_once(
     match run.scenario {
         Scenario::Idle => {}
         Scenario::Dm | Scenario::Group => {
+            // Slow clients read nothing once sending starts: they are not recipients here.
             let fanout = if run.scenario == Scenario::Dm {
                 1
             } else {
-                n as u64 - 1
+                (n - 1 - run.slow) as u64
             };
             let sent = c.sent - at_ready.sent;
             let acked = c.acked - at_ready.acked;

@@ -109,6 +109,11 @@ enum Cmd {
         /// Seconds of sending at the same rate before the measured ones, reported apart.
         #[arg(long, default_value_t = 2)]
         warmup: u64,
+        /// Members (the last ones, never senders) that stop reading their socket when sending starts, with
+        /// a 4 KiB receive buffer: slow consumers. The report gives the others' delivery latency, the
+        /// server's peak RSS and how each slow client was closed.
+        #[arg(long, default_value_t = 0)]
+        slow: usize,
     },
     /// N connected clients all drop and reconnect and sync at once: time until all are back and synced.
     Storm {
@@ -162,6 +167,7 @@ fn run(cli: Cli) -> Result<(), Error> {
         conv: false,
         placement: Placement::Same,
         signals: false,
+        slow: 0,
     };
     match cli.command {
         Cmd::Idle {
@@ -203,6 +209,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             senders,
             duration,
             warmup,
+            slow,
         } => scenario(
             common,
             RunSpec {
@@ -210,6 +217,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 duration_s: duration,
                 warmup_s: warmup,
                 senders,
+                slow,
                 ..base(Scenario::Group, members)
             },
         ),

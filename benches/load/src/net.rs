@@ -5,8 +5,10 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::ops::Range;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::Error;
@@ -138,15 +140,20 @@ pub(crate) fn parse_nofile_limit(limits: &str) -> Option<usize> {
         .ok()
 }
 
-/// Open one client WebSocket to `server` from `source` with small buffers, bounded by `timeout`.
+/// Open one client WebSocket to `server` from `source` with small buffers, bounded by `timeout`; with
+/// `recv_buffer`, the socket's kernel receive buffer is set to that many bytes (a slow consumer's).
 pub(crate) async fn connect_ws(
     server: SocketAddrV4,
     source: Ipv4Addr,
     token: &str,
     timeout: Duration,
+    recv_buffer: Option<u32>,
 ) -> Result<Ws, Error> {
     let attempt = async {
         let socket = TcpSocket::new_v4()?;
+        if let Some(bytes) = recv_buffer {
+            socket.set_recv_buffer_size(bytes)?;
+        }
         socket.bind(SocketAddr::new(source.into(), 0))?;
         let stream = socket.connect(SocketAddr::V4(server)).await?;
         stream.set_nodelay(true)?;
@@ -156,8 +163,18 @@ pub(crate) async fn connect_ws(
             .write_buffer_size(0)
             .max_message_size(Some(1 << 20))
             .max_frame_size(Some(1 << 20));
-        let (ws, _) =
+        let (mut ws, _) =
             tokio_tungstenite::client_async_with_config(url, stream, Some(config)).await?;
+        // A node past its handshake rate upgrades and closes at once with 1013 and a retry hint. Nothing
+        // else comes unasked this early in the load generator's scenarios (sends start after the setup).
+        if let Ok(Some(Ok(Message::Close(Some(close))))) =
+            tokio::time::timeout(ADMISSION_PEEK, ws.next()).await
+        {
+            if u16::from(close.code) == 1013 {
+                return Err(Box::new(TryLater(retry_hint(&close.reason))) as Error);
+            }
+            return Err(format!("closed at once: {}", u16::from(close.code)).into());
+        }
         Ok::<_, Error>(ws)
     };
     match tokio::time::timeout(timeout, attempt).await {
@@ -166,9 +183,35 @@ pub(crate) async fn connect_ws(
     }
 }
 
+/// How long a new connection waits for a 1013 close before it counts as admitted.
+const ADMISSION_PEEK: Duration = Duration::from_millis(10);
+
+/// The node closed the new connection with 1013: try again after this many milliseconds.
+#[derive(Debug)]
+pub(crate) struct TryLater(pub(crate) u64);
+
+impl std::fmt::Display for TryLater {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "1013 try again later ({} ms)", self.0)
+    }
+}
+
+impl std::error::Error for TryLater {}
+
+/// `retry_after_ms` from a 1013 close reason (`{"retry_after_ms":N}`); a second when it has none.
+pub(crate) fn retry_hint(reason: &str) -> u64 {
+    serde_json::from_str::<serde_json::Value>(reason)
+        .ok()
+        .and_then(|v| v["retry_after_ms"].as_u64())
+        .unwrap_or(1000)
+}
+
 /// A short, stable label for a connect error, for the error table.
 pub(crate) fn connect_error_label(e: &Error) -> String {
     use tokio_tungstenite::tungstenite::Error as WsError;
+    if e.downcast_ref::<TryLater>().is_some() {
+        return "connect: 1013 try again later (node admission)".into();
+    }
     if let Some(ws) = e.downcast_ref::<WsError>() {
         return match ws {
             WsError::Http(resp) => format!("connect: http {}", resp.status().as_u16()),

@@ -59,6 +59,9 @@ pub(crate) struct ClientSpec {
     pub(crate) sender: bool,
     /// Messages it sends (and waits to see acked) before reporting ready: history for a storm's sync.
     pub(crate) prefill: u32,
+    /// Stops reading its socket when sending starts (a slow consumer), with a small receive buffer.
+    #[serde(default)]
+    pub(crate) slow: bool,
 }
 
 /// Coordinator → worker.

@@ -19,7 +19,7 @@ use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::frame::{self, Op};
-use crate::net::{connect_error_label, connect_ws, Ws};
+use crate::net::{connect_error_label, connect_ws, retry_hint, TryLater, Ws};
 use crate::spec::{ClientSpec, Command, Counters, Event, WorkerResult, WorkerSpec};
 use crate::stats::{self, latency_histogram};
 use crate::Error;
@@ -498,6 +498,10 @@ async fn sync_fully(ws: &mut Ws, conn: &mut Conn, sh: &Shared, conv: &str) -> Re
                     }
                 }
             }
+            // Admitted late: the node's 1013 came after the connect's short look for it.
+            Some(Ok(Message::Close(Some(cf)))) if u16::from(cf.code) == 1013 => {
+                return Err(Box::new(TryLater(retry_hint(&cf.reason))))
+            }
             Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
                 return Err("socket closed during sync".into())
             }
@@ -539,6 +543,38 @@ fn jitter(seed: u64, max_ms: u64) -> Duration {
     Duration::from_millis(h.finish() % max_ms.max(1))
 }
 
+/// A slow consumer's kernel receive buffer: small, so that what it does not read backs up into the
+/// server's queue for it within seconds rather than minutes.
+const SLOW_RECV_BUFFER: u32 = 4096;
+
+/// A slow consumer at the end of the run: read what the server sent until its close (or the connection's
+/// end), and file how it ended. Not a dropped connection: it was meant to be cut off.
+async fn slow_end(sh: &Shared, ws: &mut Ws) {
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(cf)))) => {
+                    return format!("slow client: closed {} {}", u16::from(cf.code), cf.reason)
+                }
+                Some(Ok(Message::Close(None))) => {
+                    return "slow client: closed without a code".into()
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    return format!(
+                        "slow client: {}",
+                        e.to_string().chars().take(40).collect::<String>()
+                    )
+                }
+                None => return "slow client: connection ended, no close frame".into(),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| "slow client: still open at the end".into());
+    sh.close(ended);
+}
+
 /// Connect, retrying with exponential backoff until `attempts` or `deadline`.
 async fn connect_retrying(
     sh: &Shared,
@@ -550,7 +586,16 @@ async fn connect_retrying(
     let mut attempt = 0;
     loop {
         let t = Instant::now();
-        match connect_ws(spec.server, spec.source, &spec.token, CONNECT_TIMEOUT).await {
+        let recv_buffer = spec.slow.then_some(SLOW_RECV_BUFFER);
+        match connect_ws(
+            spec.server,
+            spec.source,
+            &spec.token,
+            CONNECT_TIMEOUT,
+            recv_buffer,
+        )
+        .await
+        {
             Ok(ws) => {
                 sh.connect
                     .lock()
@@ -563,9 +608,16 @@ async fn connect_retrying(
             Err(e) => {
                 sh.c.connect_failures.fetch_add(1, Relaxed);
                 sh.error(connect_error_label(&e));
-                attempt += 1;
-                let backoff = Duration::from_millis(100 << attempt.min(4))
-                    + jitter(index as u64 * 31 + u64::from(attempt), 100);
+                // The node's hint (it carries its own jitter; being asked to wait is not a failed
+                // attempt), or exponential backoff with jitter.
+                let backoff = match e.downcast_ref::<TryLater>() {
+                    Some(TryLater(ms)) => Duration::from_millis(*ms),
+                    None => {
+                        attempt += 1;
+                        Duration::from_millis(100 << attempt.min(4))
+                            + jitter(index as u64 * 31 + u64::from(attempt), 100)
+                    }
+                };
                 if attempt >= attempts || Instant::now() + backoff >= deadline {
                     return None;
                 }
@@ -590,21 +642,42 @@ async fn client(
     };
     let permit = sem.acquire().await;
     let far = Instant::now() + Duration::from_secs(120);
-    let Some(mut ws) = connect_retrying(&sh, spec, index, SETUP_ATTEMPTS, far).await else {
-        setup_failed(&sh);
-        return;
-    };
-    drop(permit);
-    sh.last_upgrade_us
-        .fetch_max(start.elapsed().as_micros() as u64, Relaxed);
     let mut conn = Conn {
         pending: HashMap::new(),
         next_id: 0,
         read_due: None,
     };
+    // Connect and sync; a node that closes with 1013 after the connect's look for it is tried again later.
+    let (mut ws, synced) = loop {
+        let Some(mut ws) = connect_retrying(&sh, spec, index, SETUP_ATTEMPTS, far).await else {
+            setup_failed(&sh);
+            return;
+        };
+        let Some(conv) = &spec.conv else {
+            break (ws, Ok(Ok(())));
+        };
+        let synced = tokio::time::timeout(
+            SETUP_STEP_TIMEOUT,
+            sync_fully(&mut ws, &mut conn, &sh, conv),
+        )
+        .await;
+        match synced {
+            Ok(Err(e)) if e.downcast_ref::<TryLater>().is_some() => {
+                sh.c.connect_failures.fetch_add(1, Relaxed);
+                sh.error(connect_error_label(&e));
+                sh.c.open.fetch_sub(1, Relaxed);
+                let TryLater(ms) = *e.downcast::<TryLater>().expect("checked");
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            other => break (ws, other),
+        }
+    };
+    drop(permit);
+    sh.last_upgrade_us
+        .fetch_max(start.elapsed().as_micros() as u64, Relaxed);
     if let Some(conv) = &spec.conv {
         let setup = async {
-            sync_fully(&mut ws, &mut conn, &sh, conv).await?;
+            synced.map_err(|_| -> Error { "sync timed out".into() })??;
             prefill(&mut ws, &mut conn, &sh, conv, spec.prefill).await
         };
         match tokio::time::timeout(SETUP_STEP_TIMEOUT, setup).await {
@@ -629,16 +702,24 @@ async fn client(
     sh.setup_progress.notify_one();
 
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+    // A slow consumer stops reading when sending starts.
+    let mut reading = true;
     loop {
         tokio::select! {
             changed = phase.changed() => {
                 let now = if changed.is_err() { Phase::Stop } else { *phase.borrow_and_update() };
                 match now {
+                    Phase::Stop if !reading => {
+                        slow_end(&sh, &mut ws).await;
+                        sh.c.open.fetch_sub(1, Relaxed);
+                        return;
+                    }
                     Phase::Stop => {
                         let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
                         sh.c.open.fetch_sub(1, Relaxed);
                         return;
                     }
+                    Phase::Run if spec.slow => reading = false,
                     Phase::Drop => match storm(&sh, spec, index, ws, &mut conn).await {
                         Some(new) => ws = new,
                         None => return,
@@ -646,7 +727,7 @@ async fn client(
                     Phase::Setup | Phase::Run => {}
                 }
             }
-            frame = ws.next() => match frame {
+            frame = ws.next(), if reading => match frame {
                 Some(Ok(Message::Text(t))) => {
                     conn.on_text(&t, &sh, Mode::Live);
                     if let Some(seq) = conn.read_due.take() {
@@ -680,7 +761,12 @@ async fn client(
             }
             _ = ping.tick() => {
                 if ws.send(Message::Text(frame::PING.into())).await.is_err() {
-                    sh.c.dropped.fetch_add(1, Relaxed);
+                    if reading {
+                        sh.c.dropped.fetch_add(1, Relaxed);
+                    } else {
+                        // The server has cut the slow consumer off: read how.
+                        slow_end(&sh, &mut ws).await;
+                    }
                     sh.c.open.fetch_sub(1, Relaxed);
                     return;
                 }
@@ -705,20 +791,37 @@ async fn storm(
     drop(ws);
     sh.c.open.fetch_sub(1, Relaxed);
     conn.pending.clear();
+    let mut synced = None;
     let fail = || {
         sh.storm_failed.fetch_add(1, Relaxed);
         sh.storm_progress.notify_one();
     };
-    let Some(mut ws) = connect_retrying(sh, spec, index, u32::MAX, t0 + timeout).await else {
-        fail();
-        return None;
+    let ws = loop {
+        let Some(mut ws) = connect_retrying(sh, spec, index, u32::MAX, t0 + timeout).await else {
+            fail();
+            return None;
+        };
+        let Some(conv) = &spec.conv else { break ws };
+        let left = (t0 + timeout).saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, sync_fully(&mut ws, conn, sh, conv)).await {
+            Ok(Err(e)) if e.downcast_ref::<TryLater>().is_some() => {
+                sh.c.connect_failures.fetch_add(1, Relaxed);
+                sh.error(connect_error_label(&e));
+                sh.c.open.fetch_sub(1, Relaxed);
+                let TryLater(ms) = *e.downcast::<TryLater>().expect("checked");
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            other => {
+                synced = Some(other);
+                break ws;
+            }
+        }
     };
     sh.storm_back.fetch_add(1, Relaxed);
     sh.last_back_us
         .fetch_max(t0.elapsed().as_micros() as u64, Relaxed);
-    if let Some(conv) = &spec.conv {
-        let left = (t0 + timeout).saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, sync_fully(&mut ws, conn, sh, conv)).await {
+    if let Some(outcome) = synced {
+        match outcome {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 sh.error(format!("storm: {e}"));

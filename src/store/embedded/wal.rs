@@ -23,7 +23,7 @@
 //! reading stops at the end of what was written; zeros there are not a torn tail.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -45,6 +45,10 @@ pub(crate) struct Contents {
     /// Bytes after the last good record up to the last non-zero byte (a torn tail), ignored. The zeros of
     /// preallocated space never written are not counted.
     pub(crate) ignored_bytes: u64,
+    /// Stretches (offset, length) that are not good records but have good records after them: damage, not
+    /// a torn tail (nothing is appended after a record whose append failed). Whether acknowledged messages
+    /// were lost in them is for the reader to tell from the records' lsns.
+    pub(crate) damaged: Vec<(u64, u64)>,
 }
 
 /// An open log file. Not shared: one owner appends, truncates and reads it.
@@ -118,40 +122,13 @@ impl Wal {
         self.len
     }
 
-    /// Read every good record from the start of the file, stopping at the first short or corrupt one.
+    /// Read every good record of the file ([`parse`]).
     pub(super) fn read_all(&mut self) -> io::Result<Contents> {
-        let size = self.file.seek(SeekFrom::End(0))?;
         self.file.seek(SeekFrom::Start(0))?;
-        let mut reader = BufReader::new(&self.file);
-        let mut records = Vec::new();
-        let mut offset = 0u64;
-        loop {
-            let mut header = [0u8; HEADER];
-            if size - offset < HEADER as u64 {
-                break;
-            }
-            reader.read_exact(&mut header)?;
-            let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
-            let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
-            // A garbage length larger than what is left is a torn tail, not an allocation.
-            if u64::from(len) > size - offset - HEADER as u64 {
-                break;
-            }
-            let mut payload = vec![0u8; len as usize];
-            reader.read_exact(&mut payload)?;
-            if checksum(&header[..4], &payload) != crc {
-                break;
-            }
-            offset += HEADER as u64 + u64::from(len);
-            records.push(payload);
-        }
-        drop(reader);
-        let ignored_bytes = written_extent(&mut self.file, offset)?;
+        let mut bytes = Vec::new();
+        self.file.read_to_end(&mut bytes)?;
         self.file.seek(SeekFrom::Start(self.len))?;
-        Ok(Contents {
-            records,
-            ignored_bytes,
-        })
+        Ok(parse(&bytes))
     }
 
     /// Append one record and `fdatasync` the file. When this returns `Ok`, the record survives a crash.
@@ -172,21 +149,47 @@ impl Wal {
     }
 }
 
-/// How many bytes from `from` on come before the file's zeroed tail (up to its last non-zero byte).
-fn written_extent(file: &mut File, from: u64) -> io::Result<u64> {
-    file.seek(SeekFrom::Start(from))?;
-    let mut buf = vec![0u8; 64 * 1024];
-    let (mut read, mut extent) = (0u64, 0u64);
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            return Ok(extent);
+/// Every good record in a segment's bytes, in order. A stretch that is not a good record (short, or failing
+/// its CRC) is skipped when a good record follows it, and listed in [`Contents::damaged`]; at the end of what
+/// was written it is a torn tail ([`Contents::ignored_bytes`]). The zeros of preallocated space never
+/// written are neither.
+pub(super) fn parse(bytes: &[u8]) -> Contents {
+    // A record starts before the last non-zero byte: its header's CRC is not all zeros.
+    let end = bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+    let mut contents = Contents {
+        records: Vec::new(),
+        ignored_bytes: 0,
+        damaged: Vec::new(),
+    };
+    let mut at = 0;
+    while at < end {
+        if let Some(payload) = record_at(bytes, at) {
+            contents.records.push(payload.to_vec());
+            at += HEADER + payload.len();
+            continue;
         }
-        if let Some(i) = buf[..n].iter().rposition(|b| *b != 0) {
-            extent = read + i as u64 + 1;
+        match (at + 1..end).find(|&next| record_at(bytes, next).is_some()) {
+            Some(next) => {
+                contents.damaged.push((at as u64, (next - at) as u64));
+                at = next;
+            }
+            None => {
+                contents.ignored_bytes = (end - at) as u64;
+                break;
+            }
         }
-        read += n as u64;
     }
+    contents
+}
+
+/// The payload of the record starting at `at`, if a whole one with a good CRC is there (zeros never are:
+/// the CRC of a zero length is not zero).
+fn record_at(bytes: &[u8], at: usize) -> Option<&[u8]> {
+    let header = bytes.get(at..at + HEADER)?;
+    let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+    let payload = bytes.get(at + HEADER..(at + HEADER).checked_add(len)?)?;
+    (checksum(&header[..4], payload) == crc).then_some(payload)
 }
 
 /// A durable file of zeros, ready to become a segment ([`Wal::from_spare`]).
@@ -419,10 +422,14 @@ mod tests {
         let contents = read_segment(&path).unwrap();
         assert_eq!(contents.records, vec![b"good".to_vec()]);
         assert_eq!(contents.ignored_bytes, HEADER as u64 + 3);
+        assert!(
+            contents.damaged.is_empty(),
+            "a torn tail has nothing good after it"
+        );
     }
 
     #[test]
-    fn a_record_failing_its_crc_ends_the_log() {
+    fn a_record_failing_its_crc_is_damage_when_good_records_follow_it() {
         let dir = tempfile::tempdir().unwrap();
         let (path, mut wal) = log_in(&dir);
         wal.append(b"good").unwrap();
@@ -434,7 +441,11 @@ mod tests {
         bytes[good_len as usize + HEADER + 2] ^= 0x40;
         std::fs::write(&path, &bytes).unwrap();
         let contents = read_segment(&path).unwrap();
-        assert_eq!(contents.records, vec![b"good".to_vec()]);
+        // What follows the damaged record is a good one: damage, skipped, not a torn tail.
+        assert_eq!(contents.records, vec![b"good".to_vec(), b"later".to_vec()]);
+        let flipped_len = (HEADER + b"flipped".len()) as u64;
+        assert_eq!(contents.damaged, vec![(good_len, flipped_len)]);
+        assert_eq!(contents.ignored_bytes, 0);
     }
 
     #[test]
