@@ -82,6 +82,19 @@ async fn a_client_that_stops_reading_is_reset_after_the_heartbeat_timeout() {
     let (head, mut seen) = read_head(&mut mute).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     let before = write_stalls(&s).await;
+    // `mute` keeps writing (an empty masked ping every 200 ms) so that the server's silence timeout, the
+    // same 1 s, never closes it first (on a slow machine the sends below can start after that): only its
+    // reading stops.
+    let (mut mute, mut mute_writes) = mute.into_split();
+    let pings = tokio::spawn(async move {
+        while mute_writes
+            .write_all(&[0x89, 0x80, 0, 0, 0, 0])
+            .await
+            .is_ok()
+        {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
 
     let mut alice = common::Client::connect(s.addr, &ta).await;
     // 6 MB: more than the server's socket send buffer (up to 4 MiB here) and the client's receive buffer.
@@ -114,6 +127,7 @@ async fn a_client_that_stops_reading_is_reset_after_the_heartbeat_timeout() {
             Ok(n) => seen.extend_from_slice(&chunk[..n]),
         }
     }
+    pings.abort();
     let mut at = 0;
     while let Some((opcode, header, len)) = whole_frame(&seen[at..]) {
         assert_ne!(opcode, 0x8, "no close frame after a stall");
