@@ -543,6 +543,17 @@ fn jitter(seed: u64, max_ms: u64) -> Duration {
     Duration::from_millis(h.finish() % max_ms.max(1))
 }
 
+/// The node closed a connection with 1013 after the connect's look for it: count it as a refused attempt,
+/// and wait for the node's hint before trying again.
+async fn admitted_late(sh: &Shared, e: Error) {
+    sh.c.connect_failures.fetch_add(1, Relaxed);
+    sh.error(connect_error_label(&e));
+    sh.c.open.fetch_sub(1, Relaxed);
+    if let Ok(later) = e.downcast::<TryLater>() {
+        tokio::time::sleep(Duration::from_millis(later.0)).await;
+    }
+}
+
 /// A slow consumer's kernel receive buffer: small, so that what it does not read backs up into the
 /// server's queue for it within seconds rather than minutes.
 const SLOW_RECV_BUFFER: u32 = 4096;
@@ -662,13 +673,7 @@ async fn client(
         )
         .await;
         match synced {
-            Ok(Err(e)) if e.downcast_ref::<TryLater>().is_some() => {
-                sh.c.connect_failures.fetch_add(1, Relaxed);
-                sh.error(connect_error_label(&e));
-                sh.c.open.fetch_sub(1, Relaxed);
-                let TryLater(ms) = *e.downcast::<TryLater>().expect("checked");
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-            }
+            Ok(Err(e)) if e.downcast_ref::<TryLater>().is_some() => admitted_late(&sh, e).await,
             other => break (ws, other),
         }
     };
@@ -804,13 +809,7 @@ async fn storm(
         let Some(conv) = &spec.conv else { break ws };
         let left = (t0 + timeout).saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, sync_fully(&mut ws, conn, sh, conv)).await {
-            Ok(Err(e)) if e.downcast_ref::<TryLater>().is_some() => {
-                sh.c.connect_failures.fetch_add(1, Relaxed);
-                sh.error(connect_error_label(&e));
-                sh.c.open.fetch_sub(1, Relaxed);
-                let TryLater(ms) = *e.downcast::<TryLater>().expect("checked");
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-            }
+            Ok(Err(e)) if e.downcast_ref::<TryLater>().is_some() => admitted_late(sh, e).await,
             other => {
                 synced = Some(other);
                 break ws;
